@@ -1,0 +1,106 @@
+"""OuroborosConfig: the plugin's settings, parsed once from ``additional_config["ouroboros"]``.
+
+vLLM's speculative config rejects keys it does not know, so everything that is ours travels in
+``--additional-config '{"ouroboros": {...}}'`` (or ``LLM(additional_config=...)``). The proposer parses it
+once at engine start; any unknown key, wrong type or out-of-range value stops the engine there with one
+message that names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+from pydantic import ConfigDict, Field
+
+CONFIG_KEY = "ouroboros"
+
+DraftingMode = Literal["greedy"]
+DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class OuroborosConfigError(ValueError):
+    """A bad ``additional_config["ouroboros"]`` setting; the message names the key and its allowed values."""
+
+
+class OuroborosConfig(pydantic.BaseModel):
+    """Settings of the Ouroboros proposer (frozen; every field documented in docs/configuration.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    draft_model: str | None = Field(
+        default=None,
+        description="Local folder (or Hugging Face Hub id) of the draft model; it must share the target's tokenizer.",
+    )
+    drafting: DraftingMode = Field(
+        default="greedy",
+        description="How drafts are made: 'greedy' = the draft model decodes greedily, one token per forward.",
+    )
+    draft_dtype: DraftDtype = Field(
+        default="auto",
+        description="dtype of the draft model; 'auto' uses the target's dtype.",
+    )
+    stats_log_interval_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Seconds between two log lines of the proposer's stats; 0 turns the log off.",
+    )
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> OuroborosConfig:
+        """Parse ``additional_config`` (vLLM's dict) and validate our section of it."""
+        if additional_config is None:
+            additional_config = {}
+        if not isinstance(additional_config, dict):
+            raise OuroborosConfigError(f"additional_config must be a JSON object, got {type(additional_config).__name__}")
+        section = additional_config.get(CONFIG_KEY, {})
+        if not isinstance(section, dict):
+            raise OuroborosConfigError(
+                f'additional_config["{CONFIG_KEY}"] must be a JSON object of settings, got {type(section).__name__}'
+            )
+        try:
+            config = cls(**section)
+        except pydantic.ValidationError as error:
+            raise OuroborosConfigError(_describe(error)) from None
+        config._check_combination()
+        return config
+
+    def _check_combination(self) -> None:
+        if self.draft_model is None:
+            raise OuroborosConfigError(
+                f'additional_config["{CONFIG_KEY}"]["draft_model"] is required for drafting={self.drafting!r}: '
+                "give the path of a draft model that shares the target's tokenizer"
+            )
+
+
+def allowed_values(name: str) -> str:
+    """Human-readable description of what field ``name`` accepts (for error messages and docs)."""
+    field = OuroborosConfig.model_fields[name]
+    annotation = field.annotation
+    literal_args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is Literal:
+        return "one of " + ", ".join(repr(value) for value in literal_args)
+    bounds = [
+        f"{symbol} {getattr(meta, attr)}"
+        for meta in field.metadata
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if getattr(meta, attr, None) is not None
+    ]
+    kind = _TYPE_WORDS.get(annotation, str(annotation))
+    return " ".join([kind, *bounds])
+
+
+_TYPE_WORDS = {str: "a string", str | None: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _describe(error: pydantic.ValidationError) -> str:
+    known = ", ".join(OuroborosConfig.model_fields)
+    problems = []
+    for item in error.errors():
+        key = str(item["loc"][0]) if item["loc"] else "?"
+        where = f'additional_config["{CONFIG_KEY}"]["{key}"]'
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key; the known keys are {known}")
+        else:
+            problems.append(f"{where} must be {allowed_values(key)} (got {item['input']!r})")
+    return "; ".join(problems)

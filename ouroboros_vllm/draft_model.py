@@ -1,0 +1,148 @@
+"""The draft model: a Hugging Face causal LM run with transformers beside the vLLM target.
+
+One :class:`DraftSequence` per request holds the draft's KV cache and the token ids it covers. Before each
+round the sequence is synced to the request's token history: the cache is cut back to the longest prefix it
+shares with the history (everything after it was a rejected draft) and only the new tokens are fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DraftModelError(ValueError):
+    """The draft model cannot be used with this target (missing, or another tokenizer)."""
+
+
+@dataclass
+class DraftSequence:
+    """One request's draft-side state: the KV cache and the ids whose keys and values it holds."""
+
+    cache: object | None = None  # a transformers Cache, created by the first forward
+    ids: list[int] = field(default_factory=list)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached positions (drop a rejected draft's keys and values)."""
+        if length >= len(self.ids):
+            return
+        self.ids = self.ids[:length]
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.keys = layer.keys[..., :length, :]
+                    layer.values = layer.values[..., :length, :]
+
+
+class DraftModel:
+    """A transformers causal LM used greedily as the drafter."""
+
+    def __init__(self, model: torch.nn.Module, eos_token_ids: set[int]) -> None:
+        self.model = model
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_token_ids = eos_token_ids
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, path: str, *, target_tokenizer: str, device: torch.device, dtype: torch.dtype) -> DraftModel:
+        """Load the draft from ``path`` after checking that it shares the target's tokenizer."""
+        from transformers import AutoModelForCausalLM
+
+        source = resolve_model_path(path)
+        check_same_tokenizer(source, target_tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        logger.info("ouroboros-vllm: draft model %s loaded (%s, %s)", source, dtype, device)
+        return cls(model, eos_ids)
+
+    def fits(self, history: np.ndarray) -> bool:
+        """Whether every id of ``history`` is inside the draft's vocabulary (else its embedding would fail)."""
+        return bool(history.size == 0 or int(history.max()) < self.vocab_size)
+
+    @torch.inference_mode()
+    def greedy(self, seq: DraftSequence, history: np.ndarray, num_tokens: int) -> list[int]:
+        """The draft model's own greedy continuation of ``history``, ``num_tokens`` long (shorter at EOS)."""
+        logits = self._sync(seq, history)
+        drafted: list[int] = []
+        while True:
+            token = int(logits.argmax())
+            drafted.append(token)
+            if len(drafted) == num_tokens or token in self.eos_token_ids:
+                return drafted
+            logits = self._forward(seq, [token])
+
+    def _sync(self, seq: DraftSequence, history: np.ndarray) -> torch.Tensor:
+        """Bring ``seq`` to ``history`` and return the logits that predict the token after it."""
+        # Re-feed at least the last token: its logits are the ones that predict the next token.
+        keep = min(common_prefix_length(seq.ids, history), len(history) - 1)
+        seq.truncate(keep)
+        return self._forward(seq, history[keep:].tolist())
+
+    def _forward(self, seq: DraftSequence, new_ids: list[int]) -> torch.Tensor:
+        start = len(seq.ids)
+        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + len(new_ids), device=self.device)[None]
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=seq.cache,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits: the lm_head is a large share of a small model
+        )
+        seq.cache = out.past_key_values
+        seq.ids.extend(new_ids)
+        return out.logits[0, -1]
+
+
+def common_prefix_length(cached: list[int], history: np.ndarray) -> int:
+    """Length of the longest common prefix of ``cached`` and ``history``."""
+    n = min(len(cached), len(history))
+    if n == 0:
+        return 0
+    mismatch = np.flatnonzero(np.asarray(cached[:n]) != history[:n])
+    return int(mismatch[0]) if mismatch.size else n
+
+
+def resolve_model_path(path: str) -> str:
+    """A local folder, or a Hugging Face Hub id; a path that looks local must exist."""
+    expanded = Path(os.path.expanduser(path))
+    if expanded.is_dir():
+        return str(expanded.resolve())
+    looks_local = path.startswith(("/", ".", "~")) or expanded.exists() or path.count("/") != 1
+    if looks_local:
+        raise DraftModelError(
+            f'additional_config["ouroboros"]["draft_model"]: no model folder at {str(expanded.absolute())!r} '
+            "(give the folder of a Hugging Face causal LM, e.g. from `ouroboros-vllm models path NAME`)"
+        )
+    return path
+
+
+def check_same_tokenizer(draft_path: str, target_tokenizer: str) -> None:
+    """Refuse a draft whose tokenizer maps any token to another id than the target's tokenizer does."""
+    from transformers import AutoTokenizer
+
+    draft_vocab = AutoTokenizer.from_pretrained(draft_path).get_vocab()
+    target_vocab = AutoTokenizer.from_pretrained(target_tokenizer).get_vocab()
+    if draft_vocab == target_vocab:
+        return
+    differing = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()), key=lambda item: item[1])
+    examples = ", ".join(f"{token!r}->{token_id}" for token, token_id in differing[:3])
+    raise DraftModelError(
+        f"draft model {draft_path!r} has another tokenizer than the target ({target_tokenizer!r}): "
+        f"vocabularies of {len(draft_vocab)} and {len(target_vocab)} tokens, {len(differing)} (token, id) pairs "
+        f"differ (e.g. {examples}); Ouroboros needs a draft that shares the target's tokenizer"
+    )
+
+
+def resolve_dtype(name: str, target_dtype: torch.dtype) -> torch.dtype:
+    return target_dtype if name == "auto" else _DTYPES[name]

@@ -1,0 +1,62 @@
+"""Counters of the proposer, per request and for the whole process, and their periodic log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, fields
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftStats:
+    """Counts that add up over rounds. ``tau`` is vLLM's "mean acceptance length": tokens per target step."""
+
+    rounds: int = 0  # proposals made (one per request per engine step that drafted for it)
+    proposed_tokens: int = 0  # tokens returned to vLLM
+    verified_rounds: int = 0  # proposals the target verified
+    verified_tokens: int = 0  # draft tokens the target verified (vLLM may schedule fewer than proposed)
+    accepted_tokens: int = 0  # draft tokens the target accepted
+    draft_forwards: int = 0
+    draft_seconds: float = 0.0
+
+    def add(self, other: DraftStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.verified_tokens if self.verified_tokens else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verified target step: accepted drafts plus the target's own token."""
+        return (self.accepted_tokens + self.verified_rounds) / self.verified_rounds if self.verified_rounds else 0.0
+
+    @property
+    def tokens_per_draft_forward(self) -> float:
+        return self.proposed_tokens / self.draft_forwards if self.draft_forwards else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
+            f"({self.accepted_tokens}/{self.verified_tokens} draft tokens), "
+            f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
+            f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
+        )
+
+
+class StatsLogger:
+    """Logs the process-wide stats at most once every ``interval_s`` seconds (0: never)."""
+
+    def __init__(self, interval_s: float, log: logging.Logger = logger) -> None:
+        self.interval_s = interval_s
+        self.log = log
+        self._last = time.monotonic()
+
+    def maybe_log(self, stats: DraftStats) -> None:
+        now = time.monotonic()
+        if self.interval_s and now - self._last >= self.interval_s:
+            self._last = now
+            self.log.info("ouroboros-vllm: %s", stats.summary())

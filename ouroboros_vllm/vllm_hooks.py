@@ -1,0 +1,161 @@
+"""Every vLLM internal this plugin touches, wrapped in one place.
+
+vLLM's ``custom_class`` contract hands a proposer only token ids: no request ids, no logits. Ouroboros needs
+more, so we wrap three methods of ``GPUModelRunner`` (the CPU runner inherits them) and delegate to the
+originals unchanged. Each wrapper only *reads* runner state and reports it to the runner's drafter if that
+drafter is a :class:`StepListener`; for any other drafter (ngram, EAGLE, ...) it is a pass-through.
+
+- ``_update_states`` runs first in every ``execute_model`` call, including the empty step the scheduler
+  sends to flush finished requests: the place to learn which requests ended (free their state).
+- ``propose_draft_token_ids`` runs right before the drafter's ``propose``: the place to learn which request
+  each batch row holds (``input_batch.req_ids`` orders the rows ``propose`` receives).
+- ``_sample`` gets the target's logits at every verified position. vLLM's rejection sampler discards what the
+  target predicted after the first rejected draft token; Ouroboros's pool feedback needs exactly that, so we
+  take the argmax at every draft position and at the bonus position before delegating (the sampler may
+  change the logits in place).
+
+The same three changes, written as an upstream pull request would be, are in ``patches/``.
+``install()`` is idempotent: vLLM loads general plugins in every process, sometimes more than once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+if TYPE_CHECKING:
+    import torch
+
+# The vLLM releases whose runner internals the wrappers below were written and tested against.
+SUPPORTED_VLLM = SpecifierSet(">=0.32,<0.34")
+
+_WRAPPED_MARK = "__ouroboros_wrapped__"
+
+
+class UnsupportedVllmError(RuntimeError):
+    """The installed vLLM is outside :data:`SUPPORTED_VLLM` or lacks an internal we wrap."""
+
+
+class StepListener:
+    """What a drafter implements to receive the hooks' reports. Default methods ignore them."""
+
+    def on_requests_finished(self, req_ids: set[str]) -> None:
+        """These requests finished or were aborted; their per-request state can go."""
+
+    def on_batch(self, req_ids: list[str]) -> None:
+        """The request id of each row of the coming ``propose`` call, in row order."""
+
+    def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
+        """The target verified ``drafts[i]`` for ``req_ids[i]``; ``target_argmax[i]`` holds the target's argmax at
+        each draft position followed by the bonus position (``len(drafts[i]) + 1`` ids)."""
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Return the installed vLLM version, or raise :class:`UnsupportedVllmError` naming the supported range."""
+    version = installed_vllm_version() if version is None else version
+    # Release candidates of a supported minor count as supported (vLLM publishes rc wheels before releases).
+    if SUPPORTED_VLLM.contains(Version(version), prereleases=True):
+        return version
+    raise UnsupportedVllmError(
+        f"ouroboros-vllm supports vLLM {SUPPORTED_VLLM} but vLLM {version} is installed; "
+        "install a supported vLLM (pip install 'ouroboros-vllm[cpu]' or 'ouroboros-vllm[gpu]') "
+        "or an ouroboros-vllm release made for your vLLM"
+    )
+
+
+def install() -> None:
+    """Wrap the runner methods (once per process). Fails loudly if vLLM's runner does not look as expected."""
+    check_vllm_version()
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
+    _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)
+    _wrap(GPUModelRunner, "_sample", _wrap_sample)
+
+
+def is_installed() -> bool:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return all(
+        getattr(getattr(GPUModelRunner, name), _WRAPPED_MARK, False)
+        for name in ("_update_states", "propose_draft_token_ids", "_sample")
+    )
+
+
+def _wrap(cls: type, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    original = getattr(cls, name, None)
+    if original is None:
+        raise UnsupportedVllmError(f"{cls.__name__}.{name} is missing: this vLLM's model runner is not supported")
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _WRAPPED_MARK, True)
+    setattr(cls, name, wrapper)
+
+
+def _listener(runner: Any) -> StepListener | None:
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, StepListener) else None
+
+
+def _wrap_update_states(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        listener = _listener(self)
+        if listener is not None and scheduler_output.finished_req_ids:
+            listener.on_requests_finished(set(scheduler_output.finished_req_ids))
+        return result
+
+    return _update_states
+
+
+def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[..., Any]:
+    def propose_draft_token_ids(self: Any, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any):
+        listener = _listener(self)
+        if listener is not None:
+            listener.on_batch(list(self.input_batch.req_ids[: self.input_batch.num_reqs]))
+        return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+
+    return propose_draft_token_ids
+
+
+def _wrap_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _sample(self: Any, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
+        listener = _listener(self)
+        if listener is not None and logits is not None and spec_decode_metadata is not None:
+            req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
+            drafts, argmax = split_verification(logits, spec_decode_metadata)
+            listener.on_verified(req_ids, drafts, argmax)
+        return original(self, logits, spec_decode_metadata)
+
+    return _sample
+
+
+def split_verification(logits: torch.Tensor, metadata: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """Per batch row: the draft tokens and the target's argmax at each draft position plus the bonus position."""
+    draft_argmax = logits[metadata.target_logits_indices].argmax(dim=-1).tolist()
+    bonus_argmax = logits[metadata.bonus_logits_indices].argmax(dim=-1).tolist()
+    flat_drafts = metadata.draft_token_ids.tolist()
+    return _split_rows(flat_drafts, draft_argmax, bonus_argmax, metadata.num_draft_tokens)
+
+
+def _split_rows(
+    flat_drafts: Sequence[int], draft_argmax: Sequence[int], bonus_argmax: Sequence[int], num_draft: Sequence[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    drafts, argmax = [], []
+    start = 0
+    for row, count in enumerate(num_draft):
+        drafts.append(list(flat_drafts[start : start + count]))
+        argmax.append([*draft_argmax[start : start + count], bonus_argmax[row]])
+        start += count
+    return drafts, argmax

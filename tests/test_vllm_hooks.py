@@ -1,0 +1,83 @@
+"""The runner hooks' pure parts, the version gate, idempotent installation, and the patches/ diffs."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ouroboros_vllm import plugin, vllm_hooks
+
+PATCHES = sorted((Path(__file__).parent.parent / "patches").glob("*.patch"))
+
+
+@given(st.lists(st.integers(min_value=0, max_value=5), max_size=8), st.randoms(use_true_random=False))
+def test_split_rows_gives_each_row_its_drafts_and_one_more_argmax(num_draft, rnd):
+    flat = [rnd.randrange(1000) for _ in range(sum(num_draft))]
+    draft_argmax = [rnd.randrange(1000) for _ in flat]
+    bonus = [rnd.randrange(1000) for _ in num_draft]
+    drafts, argmax = vllm_hooks._split_rows(flat, draft_argmax, bonus, num_draft)
+    assert [len(d) for d in drafts] == num_draft
+    assert [len(a) for a in argmax] == [n + 1 for n in num_draft]
+    assert sum(drafts, []) == flat
+    assert [a[:-1] for a in argmax] == [draft_argmax[sum(num_draft[:i]):sum(num_draft[:i + 1])]
+                                        for i in range(len(num_draft))]
+    assert [a[-1] for a in argmax] == bonus
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.0", "0.33.1rc1"])
+def test_supported_versions(version):
+    assert vllm_hooks.check_vllm_version(version) == version
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.34.0", "1.0.0"])
+def test_unsupported_versions_are_refused_naming_the_range(version):
+    with pytest.raises(vllm_hooks.UnsupportedVllmError) as error:
+        vllm_hooks.check_vllm_version(version)
+    assert f"ouroboros-vllm supports vLLM <0.34,>=0.32 but vLLM {version} is installed" in str(error.value)
+
+
+def test_register_is_idempotent():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    plugin.register()
+    methods = [GPUModelRunner._update_states, GPUModelRunner.propose_draft_token_ids, GPUModelRunner._sample]
+    plugin.register()
+    plugin.register()
+    assert vllm_hooks.is_installed()
+    assert [GPUModelRunner._update_states, GPUModelRunner.propose_draft_token_ids, GPUModelRunner._sample] == methods
+    # One layer of wrapping: the wrapped original is vLLM's own function, not another wrapper.
+    for method in methods:
+        assert not getattr(method.__wrapped__, "__ouroboros_wrapped__", False)
+
+
+def test_register_refuses_an_unsupported_vllm(monkeypatch):
+    monkeypatch.setattr(vllm_hooks, "installed_vllm_version", lambda: "0.31.0")
+    with pytest.raises(vllm_hooks.UnsupportedVllmError, match="vLLM 0.31.0 is installed"):
+        plugin.register()
+
+
+def test_the_plugin_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "ouroboros"]
+    assert entry.value == "ouroboros_vllm.plugin:register"
+    assert entry.load() is plugin.register
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="needs GNU patch")
+@pytest.mark.parametrize("patch_file", PATCHES, ids=lambda p: p.name)
+def test_patch_applies_to_installed_vllm(patch_file, tmp_path):
+    import vllm
+
+    site = Path(vllm.__file__).parent.parent
+    result = subprocess.run(["patch", "-p1", "--dry-run", "-d", str(site), "-i", str(patch_file)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAILED" not in result.stdout and "offset" not in result.stdout.lower(), result.stdout
+
+
+def test_there_are_patches():
+    assert PATCHES, "patches/ holds no diff"
