@@ -135,12 +135,19 @@ def check_same_tokenizer(draft_path: str, target_tokenizer: str) -> None:
     target_vocab = AutoTokenizer.from_pretrained(target_tokenizer).get_vocab()
     if draft_vocab == target_vocab:
         return
-    differing = sorted(set(draft_vocab.items()) ^ set(target_vocab.items()), key=lambda item: item[1])
-    examples = ", ".join(f"{token!r}->{token_id}" for token, token_id in differing[:3])
+    # Tokens the two map differently (or only one of them knows), in the target's id order.
+    differing = sorted(
+        set(draft_vocab) ^ set(target_vocab) | {t for t in target_vocab if draft_vocab.get(t, -1) != target_vocab[t]},
+        key=lambda token: (target_vocab.get(token, len(target_vocab)), token),
+    )
+    examples = ", ".join(
+        f"{token!r} is {draft_vocab.get(token)} in the draft and {target_vocab.get(token)} in the target"
+        for token in differing[:3]
+    )
     raise DraftModelError(
-        f"draft model {draft_path!r} has another tokenizer than the target ({target_tokenizer!r}): "
-        f"vocabularies of {len(draft_vocab)} and {len(target_vocab)} tokens, {len(differing)} (token, id) pairs "
-        f"differ (e.g. {examples}); Ouroboros needs a draft that shares the target's tokenizer"
+        f"draft model {draft_path!r} has another tokenizer than the target {target_tokenizer!r}: "
+        f"{len(draft_vocab)} and {len(target_vocab)} tokens, {len(differing)} of them mapped differently "
+        f"(e.g. {examples}); Ouroboros needs a draft that shares the target's tokenizer"
     )
 
 
