@@ -76,8 +76,20 @@ def _models_path(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- registry
 
 # Add a subcommand by writing its `_add_<name>_parser(subparsers)` and listing it here.
+def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
+    from ouroboros_vllm import demo
+
+    parser = subparsers.add_parser(
+        "demo", help="generate on the Qwen2.5-Coder pair with and without Ouroboros; print the speedup",
+        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(parser)
+    parser.set_defaults(func=demo.run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models_parser,
+    _add_demo_parser,
 ]
 
 

@@ -1,0 +1,83 @@
+"""Lossless on real pretrained models: SmolLM2-135M-Instruct as target, and the Qwen2.5-Coder 1.5B/0.5B pair.
+
+The SmolLM2 drafts are a derived draft (the target's first layers: a same-tokenizer draft that is often
+wrong, so rejections happen) and the target itself (every draft accepted).
+The Qwen tests are marked ``qwen``: two 1.5B engines take ~16 GB, so `make test` runs them in a process of
+their own.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import real_model
+from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy
+
+from ouroboros_vllm.offline import engine_proposer, make_llm
+
+pytestmark = pytest.mark.engine
+
+SMOLLM = "smollm2-135m-instruct"
+DERIVED_LAYERS = 16
+CHAT_PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nList three colours.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm(engines, tmp_path_factory):
+    import model_factory
+
+    target = real_model(SMOLLM)
+    derived = model_factory.derive_truncated_draft(
+        target, model_factory.default_root().parent / f"smollm2-135m-first-{DERIVED_LAYERS}-layers", DERIVED_LAYERS)
+
+    def build(draft=None):
+        settings = None if draft is None else {"draft_model": str(draft), "stats_log_interval_s": 0}
+        return make_llm(str(target), ouroboros=settings, num_speculative_tokens=5, kv_cache_gib=0.5)
+
+    return {
+        "plain": engines.get("smollm-plain", build),
+        "derived": engines.get("smollm-derived", lambda: build(derived)),
+        "self": engines.get("smollm-self", lambda: build(target)),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_smollm_with_derived_draft_is_lossless_and_rejects_some_drafts(smollm, batch_size):
+    prompts = CHAT_PROMPTS + CODE_PROMPTS
+    expected = generate_ids(smollm["plain"], prompts, greedy(48), batch_size)
+    actual = generate_ids(smollm["derived"], prompts, greedy(48), batch_size)
+    assert actual == expected, first_difference(expected, actual)
+    stats = engine_proposer(smollm["derived"]).stats
+    assert 0 < stats.accepted_tokens < stats.verified_tokens, stats.summary()
+
+
+def test_smollm_drafting_for_itself_accepts_every_draft(smollm):
+    prompts = CHAT_PROMPTS + CODE_PROMPTS
+    expected = generate_ids(smollm["plain"], prompts, greedy(48), 8)
+    actual = generate_ids(smollm["self"], prompts, greedy(48), 8)
+    assert actual == expected, first_difference(expected, actual)
+    stats = engine_proposer(smollm["self"]).stats
+    assert stats.verified_tokens > 0 and stats.accepted_tokens == stats.verified_tokens, stats.summary()
+
+
+QWEN_PROMPT = (
+    'def sum_of_squares(numbers: list[int]) -> int:\n    """Return the sum of the squares of the numbers.\n'
+    '    >>> sum_of_squares([1, 2, 3])\n    14\n    """\n'
+)
+
+
+@pytest.mark.qwen
+def test_qwen_pair_is_lossless(engines):
+    target, draft = real_model("qwen2.5-coder-1.5b-instruct"), real_model("qwen2.5-coder-0.5b-instruct")
+    plain = engines.get("qwen-plain", lambda: make_llm(str(target), kv_cache_gib=0.5))
+    ours = engines.get("qwen-ouroboros", lambda: make_llm(
+        str(target), ouroboros={"draft_model": str(draft), "stats_log_interval_s": 0},
+        num_speculative_tokens=4, kv_cache_gib=0.5))
+    expected = generate_ids(plain, [QWEN_PROMPT], greedy(48), 1)
+    actual = generate_ids(ours, [QWEN_PROMPT], greedy(48), 1)
+    assert actual == expected, first_difference(expected, actual)
+    stats = engine_proposer(ours).stats
+    assert stats.accepted_tokens > 0, stats.summary()
