@@ -1,0 +1,146 @@
+"""PhrasePool: the phrase candidate pool shared by the draft and target sides (no torch, no vLLM).
+
+A map from ONE key token to an ordered list (oldest to newest) of phrases, each a tuple of N-1 token ids,
+so that key + phrase is an N-gram. The reference semantics (Ouroboros, section 1 of
+docs/ouroboros-algorithm.md):
+
+- insert: a phrase already present under its key moves to newest; otherwise it is appended; past G
+  phrases under one key the oldest is dropped.
+
+What the reference lacks and this pool adds:
+
+- a bound on memory: at most ``max_keys`` keys and ``max_phrases`` phrases in all; past either, the least
+  recently used key (read or written) goes, with all its phrases;
+- counters (lookups, hits, phrases accepted) for the stats;
+- one lock, so the worker and a metrics reader can share it;
+- ``refine``: replace a phrase by identity (the reference replaces "the newest K" by position, which can
+  hit the wrong entries after an insert);
+- persistence (:mod:`ouroboros_vllm.pool_file`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+Phrase = tuple[int, ...]
+
+
+@dataclass
+class PoolCounters:
+    lookups: int = 0  # phrases() calls
+    hits: int = 0  # phrases() calls that found at least one phrase
+    inserts: int = 0  # insert() calls, refreshes included
+    evicted_keys: int = 0
+    accepted_phrase_tokens: int = 0  # tokens of pool phrases that the draft or the target accepted
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class PhrasePool:
+    """Key token -> phrases of ``phrase_len`` tokens, oldest first; bounded per key, in keys and in total."""
+
+    def __init__(self, phrase_len: int, max_phrases_per_key: int, max_keys: int, max_phrases: int) -> None:
+        if phrase_len < 1 or max_phrases_per_key < 1 or max_keys < 1 or max_phrases < 1:
+            raise ValueError("phrase_len, max_phrases_per_key, max_keys and max_phrases must be >= 1")
+        self.phrase_len = phrase_len
+        self.max_phrases_per_key = max_phrases_per_key
+        self.max_keys = max_keys
+        self.max_phrases = max_phrases
+        self.counters = PoolCounters()
+        # Outer order: least recently used key first. Inner order: oldest phrase first (dict keys = phrases).
+        self._pool: OrderedDict[int, OrderedDict[Phrase, None]] = OrderedDict()
+        self._num_phrases = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Number of phrases in the pool."""
+        return self._num_phrases
+
+    @property
+    def num_keys(self) -> int:
+        return len(self._pool)
+
+    def insert(self, key: int, phrase: Iterable[int]) -> None:
+        """Add ``phrase`` under ``key`` as the newest (moving it there if present); keep the caps."""
+        phrase = tuple(phrase)
+        if len(phrase) != self.phrase_len:
+            raise ValueError(f"a phrase has {self.phrase_len} tokens, got {len(phrase)}")
+        with self._lock:
+            self.counters.inserts += 1
+            self._insert(key, phrase)
+
+    def insert_many(self, items: Iterable[tuple[int, Iterable[int]]]) -> None:
+        for key, phrase in items:
+            self.insert(key, phrase)
+
+    def _insert(self, key: int, phrase: Phrase) -> None:
+        phrases = self._pool.get(key)
+        if phrases is None:
+            phrases = self._pool[key] = OrderedDict()
+        else:
+            self._pool.move_to_end(key)
+        if phrase in phrases:
+            phrases.move_to_end(phrase)
+        else:
+            phrases[phrase] = None
+            self._num_phrases += 1
+            if len(phrases) > self.max_phrases_per_key:
+                phrases.popitem(last=False)
+                self._num_phrases -= 1
+        self._evict(keep=key)
+
+    def _evict(self, keep: int) -> None:
+        while len(self._pool) > self.max_keys or self._num_phrases > self.max_phrases:
+            oldest = next(iter(self._pool))
+            if oldest == keep:  # only the key just written is left over the total cap: trim its oldest
+                self._pool[keep].popitem(last=False)
+                self._num_phrases -= 1
+                continue
+            self._num_phrases -= len(self._pool.pop(oldest))
+            self.counters.evicted_keys += 1
+
+    def phrases(self, key: int) -> list[Phrase]:
+        """The phrases under ``key``, oldest first (a lookup: counted, and the key becomes recently used)."""
+        with self._lock:
+            self.counters.lookups += 1
+            phrases = self._pool.get(key)
+            if not phrases:
+                return []
+            self.counters.hits += 1
+            self._pool.move_to_end(key)
+            return list(phrases)
+
+    def newest(self, key: int, count: int) -> list[Phrase]:
+        """Up to ``count`` newest phrases under ``key``, newest first (a counted lookup)."""
+        return self.phrases(key)[::-1][:count]
+
+    def refine(self, key: int, old: Phrase, new: Iterable[int]) -> None:
+        """Replace ``old`` under ``key`` by ``new`` (made newest); ``old`` may already be gone."""
+        new = tuple(new)
+        with self._lock:
+            phrases = self._pool.get(key)
+            if phrases is not None and old in phrases and old != new:
+                del phrases[old]
+                self._num_phrases -= 1
+            self.counters.inserts += 1
+            self._insert(key, new)
+
+    def count_accepted(self, num_tokens: int) -> None:
+        with self._lock:
+            self.counters.accepted_phrase_tokens += num_tokens
+
+    def items(self) -> Iterator[tuple[int, list[Phrase]]]:
+        """(key, phrases oldest first) from the least to the most recently used key (a snapshot)."""
+        with self._lock:
+            snapshot = [(key, list(phrases)) for key, phrases in self._pool.items()]
+        return iter(snapshot)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._pool.clear()
+            self._num_phrases = 0
