@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field
 
 CONFIG_KEY = "ouroboros"
 
-DraftingMode = Literal["greedy"]
+DraftingMode = Literal["greedy", "greedy_pool", "pool_only"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -34,7 +34,27 @@ class OuroborosConfig(pydantic.BaseModel):
     )
     drafting: DraftingMode = Field(
         default="greedy",
-        description="How drafts are made: 'greedy' = the draft model decodes greedily, one token per forward.",
+        description="How drafts are made: 'greedy' = the plain draft-model mode (the draft model decodes all "
+        "K tokens greedily, no pool); 'greedy_pool' = gamma greedy draft-model tokens lengthened by candidate "
+        "suffixes from the phrase pool, with pool feedback; 'pool_only' = no draft model, pool phrases only.",
+    )
+    gamma: int | None = Field(
+        default=None,
+        ge=1,
+        description="Draft-model tokens per round in 'greedy_pool'; the rest of num_speculative_tokens is filled "
+        "with pool phrases. Default: num_speculative_tokens - (ngram_size - 1), at least 1.",
+    )
+    ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
+    max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
+    num_candidates: int = Field(
+        default=3, ge=1, le=64, description="K of the paper: candidate suffixes looked up after each draft."
+    )
+    pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
+    pool_max_phrases: int = Field(
+        default=131072, ge=1, description="Phrases kept in the pool in all (LRU eviction of whole keys)."
+    )
+    context_ngrams: bool = Field(
+        default=True, description="Also feed the pool the N-grams of each request's prompt and verified output."
     )
     draft_dtype: DraftDtype = Field(
         default="auto",
@@ -45,6 +65,30 @@ class OuroborosConfig(pydantic.BaseModel):
         ge=0.0,
         description="Seconds between two log lines of the proposer's stats; 0 turns the log off.",
     )
+
+    @property
+    def uses_pool(self) -> bool:
+        return self.drafting != "greedy"
+
+    @property
+    def phrase_len(self) -> int:
+        return self.ngram_size - 1
+
+    def gamma_for(self, num_speculative_tokens: int) -> int:
+        """Draft-model tokens per round for this K (see ``gamma``)."""
+        if self.drafting == "greedy":
+            return num_speculative_tokens
+        if self.gamma is not None:
+            return self.gamma
+        return max(1, num_speculative_tokens - self.phrase_len)
+
+    def check_against(self, num_speculative_tokens: int) -> None:
+        """Settings that depend on vLLM's speculative config."""
+        if self.gamma is not None and self.gamma > num_speculative_tokens:
+            raise OuroborosConfigError(
+                f'additional_config["{CONFIG_KEY}"]["gamma"] = {self.gamma} is larger than the speculative config\'s '
+                f"num_speculative_tokens = {num_speculative_tokens}: vLLM verifies at most that many tokens a step"
+            )
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> OuroborosConfig:
@@ -66,7 +110,7 @@ class OuroborosConfig(pydantic.BaseModel):
         return config
 
     def _check_combination(self) -> None:
-        if self.draft_model is None:
+        if self.draft_model is None and self.drafting != "pool_only":
             raise OuroborosConfigError(
                 f'additional_config["{CONFIG_KEY}"]["draft_model"] is required for drafting={self.drafting!r}: '
                 "give the path of a draft model that shares the target's tokenizer"
@@ -87,10 +131,17 @@ def allowed_values(name: str) -> str:
         if getattr(meta, attr, None) is not None
     ]
     kind = _TYPE_WORDS.get(annotation, str(annotation))
-    return " ".join([kind, *bounds])
+    return " ".join([kind, " and ".join(bounds)]) if bounds else kind
 
 
-_TYPE_WORDS = {str: "a string", str | None: "a string", int: "an integer", float: "a number", bool: "true or false"}
+_TYPE_WORDS = {
+    str: "a string",
+    str | None: "a string",
+    int: "an integer",
+    int | None: "an integer",
+    float: "a number",
+    bool: "true or false",
+}
 
 
 def _describe(error: pydantic.ValidationError) -> str:

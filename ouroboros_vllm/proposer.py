@@ -20,6 +20,8 @@ from vllm.logger import init_logger
 from ouroboros_vllm import vllm_hooks
 from ouroboros_vllm.config import OuroborosConfig
 from ouroboros_vllm.draft_model import DraftModel, DraftSequence, resolve_dtype, resolve_model_path
+from ouroboros_vllm.pool import PhrasePool
+from ouroboros_vllm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
 from ouroboros_vllm.stats import DraftStats, StatsLogger
 
 logger = init_logger(__name__)
@@ -31,11 +33,17 @@ class RequestState:
 
     draft: DraftSequence = field(default_factory=DraftSequence)
     stats: DraftStats = field(default_factory=DraftStats)
-    proposed: list[int] = field(default_factory=list)  # last proposal, to count what the target accepted
+    proposal: Proposal = field(default_factory=Proposal)  # last proposal, awaiting or after verification
+    pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
 
 
 class OuroborosProposer(vllm_hooks.StepListener):
-    """Drafts for each running request with the draft model; ``propose`` returns at most K ids per row."""
+    """Drafts for each running request and lengthens the draft from the shared phrase pool.
+
+    ``propose`` returns at most K (``num_speculative_tokens``) ids per row: up to gamma tokens from the draft
+    model (the trunk), then pool phrases keyed by the chain's last token. One pool per process serves every
+    request (warm start).
+    """
 
     def __init__(self, vllm_config: VllmConfig) -> None:
         # Also done by the plugin entry point; repeated here so an allow-list (VLLM_PLUGINS) that leaves the
@@ -48,9 +56,17 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.target_tokenizer = vllm_config.model_config.tokenizer
         self.target_dtype = vllm_config.model_config.dtype
-        assert self.config.draft_model is not None  # OuroborosConfig requires it for greedy drafting
-        self.draft_path = resolve_model_path(self.config.draft_model)  # a missing folder fails at start-up
+        self.config.check_against(self.num_speculative_tokens)
+        self.gamma = self.config.gamma_for(self.num_speculative_tokens)
+        # A missing draft folder fails here, at engine start, rather than at load_model.
+        self.draft_path = None if self.config.draft_model is None else resolve_model_path(self.config.draft_model)
 
+        self.pool = PhrasePool(
+            phrase_len=self.config.phrase_len,
+            max_phrases_per_key=self.config.max_phrases_per_key,
+            max_keys=self.config.pool_max_keys,
+            max_phrases=self.config.pool_max_phrases,
+        )
         self.drafter: DraftModel | None = None
         self.requests: dict[str, RequestState] = {}
         self.stats = DraftStats()
@@ -59,6 +75,8 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self._skipped_out_of_vocab: set[str] = set()
 
     def load_model(self, target_model: torch.nn.Module) -> None:
+        if self.draft_path is None:  # pool_only: no draft model
+            return
         device = next(target_model.parameters()).device
         dtype = resolve_dtype(self.config.draft_dtype, self.target_dtype)
         self.drafter = DraftModel.load(self.draft_path, target_tokenizer=self.target_tokenizer, device=device, dtype=dtype)
@@ -76,13 +94,15 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self._batch_req_ids = req_ids
 
     def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
-        for req_id, draft in zip(req_ids, drafts, strict=True):
+        for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             state = self.requests.get(req_id)
-            if state is not None and draft:
-                state.stats.verified_rounds += 1
-                state.stats.verified_tokens += len(draft)
-                self.stats.verified_rounds += 1
-                self.stats.verified_tokens += len(draft)
+            if state is None or not draft:
+                continue
+            verified = DraftStats(verified_rounds=1, verified_tokens=len(draft))
+            state.stats.add(verified)
+            self.stats.add(verified)
+            if self.config.uses_pool:
+                apply_feedback(self.pool, state.proposal, draft, argmax)
 
     # ---- the custom_class contract -------------------------------------------------------------------------
 
@@ -103,41 +123,61 @@ class OuroborosProposer(vllm_hooks.StepListener):
             # Near max_model_len, a draft must leave room for the target's own token.
             budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens - 1)
             if not sampled or budget <= 0:
-                state.proposed = []
+                state.proposal = Proposal()
                 proposals.append([])
                 continue
             history = token_ids_cpu[row, :num_tokens]
-            state.proposed = self._draft(req_id, state, history, budget)
-            proposals.append(state.proposed)
+            self._feed_context(state, history)
+            state.proposal = self._propose_one(req_id, state, history, budget)
+            proposals.append(state.proposal.tokens)
         self._stats_logger.maybe_log(self.stats)
         return proposals
 
-    def _draft(self, req_id: str, state: RequestState, history: np.ndarray, budget: int) -> list[int]:
-        assert self.drafter is not None, "load_model() was not called"
-        if not self.drafter.fits(history):
-            # A token id past the draft's embedding table (the target's vocabulary can be padded larger):
-            # no draft for this request rather than a crash of the engine.
-            if req_id not in self._skipped_out_of_vocab:
-                self._skipped_out_of_vocab.add(req_id)
-                logger.warning("ouroboros-vllm: request %s holds token ids outside the draft's vocabulary "
-                               "of %d; not drafting for it", req_id, self.drafter.vocab_size)
-            return []
+    def _feed_context(self, state: RequestState, history: np.ndarray) -> None:
+        if self.config.uses_pool and self.config.context_ngrams:
+            self.pool.insert_many(context_ngrams(history, state.pooled_upto, self.pool.phrase_len))
+            state.pooled_upto = len(history)
+
+    def _propose_one(self, req_id: str, state: RequestState, history: np.ndarray, budget: int) -> Proposal:
         start = time.perf_counter()
-        draft = self.drafter.greedy(state.draft, history, budget)
+        proposal = Proposal()
+        forwards = 0
+        if self.drafter is not None and self._draftable(req_id, history):
+            proposal.tokens = self.drafter.greedy(state.draft, history, min(self.gamma, budget))
+            proposal.trunk_len = forwards = len(proposal.tokens)
+        ends_sequence = bool(proposal.tokens) and proposal.tokens[-1] in self._eos_token_ids()
+        if self.config.uses_pool and not ends_sequence:  # nothing follows an end of sequence
+            lengthen(self.pool, proposal, int(history[-1]), budget, self.config.num_candidates)
         round_stats = DraftStats(
             rounds=1,
-            proposed_tokens=len(draft),
-            draft_forwards=len(draft),  # greedy: one forward per drafted token
+            proposed_tokens=len(proposal.tokens),
+            suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
+            draft_forwards=forwards,  # greedy: one forward per trunk token
             draft_seconds=time.perf_counter() - start,
         )
         state.stats.add(round_stats)
         self.stats.add(round_stats)
-        return draft
+        return proposal
+
+    def _eos_token_ids(self) -> set[int]:
+        return self.drafter.eos_token_ids if self.drafter is not None else set()
+
+    def _draftable(self, req_id: str, history: np.ndarray) -> bool:
+        assert self.drafter is not None
+        if self.drafter.fits(history):
+            return True
+        # A token id past the draft's embedding table (the target's vocabulary can be padded larger):
+        # no draft-model tokens for this request rather than a crash of the engine.
+        if req_id not in self._skipped_out_of_vocab:
+            self._skipped_out_of_vocab.add(req_id)
+            logger.warning("ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; "
+                           "drafting from the pool only", req_id, self.drafter.vocab_size)
+        return False
 
     def _count_accepted(self, state: RequestState, sampled: list[int]) -> None:
         # vLLM returns the accepted draft prefix plus one token of the target's for a verified row.
-        if state.proposed and sampled:
-            accepted = min(len(sampled) - 1, len(state.proposed))
+        if state.proposal.tokens and sampled:
+            accepted = min(len(sampled) - 1, len(state.proposal.tokens))
             state.stats.accepted_tokens += accepted
             self.stats.accepted_tokens += accepted
 

@@ -15,6 +15,7 @@ class DraftStats:
 
     rounds: int = 0  # proposals made (one per request per engine step that drafted for it)
     proposed_tokens: int = 0  # tokens returned to vLLM
+    suffix_tokens: int = 0  # of which from pool phrases (candidate suffixes)
     verified_rounds: int = 0  # proposals the target verified
     verified_tokens: int = 0  # draft tokens the target verified (vLLM may schedule fewer than proposed)
     accepted_tokens: int = 0  # draft tokens the target accepted
@@ -36,12 +37,15 @@ class DraftStats:
 
     @property
     def tokens_per_draft_forward(self) -> float:
-        return self.proposed_tokens / self.draft_forwards if self.draft_forwards else 0.0
+        """Draft-model tokens per draft forward (pool suffixes cost no forward and are not counted)."""
+        trunk = self.proposed_tokens - self.suffix_tokens
+        return trunk / self.draft_forwards if self.draft_forwards else 0.0
 
     def summary(self) -> str:
         return (
             f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
             f"({self.accepted_tokens}/{self.verified_tokens} draft tokens), "
+            f"{self.suffix_tokens / max(self.proposed_tokens, 1):.1%} of proposed tokens from the pool, "
             f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
         )

@@ -32,11 +32,21 @@ def test_other_sections_of_additional_config_are_ignored():
     ("section", "message"),
     [
         ({"draft_model": "d", "gama": 3},
-         'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, '
+         'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
+         "ngram_size, max_phrases_per_key, num_candidates, pool_max_keys, pool_max_phrases, context_ngrams, "
          "draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},
-         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy' (got 'fast')"),
+         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'pool_only' (got 'fast')"),
+        ({"draft_model": "d", "ngram_size": 1},
+         'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)'),
+        ({"draft_model": "d", "gamma": 0}, 'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 0)'),
+        ({"draft_model": "d", "gamma": 2.0},
+         'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 2.0)'),
+        ({"draft_model": "d", "max_phrases_per_key": 0},
+         'additional_config["ouroboros"]["max_phrases_per_key"] must be an integer >= 1 and <= 1024 (got 0)'),
+        ({"draft_model": "d", "context_ngrams": "yes"},
+         "additional_config[\"ouroboros\"][\"context_ngrams\"] must be true or false (got 'yes')"),
         ({"draft_model": "d", "draft_dtype": "fp8"},
          "additional_config[\"ouroboros\"][\"draft_dtype\"] must be one of 'auto', 'float32', 'bfloat16', "
          "'float16' (got 'fp8')"),
@@ -51,6 +61,27 @@ def test_bad_settings_name_the_key_and_allowed_values(section, message):
     with pytest.raises(OuroborosConfigError) as error:
         parse(section)
     assert str(error.value).startswith(message)
+
+
+def test_pool_only_needs_no_draft_model():
+    assert parse({"drafting": "pool_only"}).draft_model is None
+
+
+def test_gamma_default_leaves_room_for_one_suffix():
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(8) == 4
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(2) == 1
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "gamma": 3}).gamma_for(8) == 3
+
+
+def test_plain_greedy_drafts_all_k_tokens_with_the_model():
+    assert parse({"draft_model": "d", "gamma": 3}).gamma_for(8) == 8
+    assert not parse({"draft_model": "d"}).uses_pool
+
+
+def test_gamma_over_num_speculative_tokens_is_refused():
+    with pytest.raises(OuroborosConfigError, match=r'\["gamma"\] = 9 is larger than the speculative config\'s '
+                       r"num_speculative_tokens = 4"):
+        parse({"draft_model": "d", "gamma": 9}).check_against(4)
 
 
 def test_section_must_be_an_object():

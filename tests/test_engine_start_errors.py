@@ -41,7 +41,14 @@ def test_bad_settings_stop_the_engine_start_with_their_message(tiny):
         "out of range": ({"draft_model": str(tiny.draft), "stats_log_interval_s": -5},
                          'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -5)'),
         "bad choice": ({"draft_model": str(tiny.draft), "drafting": "beam"},
-                       "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy' (got 'beam')"),
+                       "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', "
+                       "'pool_only' "
+                       "(got 'beam')"),
+        "gamma over K": ({"draft_model": str(tiny.draft), "gamma": 9},
+                         'additional_config["ouroboros"]["gamma"] = 9 is larger than the speculative config\'s '
+                         "num_speculative_tokens = 4"),
+        "N < 2": ({"draft_model": str(tiny.draft), "ngram_size": 1},
+                  'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)'),
         "no draft": ({}, 'additional_config["ouroboros"]["draft_model"] is required'),
         "missing draft path": ({"draft_model": "/nonexistent/draft-model"},
                                "additional_config[\"ouroboros\"][\"draft_model\"]: no model folder at "

@@ -18,19 +18,25 @@ def plain(tiny, engines):
     return engines.get("tiny-plain", lambda: make_llm(str(tiny.target), kv_cache_gib=0.25))
 
 
-def spec_engine(engines, tiny, draft_name: str, k: int = K):
-    draft = {"self": tiny.target, "unrelated": tiny.draft, "similar": tiny.draft_similar}[draft_name]
-    settings = {"draft_model": str(draft), "stats_log_interval_s": 0}
+def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy", k: int = K):
+    settings = {"drafting": drafting, "stats_log_interval_s": 0}
+    if draft_name is not None:
+        draft = {"self": tiny.target, "unrelated": tiny.draft, "similar": tiny.draft_similar}[draft_name]
+        settings["draft_model"] = str(draft)
     return engines.get(
-        f"tiny-ouroboros-{draft_name}-k{k}",
+        f"tiny-ouroboros-{draft_name}-{drafting}-k{k}",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=k, kv_cache_gib=0.25),
     )
 
 
-@pytest.mark.parametrize("draft_name", ["unrelated", "similar", "self"])
+@pytest.mark.parametrize(
+    ("draft_name", "drafting"),
+    [("unrelated", "greedy"), ("similar", "greedy"), ("self", "greedy"), ("similar", "greedy_pool"),
+     (None, "pool_only")],
+)
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, batch_size):
-    spec = spec_engine(engines, tiny, draft_name)
+def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, batch_size):
+    spec = spec_engine(engines, tiny, draft_name, drafting)
     proposer = engine_proposer(spec)
     before = proposer.stats.verified_tokens
     expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
@@ -97,6 +103,28 @@ def test_hooks_report_request_ids_argmax_and_finished_requests(plain, tiny, engi
         "no rejection happened: positions after a rejection were not exercised"
     predicted = generate_ids(plain, [tokens_prompt(prefix) for prefix, _ in checks], greedy(1), len(checks))
     assert [p[0] for p in predicted] == [expected for _, expected in checks]
+
+
+def test_pool_modes_draft_from_the_pool(plain, tiny, engines):
+    generate_ids(spec_engine(engines, tiny, "similar", "greedy_pool"), CODE_PROMPTS, greedy(MAX_TOKENS), 8)
+    stats = engine_proposer(spec_engine(engines, tiny, "similar", "greedy_pool")).stats
+    assert stats.suffix_tokens > 0 and stats.proposed_tokens > stats.suffix_tokens, stats.summary()
+    pool_only = engine_proposer(spec_engine(engines, tiny, None, "pool_only"))
+    assert pool_only.drafter is None and len(pool_only.pool) > 0
+
+
+def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
+    """The second request with the same prompt finds the first one's text in the shared pool."""
+    spec = spec_engine(engines, tiny, None, "pool_only", k=6)
+    proposer = engine_proposer(spec)
+    prompt = "warm start: " + CODE_PROMPTS[3]
+    accepted = []
+    for _ in range(2):
+        before = proposer.stats.accepted_tokens
+        (ids,) = generate_ids(spec, [prompt], greedy(64), 1)
+        accepted.append(proposer.stats.accepted_tokens - before)
+    assert ids == generate_ids(plain, [prompt], greedy(64), 1)[0]
+    assert accepted[1] > accepted[0] + 20, accepted
 
 
 def test_finished_requests_leave_no_state(plain, tiny, engines):

@@ -1,0 +1,82 @@
+"""A proposal: the draft model's trunk lengthened by candidate suffixes from the phrase pool.
+
+vLLM verifies one chain of tokens per request, so the proposal is ``trunk + suffix + suffix ...`` cut to the
+step's budget. We remember which stretch came from which pool phrase (its key and its offset in the chain)
+so that, once the target has verified the chain, each used phrase can be refined by identity and the
+trunk's rejected tail can inspire new phrases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ouroboros_vllm import feedback
+from ouroboros_vllm.pool import Phrase, PhrasePool
+
+
+@dataclass(frozen=True)
+class SuffixUse:
+    """A pool phrase placed in the chain: ``phrase`` was stored under ``key`` and starts at ``offset``."""
+
+    key: int
+    phrase: Phrase
+    offset: int
+
+
+@dataclass
+class Proposal:
+    tokens: list[int] = field(default_factory=list)
+    trunk_len: int = 0  # tokens[:trunk_len] came from the draft model
+    suffixes: list[SuffixUse] = field(default_factory=list)
+    # Other candidates for the first suffix (newest first). vLLM verifies one chain today; a tree verifier
+    # would take these as the other branches.
+    alternatives: list[Phrase] = field(default_factory=list)
+
+
+def lengthen(pool: PhrasePool, proposal: Proposal, last_token: int, budget: int, num_candidates: int) -> None:
+    """Append pool phrases, newest first, keyed by the chain's last token, until ``budget`` tokens or a miss.
+
+    ``last_token`` is the request's last verified token (the key when the chain is still empty).
+    """
+    first = True
+    while len(proposal.tokens) < budget:
+        key = proposal.tokens[-1] if proposal.tokens else last_token
+        candidates = pool.newest(key, num_candidates if first else 1)
+        if not candidates:
+            return
+        best = candidates[0]
+        if first:
+            proposal.alternatives = candidates[1:]
+            first = False
+        offset = len(proposal.tokens)
+        proposal.tokens.extend(best[: budget - offset])
+        proposal.suffixes.append(SuffixUse(key, best, offset))
+
+
+def apply_feedback(pool: PhrasePool, proposal: Proposal, verified: Sequence[int], target_argmax: Sequence[int]) -> None:
+    """Inspiration from the trunk's rejected tail and refinement of every fully verified suffix.
+
+    ``verified`` is the part of the proposal the target saw (vLLM may schedule fewer tokens than proposed);
+    ``target_argmax[j]`` is the target's argmax after ``verified[:j]`` (``len(verified) + 1`` entries).
+    """
+    phrase_len = pool.phrase_len
+    trunk_len = min(proposal.trunk_len, len(verified))
+    pool.insert_many(feedback.inspiration(verified[:trunk_len], target_argmax[: trunk_len + 1], phrase_len))
+    for use in proposal.suffixes:
+        refined = feedback.refinement(target_argmax[use.offset : use.offset + phrase_len], phrase_len)
+        if refined is not None:
+            pool.refine(use.key, use.phrase, refined)
+
+
+def context_ngrams(tokens: Sequence[int], start: int, phrase_len: int) -> list[tuple[int, Phrase]]:
+    """(key, phrase) for every full N-gram of ``tokens`` whose last token is at index >= ``start``.
+
+    Not in the reference: the request's own text (prompt and verified output) is the cheapest source of
+    phrases the target will repeat, and it seeds the pool before any draft exists.
+    """
+    first_key = max(0, start - phrase_len)
+    return [
+        (int(tokens[k]), tuple(int(t) for t in tokens[k + 1 : k + 1 + phrase_len]))
+        for k in range(first_key, len(tokens) - phrase_len)
+    ]
