@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ouroboros_vllm.masks import kept_cache_indices, phrase_forward_layout
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,16 @@ class DraftSequence:
                 if layer.is_initialized:
                     layer.keys = layer.keys[..., :length, :]
                     layer.values = layer.values[..., :length, :]
+
+    def keep_slots(self, indices: torch.Tensor) -> None:
+        """Keep only these cache slots, in this order (a matched phrase's keys and values move into place)."""
+        if self.cache is None:
+            return
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                slots = indices.to(layer.keys.device)
+                layer.keys = layer.keys.index_select(-2, slots)
+                layer.values = layer.values.index_select(-2, slots)
 
 
 class DraftModel:
@@ -80,6 +93,68 @@ class DraftModel:
             if len(drafted) == num_tokens or token in self.eos_token_ids:
                 return drafted
             logits = self._forward(seq, [token])
+
+    @torch.inference_mode()
+    def phrase_draft(
+        self,
+        seq: DraftSequence,
+        history: np.ndarray,
+        num_tokens: int,
+        phrases_for: Callable[[int], Sequence[tuple[int, ...]]],
+    ) -> tuple[list[int], int]:
+        """The draft model's greedy continuation of ``history`` drafted phrase by phrase; (tokens, forwards).
+
+        Each forward carries the pending tokens and the pool's phrases for the last of them (see
+        :mod:`ouroboros_vllm.masks`); the longest phrase prefix that equals the model's own greedy tokens is
+        accepted, so one forward emits 1 to N tokens. The result is exactly what :meth:`greedy` returns.
+        """
+        keep = min(common_prefix_length(seq.ids, history), len(history) - 1)
+        seq.truncate(keep)
+        pending = history[keep:].tolist()
+        drafted: list[int] = []
+        forwards = 0
+        while len(drafted) < num_tokens:
+            emitted = self._phrase_forward(seq, pending, list(phrases_for(pending[-1])))
+            forwards += 1
+            for token in emitted:
+                drafted.append(token)
+                if token in self.eos_token_ids:
+                    return drafted, forwards
+            pending = [emitted[-1]]
+        return drafted[:num_tokens], forwards
+
+    def _phrase_forward(self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]]) -> list[int]:
+        phrase_len = len(phrases[0]) if phrases else 0
+        cached = len(seq.ids)
+        mask, positions = phrase_forward_layout(cached, len(pending), len(phrases), phrase_len, self.device)
+        input_ids = pending + [token for phrase in phrases for token in phrase]
+        out = self.model(
+            input_ids=torch.tensor([input_ids], dtype=torch.long, device=self.device),
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=seq.cache,
+            use_cache=True,
+            logits_to_keep=len(input_ids) - len(pending) + 1,  # the last pending token and every phrase token
+        )
+        seq.cache = out.past_key_values
+        predicted = out.logits[0].argmax(dim=-1).tolist()
+        next_token = predicted[0]
+        best, matched = None, 0
+        for index, phrase in enumerate(phrases):
+            own = predicted[1 + index * phrase_len : 1 + (index + 1) * phrase_len]  # greedy after each token
+            length = 0
+            while length < phrase_len and phrase[length] == (next_token if length == 0 else own[length - 1]):
+                length += 1
+            if length > matched:  # ties: the first (newest) phrase
+                best, matched = index, length
+        if phrases:
+            seq.keep_slots(kept_cache_indices(cached, len(pending), phrase_len, best, matched))
+        seq.ids.extend(pending)
+        if best is None:
+            return [next_token]
+        accepted = list(phrases[best][:matched])
+        seq.ids.extend(accepted)
+        return [*accepted, predicted[1 + best * phrase_len + matched - 1]]
 
     def _sync(self, seq: DraftSequence, history: np.ndarray) -> torch.Tensor:
         """Bring ``seq`` to ``history`` and return the logits that predict the token after it."""
