@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field
 
 CONFIG_KEY = "ouroboros"
 
-DraftingMode = Literal["greedy", "greedy_pool", "pool_only"]
+DraftingMode = Literal["greedy", "greedy_pool", "phrases", "pool_only"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -36,16 +36,21 @@ class OuroborosConfig(pydantic.BaseModel):
         default="greedy",
         description="How drafts are made: 'greedy' = the plain draft-model mode (the draft model decodes all "
         "K tokens greedily, no pool); 'greedy_pool' = gamma greedy draft-model tokens lengthened by candidate "
-        "suffixes from the phrase pool, with pool feedback; 'pool_only' = no draft model, pool phrases only.",
+        "suffixes from the phrase pool, with pool feedback; 'phrases' = as greedy_pool, but the draft model drafts "
+        "phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N tokens); 'pool_only' = no "
+        "draft model, pool phrases only.",
     )
     gamma: int | None = Field(
         default=None,
         ge=1,
-        description="Draft-model tokens per round in 'greedy_pool'; the rest of num_speculative_tokens is filled "
+        description="Draft-model tokens per round in 'greedy_pool' and 'phrases'; the rest of num_speculative_tokens is filled "
         "with pool phrases. Default: num_speculative_tokens - (ngram_size - 1), at least 1.",
     )
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
+    draft_phrases: int = Field(
+        default=4, ge=0, le=64, description="Pool phrases a phrase-by-phrase draft forward carries ('phrases')."
+    )
     num_candidates: int = Field(
         default=3, ge=1, le=64, description="K of the paper: candidate suffixes looked up after each draft."
     )

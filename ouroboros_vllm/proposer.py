@@ -143,8 +143,14 @@ class OuroborosProposer(vllm_hooks.StepListener):
         proposal = Proposal()
         forwards = 0
         if self.drafter is not None and self._draftable(req_id, history):
-            proposal.tokens = self.drafter.greedy(state.draft, history, min(self.gamma, budget))
-            proposal.trunk_len = forwards = len(proposal.tokens)
+            trunk_budget = min(self.gamma, budget)
+            if self.config.drafting == "phrases":
+                proposal.tokens, forwards = self.drafter.phrase_draft(
+                    state.draft, history, trunk_budget, self._draft_phrases)
+            else:
+                proposal.tokens = self.drafter.greedy(state.draft, history, trunk_budget)
+                forwards = len(proposal.tokens)  # one forward per token
+            proposal.trunk_len = len(proposal.tokens)
         ends_sequence = bool(proposal.tokens) and proposal.tokens[-1] in self._eos_token_ids()
         if self.config.uses_pool and not ends_sequence:  # nothing follows an end of sequence
             lengthen(self.pool, proposal, int(history[-1]), budget, self.config.num_candidates)
@@ -152,12 +158,15 @@ class OuroborosProposer(vllm_hooks.StepListener):
             rounds=1,
             proposed_tokens=len(proposal.tokens),
             suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
-            draft_forwards=forwards,  # greedy: one forward per trunk token
+            draft_forwards=forwards,
             draft_seconds=time.perf_counter() - start,
         )
         state.stats.add(round_stats)
         self.stats.add(round_stats)
         return proposal
+
+    def _draft_phrases(self, key: int) -> list[tuple[int, ...]]:
+        return self.pool.newest(key, self.config.draft_phrases)
 
     def _eos_token_ids(self) -> set[int]:
         return self.drafter.eos_token_ids if self.drafter is not None else set()

@@ -33,11 +33,11 @@ def test_other_sections_of_additional_config_are_ignored():
     [
         ({"draft_model": "d", "gama": 3},
          'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-         "ngram_size, max_phrases_per_key, num_candidates, pool_max_keys, pool_max_phrases, context_ngrams, "
+         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_max_phrases, context_ngrams, "
          "draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},
-         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'pool_only' (got 'fast')"),
+         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'phrases', 'pool_only' (got 'fast')"),
         ({"draft_model": "d", "ngram_size": 1},
          'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)'),
         ({"draft_model": "d", "gamma": 0}, 'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 0)'),

@@ -32,7 +32,7 @@ def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy",
 @pytest.mark.parametrize(
     ("draft_name", "drafting"),
     [("unrelated", "greedy"), ("similar", "greedy"), ("self", "greedy"), ("similar", "greedy_pool"),
-     (None, "pool_only")],
+     ("similar", "phrases"), (None, "pool_only")],
 )
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, batch_size):
@@ -109,8 +109,10 @@ def test_pool_modes_draft_from_the_pool(plain, tiny, engines):
     generate_ids(spec_engine(engines, tiny, "similar", "greedy_pool"), CODE_PROMPTS, greedy(MAX_TOKENS), 8)
     stats = engine_proposer(spec_engine(engines, tiny, "similar", "greedy_pool")).stats
     assert stats.suffix_tokens > 0 and stats.proposed_tokens > stats.suffix_tokens, stats.summary()
+    generate_ids(spec_engine(engines, tiny, None, "pool_only"), CODE_PROMPTS, greedy(MAX_TOKENS), 8)
     pool_only = engine_proposer(spec_engine(engines, tiny, None, "pool_only"))
     assert pool_only.drafter is None and len(pool_only.pool) > 0
+    assert pool_only.stats.suffix_tokens == pool_only.stats.proposed_tokens > 0, pool_only.stats.summary()
 
 
 def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
