@@ -55,8 +55,8 @@ class OuroborosConfig(pydantic.BaseModel):
         default=3, ge=1, le=64, description="K of the paper: candidate suffixes looked up after each draft."
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
-    pool_max_phrases: int = Field(
-        default=131072, ge=1, description="Phrases kept in the pool in all (LRU eviction of whole keys)."
+    pool_memory_mib: float = Field(
+        default=48.0, gt=0, description="About how much memory the pool may hold (LRU eviction of whole keys)."
     )
     context_ngrams: bool = Field(
         default=True, description="Also feed the pool the N-grams of each request's prompt and verified output."

@@ -20,7 +20,7 @@ from vllm.logger import init_logger
 from ouroboros_vllm import vllm_hooks
 from ouroboros_vllm.config import OuroborosConfig
 from ouroboros_vllm.draft_model import DraftModel, DraftSequence, resolve_dtype, resolve_model_path
-from ouroboros_vllm.pool import PhrasePool
+from ouroboros_vllm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
 from ouroboros_vllm.stats import DraftStats, StatsLogger
 
@@ -65,7 +65,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
             phrase_len=self.config.phrase_len,
             max_phrases_per_key=self.config.max_phrases_per_key,
             max_keys=self.config.pool_max_keys,
-            max_phrases=self.config.pool_max_phrases,
+            max_phrases=max_phrases_for_memory(self.config.pool_memory_mib, self.config.phrase_len),
         )
         self.drafter: DraftModel | None = None
         self.requests: dict[str, RequestState] = {}

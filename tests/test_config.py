@@ -33,7 +33,7 @@ def test_other_sections_of_additional_config_are_ignored():
     [
         ({"draft_model": "d", "gama": 3},
          'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_max_phrases, context_ngrams, "
+         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_memory_mib, context_ngrams, "
          "draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},

@@ -204,3 +204,27 @@ def test_refused_file_leaves_the_pool_untouched(saved):
     with pytest.raises(PoolFileError, match="key 1 claims 5 phrases"):
         load_pool(saved, pool, IDENTITY)
     assert len(pool) == 0
+
+
+@pytest.mark.parametrize("ngram_size", [2, 5, 16])
+def test_default_pool_stays_under_64_mib_whatever_the_traffic(ngram_size):
+    """Worst case for memory: few keys (so the phrase cap binds, not the key cap) and long phrases."""
+    import random
+    import tracemalloc
+
+    from ouroboros_vllm.config import OuroborosConfig
+    from ouroboros_vllm.pool import max_phrases_for_memory
+
+    config = OuroborosConfig.from_additional_config({"ouroboros": {"drafting": "pool_only", "ngram_size": ngram_size}})
+    rng = random.Random(0)
+    tracemalloc.start()
+    try:
+        pool = PhrasePool(config.phrase_len, config.max_phrases_per_key, config.pool_max_keys,
+                          max_phrases_for_memory(config.pool_memory_mib, config.phrase_len))
+        for _ in range(pool.max_phrases + 20_000):
+            pool.insert(rng.randrange(pool.max_phrases // 12), tuple(rng.randrange(150_000) for _ in range(config.phrase_len)))
+        used = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(pool) >= 0.9 * pool.max_phrases  # the cap was reached
+    assert used < 64 * 2**20, f"{used / 2**20:.1f} MiB"
