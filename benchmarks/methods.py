@@ -1,0 +1,134 @@
+"""The decoding methods the benchmark compares, as data: one ``Method`` line each.
+
+A method is a kind of engine (plain, one of vLLM's speculative methods, our proposer, the oracle) plus its
+settings. Adding a variant is one line in ``METHODS``; a new ``drafting`` mode of our proposer (``DraftingMode``
+in ``ouroboros_vllm/config.py``) is picked up without any line here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from ouroboros_vllm.config import DraftingMode
+
+MethodKind = Literal["plain", "ngram", "suffix", "draft_model", "ouroboros", "oracle"]
+
+ORACLE_CLASS = "benchmarks.oracle.OracleProposer"
+ORACLE_CONFIG_KEY = "oracle"
+
+ARCTIC_INSTALL_HINT = (
+    "arctic-inference is not installed (PyPI ships arctic-inference==0.1.1 only as source): "
+    "build and install it with benchmarks/build_arctic_inference.sh"
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked configuration.
+
+    ``settings``: for ``ouroboros``, keys of ``additional_config["ouroboros"]`` (besides ``draft_model``); for
+    vLLM's methods, extra keys of its ``speculative_config``.
+    ``warm``: each dataset is generated once, untimed, before it is timed (a warmed phrase pool or suffix cache).
+    ``stateful``: the method keeps state across requests (suffix cache, phrase pool), so each batch size gets a
+    fresh engine: a second pass over the same prompts would otherwise be measured warm.
+    ``default``: part of the default ``--methods``.
+    """
+
+    name: str
+    kind: MethodKind
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    warm: bool = False
+    stateful: bool = False
+    default: bool = True
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind != "plain"
+
+    @property
+    def needs_draft_model(self) -> bool:
+        return self.kind in ("draft_model", "ouroboros")
+
+    @property
+    def reports_draft_time(self) -> bool:
+        """Whether the engine's drafter keeps ``stats.draft_seconds`` (ours and the oracle; vLLM's do not)."""
+        return self.kind in ("ouroboros", "oracle")
+
+    def engine_kwargs(self, k: int, draft: str | None, references: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``ouroboros_vllm.offline.make_llm`` for this method at ``k`` tokens per step."""
+        settings = dict(self.settings)
+        if self.kind == "plain":
+            return {}
+        if self.kind == "ouroboros":
+            settings = {"draft_model": draft, "stats_log_interval_s": 0, **settings}
+            return {"ouroboros": settings, "num_speculative_tokens": k}
+        if self.kind == "oracle":
+            return {
+                "speculative": {"method": "custom_class", "model": ORACLE_CLASS, "num_speculative_tokens": k},
+                "additional_config": {ORACLE_CONFIG_KEY: {"references": references}},
+            }
+        spec: dict[str, Any] = {"method": self.kind, "num_speculative_tokens": k, **settings}
+        if self.kind == "draft_model":
+            spec["model"] = draft
+        return {"speculative": spec}
+
+
+# Drafting modes known to keep nothing across requests; any other mode is assumed to share state between them
+# (a phrase pool) and is benchmarked with a fresh engine per batch size.
+STATELESS_DRAFTING_MODES = frozenset({"greedy"})
+
+
+def _ouroboros_methods() -> list[Method]:
+    # One cold-start method per drafting mode the proposer accepts: the config's Literal is the source of truth.
+    return [
+        Method(f"ouroboros-{mode}", "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES)
+        for mode in get_args(DraftingMode)
+    ]
+
+
+METHODS: tuple[Method, ...] = (
+    Method("plain", "plain"),
+    # vLLM's prompt lookup; min 2 / max 4 follow vLLM's documented example (its default is 5/5).
+    Method("ngram", "ngram", {"prompt_lookup_min": 2, "prompt_lookup_max": 4}),
+    Method("suffix", "suffix", stateful=True),
+    Method("draft_model", "draft_model"),
+    *_ouroboros_methods(),
+    # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
+    #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
+    Method("oracle", "oracle"),
+)
+
+BASELINE = "plain"
+
+
+def select_methods(requested: Iterable[str] | None, methods: Iterable[Method] = METHODS) -> list[Method]:
+    """Methods by name or by kind (``ouroboros`` selects every ouroboros-* method), in registry order.
+
+    The baseline ``plain`` is always included: speedups and the lossless check are relative to it, and the oracle
+    replays its outputs. ``None`` selects every default method.
+    """
+    methods = list(methods)
+    if requested is None:
+        chosen = {m.name for m in methods if m.default}
+    else:
+        chosen = set()
+        for token in requested:
+            matches = {m.name for m in methods if token in (m.name, m.kind)}
+            if not matches:
+                known = ", ".join(sorted({m.name for m in methods} | {m.kind for m in methods}))
+                raise ValueError(f"unknown method {token!r}; known: {known}")
+            chosen |= matches
+    chosen.add(BASELINE)
+    return [m for m in methods if m.name in chosen]
+
+
+def unavailable_reason(method: Method, draft: str | None) -> str | None:
+    """Why ``method`` cannot run here (``None``: it can); checked in the parent, before any engine starts."""
+    if method.needs_draft_model and not draft:
+        return "needs a draft model (--draft)"
+    if method.kind == "suffix" and importlib.util.find_spec("arctic_inference") is None:
+        return ARCTIC_INSTALL_HINT
+    return None

@@ -1,0 +1,213 @@
+"""One benchmark engine in its own process: ``python -m benchmarks.worker JOB.json RESULT.json``.
+
+Builds the method's engine (``ouroboros_vllm.offline.make_llm``: fp32, eager, in-process, CPU defaults), warms
+it up on a prompt of no dataset, then times greedy generation of every dataset at every batch size, reads
+vLLM's spec-decode counters and the drafter's own time around each timed part, writes the result and exits.
+Progress goes to stdout as ``PROGRESS_PREFIX <units>`` lines; everything else printed is log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.jobs import PROGRESS_PREFIX, DatasetJob, Job
+from benchmarks.methods import METHODS, Method
+
+SPEC_COUNTERS = {
+    "num_drafts": "vllm:spec_decode_num_drafts",
+    "num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+}
+WARMUP_TOKENS = 8
+
+
+def main(argv: list[str] | None = None) -> int:
+    _die_with_parent()
+    job_path, result_path = (Path(p) for p in (argv if argv is not None else sys.argv[1:]))
+    job = Job.read(job_path)
+    method = next(m for m in METHODS if m.name == job.method)
+    result: dict[str, Any] = {"method": job.method, "k": job.k, "status": "ok", "reason": None, "runs": []}
+    try:
+        reason = _unavailable_here(method)
+        if reason is not None:
+            result.update(status="unavailable", reason=reason)
+        else:
+            result.update(run_job(job, method))
+    except Exception as error:  # reported in the result: the parent goes on with the other methods
+        result.update(status="error", reason=f"{type(error).__name__}: {error}")
+        traceback.print_exc()
+    result_path.write_text(json.dumps(result), encoding="utf-8")
+    # vLLM's in-process engine leaves threads behind that can hang a normal interpreter exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Get SIGKILL when the parent dies (Linux), so that no orphaned engine keeps gigabytes of memory."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def run_job(job: Job, method: Method) -> dict[str, Any]:
+    from ouroboros_vllm.offline import apply_cpu_env_defaults
+
+    apply_cpu_env_defaults()
+    from vllm import SamplingParams
+
+    from ouroboros_vllm.offline import make_llm
+
+    start = time.perf_counter()
+    kwargs = method.engine_kwargs(job.k or 0, job.draft, job.references)
+    if method.speculative:
+        kwargs["per_request_spec_decode_metrics"] = "summary"
+    llm = make_llm(
+        job.target, kv_cache_gib=job.kv_cache_gib, max_model_len=job.max_model_len, disable_log_stats=False, **kwargs
+    )
+    engine_start_s = time.perf_counter() - start
+    # The first generate pays one-time costs (allocations, lazy init); it uses a prompt of no dataset so that
+    # no cache or pool is warmed for a measured prompt.
+    llm.generate([_tokens_prompt(job.warmup_prompt)], SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS),
+                 use_tqdm=False)
+
+    runs = []
+    for dataset in job.datasets:
+        for batch_size in job.batch_sizes:
+            if method.warm:
+                _generate(llm, dataset, batch_size)
+            runs.append(_timed_run(llm, method, dataset, batch_size))
+    return {"engine_start_s": engine_start_s, "runs": runs}
+
+
+def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -> dict[str, Any]:
+    counters_before = _spec_counters(llm)
+    draft_before = _draft_seconds(llm, method)
+    batches, prompts = _generate(llm, dataset, batch_size)
+    counters_after = _spec_counters(llm)
+    draft_after = _draft_seconds(llm, method)
+    wall_s = sum(batch["wall_s"] for batch in batches)
+    spec = None
+    if counters_before is not None and counters_after is not None:
+        spec = {key: counters_after[key] - counters_before[key] for key in SPEC_COUNTERS}
+    return {
+        "dataset": dataset.name,
+        "batch_size": batch_size,
+        "max_tokens": dataset.max_tokens,
+        "wall_s": wall_s,
+        "num_output_tokens": sum(len(p["output_token_ids"]) for p in prompts),
+        "decode_window_s": _sum_or_none(batch["decode_window_s"] for batch in batches),
+        "spec": spec,
+        "draft_seconds": None if draft_before is None or draft_after is None else draft_after - draft_before,
+        "batches": batches,
+        "prompts": prompts,
+    }
+
+
+def _generate(llm: Any, dataset: DatasetJob, batch_size: int) -> tuple[list[dict], list[dict]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=dataset.max_tokens)
+    batches: list[dict] = []
+    prompts: list[dict] = []
+    for start in range(0, len(dataset.prompts), batch_size):
+        chunk = dataset.prompts[start : start + batch_size]
+        begin = time.perf_counter()
+        outputs = llm.generate([_tokens_prompt(p.token_ids) for p in chunk], params, use_tqdm=False)
+        wall_s = time.perf_counter() - begin
+        records = [_prompt_record(p.id, output) for p, output in zip(chunk, outputs, strict=True)]
+        prompts.extend(records)
+        batches.append({"prompt_ids": [p.id for p in chunk], "wall_s": wall_s,
+                        "decode_window_s": _decode_window([output.metrics for output in outputs])})
+        print(f"{PROGRESS_PREFIX}{len(chunk)}", flush=True)
+    return batches, prompts
+
+
+def _prompt_record(prompt_id: str, output: Any) -> dict[str, Any]:
+    completion = output.outputs[0]
+    stats = output.metrics
+    spec = getattr(completion, "spec_decode_metrics", None)
+    if spec is not None and hasattr(spec, "to_dict"):
+        spec = spec.to_dict()
+    return {
+        "id": prompt_id,
+        "num_prompt_tokens": len(output.prompt_token_ids),
+        "output_token_ids": list(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+        # Engine-core monotonic timestamps (same clock: the engine runs in this process).
+        "ttft_s": _diff(stats, "first_token_ts", "queued_ts"),
+        "decode_s": _diff(stats, "last_token_ts", "first_token_ts"),
+        "spec": spec,
+    }
+
+
+def _decode_window(stats: list[Any]) -> float | None:
+    """From the batch's first first token to its last token: the part of a batch speculation can speed up."""
+    firsts = [getattr(s, "first_token_ts", 0.0) for s in stats if s is not None]
+    lasts = [getattr(s, "last_token_ts", 0.0) for s in stats if s is not None]
+    if not firsts or len(firsts) != len(stats) or min(firsts) <= 0:
+        return None
+    return max(lasts) - min(firsts)
+
+
+def _spec_counters(llm: Any) -> dict[str, int] | None:
+    """vLLM's spec-decode counters summed over engines, or ``None`` for an engine without speculation."""
+    totals: dict[str, int] = {}
+    for metric in llm.get_metrics():
+        for key, name in SPEC_COUNTERS.items():
+            if metric.name == name:
+                totals[key] = totals.get(key, 0) + int(metric.value)
+    return totals if len(totals) == len(SPEC_COUNTERS) else None
+
+
+def _draft_seconds(llm: Any, method: Method) -> float | None:
+    if not method.reports_draft_time:
+        return None
+    from ouroboros_vllm.offline import engine_proposer
+
+    stats = getattr(engine_proposer(llm), "stats", None)
+    return getattr(stats, "draft_seconds", None)
+
+
+def _unavailable_here(method: Method) -> str | None:
+    if method.kind == "suffix":
+        try:
+            import arctic_inference.suffix_decoding  # noqa: F401  (what vLLM's suffix method imports)
+        except ImportError as error:
+            from benchmarks.methods import ARCTIC_INSTALL_HINT
+
+            return f"{ARCTIC_INSTALL_HINT} ({error})"
+    return None
+
+
+def _tokens_prompt(token_ids: list[int]) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=list(token_ids))
+
+
+def _diff(stats: Any, end: str, start: str) -> float | None:
+    a, b = getattr(stats, end, 0.0), getattr(stats, start, 0.0)
+    return a - b if stats is not None and a > 0 and b > 0 else None
+
+
+def _sum_or_none(values: Any) -> float | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
+if __name__ == "__main__":
+    main()
