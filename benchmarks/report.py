@@ -1,0 +1,107 @@
+"""The benchmark's Markdown report: a header saying what ran where, the pooled table, the per-dataset table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.metrics import ALL_DATASETS, BASELINE, Summary
+
+COLUMNS = ("method", "K", "batch", "prompts", "tokens", "tok/s", "speedup", "decode speedup", "τ", "acceptance",
+           "draft share", "output = plain")
+
+
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def lossless_cell(row: Summary) -> str:
+    if row.method == BASELINE:
+        return "reference"
+    if not row.compared:
+        return "not checked"
+    if row.mismatched:
+        # Loud on purpose: for greedy decoding any difference is a bug.
+        return f"**NO: {len(row.mismatched)}/{row.compared} DIFFER**"
+    return f"yes ({row.compared}/{row.compared})"
+
+
+def row_cells(row: Summary) -> list[str]:
+    k = "—" if row.k is None else str(row.k)
+    if row.status != "ok":
+        return [row.method, k, "—", "—", "—", f"{row.status}: {row.note}", *([""] * (len(COLUMNS) - 6))]
+    return [
+        row.method,
+        k,
+        str(row.batch_size),
+        str(row.num_prompts),
+        str(row.output_tokens),
+        _num(row.tokens_per_second, ".2f"),
+        _num(row.speedup, ".2f", "x"),
+        _num(row.decode_speedup, ".2f", "x"),
+        _num(row.tau, ".2f"),
+        _num(None if row.acceptance_rate is None else 100 * row.acceptance_rate, ".0f", "%"),
+        _num(None if row.draft_share is None else 100 * row.draft_share, ".0f", "%"),
+        lossless_cell(row),
+    ]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def sort_rows(rows: Sequence[Summary], method_order: Sequence[str], dataset_order: Sequence[str]) -> list[Summary]:
+    def key(row: Summary) -> tuple:
+        dataset_rank = dataset_order.index(row.dataset) if row.dataset in dataset_order else len(dataset_order)
+        method_rank = method_order.index(row.method) if row.method in method_order else len(method_order)
+        # Rows of methods that did not run (no batch size) go last.
+        batch_rank = row.batch_size if row.batch_size is not None else float("inf")
+        return (dataset_rank, batch_rank, method_rank, row.k or 0)
+
+    return sorted(rows, key=key)
+
+
+def render(
+    summaries: Sequence[Summary],
+    *,
+    title: str,
+    description: Sequence[str],
+    method_order: Sequence[str],
+    dataset_order: Sequence[str],
+    mismatches: Sequence[str] = (),
+    plots: Sequence[str] = (),
+) -> str:
+    """The whole report: ``description`` lines first, a loud banner when outputs differ, then the tables."""
+    out = [f"# {title}", "", *description, ""]
+    if mismatches:
+        out += ["> **LOSSLESS CHECK FAILED: outputs differ from plain greedy decoding (a bug for greedy).**", ">"]
+        out += [f"> - {line}" for line in mismatches]
+        out.append("")
+    pooled = sort_rows([s for s in summaries if s.dataset == ALL_DATASETS], method_order, dataset_order)
+    out += ["## All datasets pooled", "", markdown_table(COLUMNS, [row_cells(r) for r in pooled]), ""]
+    per_dataset = sort_rows([s for s in summaries if s.dataset != ALL_DATASETS], method_order, dataset_order)
+    per_dataset_rows = [[r.dataset, *row_cells(r)] for r in per_dataset]
+    out += ["## Per dataset", "", markdown_table(("dataset", *COLUMNS), per_dataset_rows), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    return "\n".join(out)
+
+
+def describe_run(meta: dict[str, Any]) -> list[str]:
+    """The report's header lines from the run's metadata."""
+    from benchmarks.environment import summary_line
+
+    lines = [
+        f"- mode: **{meta['mode']}**" + (" (a quick check, not the full benchmark)" if meta["mode"] == "quick" else ""),
+        f"- target `{meta['target_name']}`, draft `{meta['draft_name']}`, greedy (temperature 0), fp32, "
+        f"K = {', '.join(str(k) for k in meta['ks'])}, batch sizes {', '.join(str(b) for b in meta['batch_sizes'])}",
+        f"- machine: {summary_line(meta['machine'])}; load average at start {meta['machine'].get('load_average')}, "
+        f"at end {meta.get('load_average_end')}",
+        f"- started {meta['started']}, took {meta['elapsed_s'] / 60:.1f} min; command: `{meta['command']}`",
+    ]
+    for name, info in meta.get("datasets", {}).items():
+        lines.append(f"- {name}: {info['num_prompts']} prompts, {info['max_tokens']} new tokens max, "
+                     f"prompt length {info['prompt_tokens_min']}-{info['prompt_tokens_max']} tokens")
+    return lines
