@@ -87,9 +87,40 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=demo.run)
 
 
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``ouroboros-vllm bench``: the benchmark harness, ``benchmarks/run.py`` of a source checkout.
+
+    ``benchmarks/`` is not part of the installed package (it holds the oracle and needs the data), and an
+    editable install does not put the checkout on ``sys.path``: look for it beside the package.
+    """
+    import importlib
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "benchmarks" / "run.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        bench = importlib.import_module("benchmarks.run")
+    except ImportError as error:
+        reason = ("the benchmark harness needs a source checkout of ouroboros-vllm (benchmarks/ beside the "
+                  f"package): {error}")
+        parser = subparsers.add_parser("bench", help="benchmark harness (only in a source checkout)",
+                                       description=reason)
+        parser.add_argument("args", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=lambda args: print(f"error: {reason}", file=sys.stderr) or 1)
+        return
+    parser = subparsers.add_parser(
+        "bench", help="benchmark plain, ngram, suffix, draft_model, ouroboros and the oracle on HumanEval, MBPP, "
+        "Spec-Bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(parser)
+    parser.set_defaults(func=bench.run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models_parser,
     _add_demo_parser,
+    _add_bench_parser,
 ]
 
 
