@@ -58,6 +58,19 @@ class OuroborosConfig(pydantic.BaseModel):
     pool_memory_mib: float = Field(
         default=48.0, gt=0, description="About how much memory the pool may hold (LRU eviction of whole keys)."
     )
+    warm_start: bool = Field(
+        default=True,
+        description="Share one pool across all requests of the engine (the paper's warm start); false gives "
+        "each request a pool of its own, dropped when it finishes.",
+    )
+    pool_path: str | None = Field(
+        default=None,
+        description="File the shared pool is loaded from at start (if it exists) and saved to every "
+        "pool_save_interval_s and at exit.",
+    )
+    pool_save_interval_s: float = Field(
+        default=300.0, gt=0, description="Seconds between two saves of the pool to pool_path."
+    )
     context_ngrams: bool = Field(
         default=True, description="Also feed the pool the N-grams of each request's prompt and verified output."
     )
@@ -115,6 +128,11 @@ class OuroborosConfig(pydantic.BaseModel):
         return config
 
     def _check_combination(self) -> None:
+        if self.pool_path is not None and not self.warm_start:
+            raise OuroborosConfigError(
+                f'additional_config["{CONFIG_KEY}"]["pool_path"] needs "warm_start": true (only the shared pool '
+                "is saved)"
+            )
         if self.draft_model is None and self.drafting != "pool_only":
             raise OuroborosConfigError(
                 f'additional_config["{CONFIG_KEY}"]["draft_model"] is required for drafting={self.drafting!r}: '

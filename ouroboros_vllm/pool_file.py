@@ -10,10 +10,13 @@ wrong output (verification keeps output exact) but silently useless drafts.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ouroboros_vllm.pool import PhrasePool
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "ouroboros-vllm phrase pool"
 VERSION = 1
@@ -138,3 +143,39 @@ def _insert_payload(pool: PhrasePool, values: np.ndarray, path: Path) -> None:
         items += [(key, tuple(int(t) for t in values[at + i * n : at + (i + 1) * n])) for i in range(count)]
         at += count * n
     pool.insert_many(items)
+
+
+class PoolFile:
+    """The ``pool_path`` setting at work: load at start, save every ``interval_s`` and at process exit."""
+
+    def __init__(self, path: str | os.PathLike[str], identity: PoolIdentity, interval_s: float) -> None:
+        self.path = Path(path).expanduser()
+        self.identity = identity
+        self.interval_s = interval_s
+        self._last_save = time.monotonic()
+        if self.path.exists():
+            if not self.path.is_file() or not os.access(self.path, os.R_OK | os.W_OK):
+                raise PoolFileError(f"pool_path {str(self.path)!r} is not a readable and writable file")
+        elif not os.access(self.path.parent if self.path.parent.exists() else Path.cwd(), os.W_OK):
+            raise PoolFileError(f"pool_path {str(self.path)!r} cannot be created: its folder is not writable")
+
+    def load_into(self, pool: PhrasePool) -> int:
+        """Load the saved phrases if the file exists; the number of phrases loaded."""
+        if not self.path.exists():
+            return 0
+        header = load_pool(self.path, pool, self.identity)
+        return int(header["num_phrases"])
+
+    def save_at_exit(self, pool: PhrasePool) -> None:
+        atexit.register(self.save, pool)
+
+    def maybe_save(self, pool: PhrasePool) -> None:
+        if time.monotonic() - self._last_save >= self.interval_s:
+            self.save(pool)
+
+    def save(self, pool: PhrasePool) -> None:
+        self._last_save = time.monotonic()
+        try:
+            save_pool(pool, self.path, self.identity)
+        except OSError as error:  # a full disk must not take the engine down; the next save tries again
+            logger.error("ouroboros-vllm: could not save the phrase pool to %s: %s", self.path, error)

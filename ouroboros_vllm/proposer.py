@@ -21,6 +21,7 @@ from ouroboros_vllm import vllm_hooks
 from ouroboros_vllm.config import OuroborosConfig
 from ouroboros_vllm.draft_model import DraftModel, DraftSequence, resolve_dtype, resolve_model_path
 from ouroboros_vllm.pool import PhrasePool, max_phrases_for_memory
+from ouroboros_vllm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
 from ouroboros_vllm.stats import DraftStats, StatsLogger
 
@@ -34,6 +35,7 @@ class RequestState:
     draft: DraftSequence = field(default_factory=DraftSequence)
     stats: DraftStats = field(default_factory=DraftStats)
     proposal: Proposal = field(default_factory=Proposal)  # last proposal, awaiting or after verification
+    pool: PhrasePool | None = None  # the request's own pool when warm_start is off
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
 
 
@@ -61,18 +63,39 @@ class OuroborosProposer(vllm_hooks.StepListener):
         # A missing draft folder fails here, at engine start, rather than at load_model.
         self.draft_path = None if self.config.draft_model is None else resolve_model_path(self.config.draft_model)
 
-        self.pool = PhrasePool(
-            phrase_len=self.config.phrase_len,
-            max_phrases_per_key=self.config.max_phrases_per_key,
-            max_keys=self.config.pool_max_keys,
-            max_phrases=max_phrases_for_memory(self.config.pool_memory_mib, self.config.phrase_len),
-        )
+        self.pool = self._new_pool()  # the shared pool (warm start)
+        self.pool_file: PoolFile | None = None
+        if self.config.pool_path is not None:
+            identity = PoolIdentity(
+                tokenizer=tokenizer_fingerprint(_vocab(self.target_tokenizer)),
+                target=str(vllm_config.model_config.model),
+                draft=self.config.draft_model or "",
+            )
+            self.pool_file = PoolFile(self.config.pool_path, identity, self.config.pool_save_interval_s)
+            loaded = self.pool_file.load_into(self.pool)
+            logger.info("ouroboros-vllm: %d phrases loaded from %s", loaded, self.pool_file.path)
+            self.pool_file.save_at_exit(self.pool)
         self.drafter: DraftModel | None = None
         self.requests: dict[str, RequestState] = {}
         self.stats = DraftStats()
         self._stats_logger = StatsLogger(self.config.stats_log_interval_s, logger)
         self._batch_req_ids: list[str] | None = None
         self._skipped_out_of_vocab: set[str] = set()
+
+    def _new_pool(self) -> PhrasePool:
+        return PhrasePool(
+            phrase_len=self.config.phrase_len,
+            max_phrases_per_key=self.config.max_phrases_per_key,
+            max_keys=self.config.pool_max_keys,
+            max_phrases=max_phrases_for_memory(self.config.pool_memory_mib, self.config.phrase_len),
+        )
+
+    def _pool_of(self, state: RequestState) -> PhrasePool:
+        if self.config.warm_start:
+            return self.pool
+        if state.pool is None:
+            state.pool = self._new_pool()
+        return state.pool
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         if self.draft_path is None:  # pool_only: no draft model
@@ -102,7 +125,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
             state.stats.add(verified)
             self.stats.add(verified)
             if self.config.uses_pool:
-                apply_feedback(self.pool, state.proposal, draft, argmax)
+                apply_feedback(self._pool_of(state), state.proposal, draft, argmax)
 
     # ---- the custom_class contract -------------------------------------------------------------------------
 
@@ -131,11 +154,13 @@ class OuroborosProposer(vllm_hooks.StepListener):
             state.proposal = self._propose_one(req_id, state, history, budget)
             proposals.append(state.proposal.tokens)
         self._stats_logger.maybe_log(self.stats)
+        if self.pool_file is not None:
+            self.pool_file.maybe_save(self.pool)
         return proposals
 
     def _feed_context(self, state: RequestState, history: np.ndarray) -> None:
         if self.config.uses_pool and self.config.context_ngrams:
-            self.pool.insert_many(context_ngrams(history, state.pooled_upto, self.pool.phrase_len))
+            self._pool_of(state).insert_many(context_ngrams(history, state.pooled_upto, self.config.phrase_len))
             state.pooled_upto = len(history)
 
     def _propose_one(self, req_id: str, state: RequestState, history: np.ndarray, budget: int) -> Proposal:
@@ -145,15 +170,16 @@ class OuroborosProposer(vllm_hooks.StepListener):
         if self.drafter is not None and self._draftable(req_id, history):
             trunk_budget = min(self.gamma, budget)
             if self.config.drafting == "phrases":
+                pool = self._pool_of(state)
                 proposal.tokens, forwards = self.drafter.phrase_draft(
-                    state.draft, history, trunk_budget, self._draft_phrases)
+                    state.draft, history, trunk_budget, lambda key: pool.newest(key, self.config.draft_phrases))
             else:
                 proposal.tokens = self.drafter.greedy(state.draft, history, trunk_budget)
                 forwards = len(proposal.tokens)  # one forward per token
             proposal.trunk_len = len(proposal.tokens)
         ends_sequence = bool(proposal.tokens) and proposal.tokens[-1] in self._eos_token_ids()
         if self.config.uses_pool and not ends_sequence:  # nothing follows an end of sequence
-            lengthen(self.pool, proposal, int(history[-1]), budget, self.config.num_candidates)
+            lengthen(self._pool_of(state), proposal, int(history[-1]), budget, self.config.num_candidates)
         round_stats = DraftStats(
             rounds=1,
             proposed_tokens=len(proposal.tokens),
@@ -164,9 +190,6 @@ class OuroborosProposer(vllm_hooks.StepListener):
         state.stats.add(round_stats)
         self.stats.add(round_stats)
         return proposal
-
-    def _draft_phrases(self, key: int) -> list[tuple[int, ...]]:
-        return self.pool.newest(key, self.config.draft_phrases)
 
     def _eos_token_ids(self) -> set[int]:
         return self.drafter.eos_token_ids if self.drafter is not None else set()
@@ -199,3 +222,9 @@ class OuroborosProposer(vllm_hooks.StepListener):
                 f"VLLM_PLUGINS?), or this vLLM calls propose() differently (rows: {num_rows}, ids: {req_ids})"
             )
         return req_ids
+
+
+def _vocab(tokenizer_path: str) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path).get_vocab()

@@ -33,8 +33,8 @@ def test_other_sections_of_additional_config_are_ignored():
     [
         ({"draft_model": "d", "gama": 3},
          'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_memory_mib, context_ngrams, "
-         "draft_dtype, stats_log_interval_s"),
+         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_memory_mib, warm_start, "
+         "pool_path, pool_save_interval_s, context_ngrams, draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},
          "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'phrases', 'pool_only' (got 'fast')"),
@@ -82,6 +82,11 @@ def test_gamma_over_num_speculative_tokens_is_refused():
     with pytest.raises(OuroborosConfigError, match=r'\["gamma"\] = 9 is larger than the speculative config\'s '
                        r"num_speculative_tokens = 4"):
         parse({"draft_model": "d", "gamma": 9}).check_against(4)
+
+
+def test_pool_path_needs_the_shared_pool():
+    with pytest.raises(OuroborosConfigError, match=r'\["pool_path"\] needs "warm_start": true'):
+        parse({"drafting": "pool_only", "pool_path": "/tmp/pool.bin", "warm_start": False})
 
 
 def test_section_must_be_an_object():

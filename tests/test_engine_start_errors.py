@@ -31,8 +31,23 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_bad_settings_stop_the_engine_start_with_their_message(tiny):
+def test_bad_settings_stop_the_engine_start_with_their_message(tiny, tmp_path):
+    from ouroboros_vllm.pool import PhrasePool
+    from ouroboros_vllm.pool_file import PoolIdentity, save_pool, tokenizer_fingerprint
+
+    foreign = tmp_path / "foreign-pool.bin"
+    pool = PhrasePool(4, 2, 2, 2)
+    pool.insert(1, (2, 3, 4, 5))
+    save_pool(pool, foreign, PoolIdentity(tokenizer_fingerprint({"x": 0}), "other-target"))
+    corrupt = tmp_path / "corrupt-pool.bin"
+    corrupt.write_bytes(foreign.read_bytes()[:-1] + b"?")
     cases = {
+        "pool of another tokenizer": ({"drafting": "pool_only", "pool_path": str(foreign)},
+                                      f"pool file {str(foreign)!r} was made with another tokenizer"),
+        "corrupt pool": ({"drafting": "pool_only", "pool_path": str(corrupt)},
+                         f"pool file {str(corrupt)!r} is corrupt"),
+        "unreadable pool_path": ({"drafting": "pool_only", "pool_path": str(tmp_path)},
+                                 f"pool_path {str(tmp_path)!r} is not a readable and writable file"),
         "unknown key": ({"draft_model": str(tiny.draft), "gama": 12},
                         'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, '),
         "wrong type": ({"draft_model": str(tiny.draft), "stats_log_interval_s": "often"},

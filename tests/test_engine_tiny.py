@@ -129,6 +129,40 @@ def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
     assert accepted[1] > accepted[0] + 20, accepted
 
 
+def test_cold_pools_are_per_request(plain, tiny, engines, tmp_path):
+    settings = {"drafting": "pool_only", "warm_start": False, "stats_log_interval_s": 0}
+    spec = engines.get("tiny-pool-only-cold", lambda: make_llm(
+        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    proposer = engine_proposer(spec)
+    prompt = "cold start: " + CODE_PROMPTS[3]
+    accepted = []
+    for _ in range(2):
+        before = proposer.stats.accepted_tokens
+        generate_ids(spec, [prompt], greedy(64), 1)
+        accepted.append(proposer.stats.accepted_tokens - before)
+    assert accepted[0] == accepted[1], "a request saw another request's phrases"
+    assert len(proposer.pool) == 0
+
+
+def test_saved_pool_reloads_in_a_new_engine(plain, tiny, engines, tmp_path):
+    path = tmp_path / "pool.bin"
+    settings = {"drafting": "pool_only", "pool_path": str(path), "stats_log_interval_s": 0}
+    first = engines.get("tiny-pool-file-1", lambda: make_llm(
+        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    prompt = "persisted: " + CODE_PROMPTS[5]
+    generate_ids(first, [prompt], greedy(64), 1)
+    saved = engine_proposer(first)
+    saved.pool_file.save(saved.pool)
+
+    second = engines.get("tiny-pool-file-2", lambda: make_llm(
+        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    loaded = engine_proposer(second)
+    assert list(loaded.pool.items()) == list(saved.pool.items())
+    (ids,) = generate_ids(second, [prompt], greedy(64), 1)
+    assert ids == generate_ids(plain, [prompt], greedy(64), 1)[0]
+    assert loaded.stats.accepted_tokens > saved.stats.accepted_tokens  # the warm pool drafts better at once
+
+
 def test_finished_requests_leave_no_state(plain, tiny, engines):
     spec = spec_engine(engines, tiny, "similar")
     proposer = engine_proposer(spec)
