@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from ouroboros_vllm.config import DraftingMode
+from ouroboros_vllm.config import DraftingMode, OuroborosConfig, OuroborosConfigError
 
 MethodKind = Literal["plain", "ngram", "suffix", "draft_model", "ouroboros", "oracle"]
 
@@ -34,6 +34,8 @@ class Method:
     ``warm``: each dataset is generated once, untimed, before it is timed (a warmed phrase pool or suffix cache).
     ``stateful``: the method keeps state across requests (suffix cache, phrase pool), so each batch size gets a
     fresh engine: a second pass over the same prompts would otherwise be measured warm.
+    ``uses_draft_model``: the engine gets ``--draft`` (vLLM's draft_model, our modes that draft with a model;
+    a mode that may run without one is given none, or it would use it).
     ``default``: part of the default ``--methods``.
     """
 
@@ -42,15 +44,12 @@ class Method:
     settings: Mapping[str, Any] = field(default_factory=dict)
     warm: bool = False
     stateful: bool = False
+    uses_draft_model: bool = False
     default: bool = True
 
     @property
     def speculative(self) -> bool:
         return self.kind != "plain"
-
-    @property
-    def needs_draft_model(self) -> bool:
-        return self.kind in ("draft_model", "ouroboros")
 
     @property
     def reports_draft_time(self) -> bool:
@@ -63,7 +62,9 @@ class Method:
         if self.kind == "plain":
             return {}
         if self.kind == "ouroboros":
-            settings = {"draft_model": draft, "stats_log_interval_s": 0, **settings}
+            settings = {"stats_log_interval_s": 0, **settings}
+            if self.uses_draft_model:
+                settings["draft_model"] = draft
             return {"ouroboros": settings, "num_speculative_tokens": k}
         if self.kind == "oracle":
             return {
@@ -81,10 +82,20 @@ class Method:
 STATELESS_DRAFTING_MODES = frozenset({"greedy"})
 
 
+def mode_needs_draft_model(mode: str) -> bool:
+    """Whether our config refuses ``drafting=mode`` without a draft model (its own validation decides)."""
+    try:
+        OuroborosConfig.from_additional_config({"ouroboros": {"drafting": mode}})
+    except OuroborosConfigError:
+        return True
+    return False
+
+
 def _ouroboros_methods() -> list[Method]:
     # One cold-start method per drafting mode the proposer accepts: the config's Literal is the source of truth.
     return [
-        Method(f"ouroboros-{mode}", "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES)
+        Method(f"ouroboros-{mode}", "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES,
+               uses_draft_model=mode_needs_draft_model(mode))
         for mode in get_args(DraftingMode)
     ]
 
@@ -94,7 +105,7 @@ METHODS: tuple[Method, ...] = (
     # vLLM's prompt lookup; min 2 / max 4 follow vLLM's documented example (its default is 5/5).
     Method("ngram", "ngram", {"prompt_lookup_min": 2, "prompt_lookup_max": 4}),
     Method("suffix", "suffix", stateful=True),
-    Method("draft_model", "draft_model"),
+    Method("draft_model", "draft_model", uses_draft_model=True),
     *_ouroboros_methods(),
     # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
     #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
@@ -127,7 +138,7 @@ def select_methods(requested: Iterable[str] | None, methods: Iterable[Method] = 
 
 def unavailable_reason(method: Method, draft: str | None) -> str | None:
     """Why ``method`` cannot run here (``None``: it can); checked in the parent, before any engine starts."""
-    if method.needs_draft_model and not draft:
+    if method.uses_draft_model and not draft:
         return "needs a draft model (--draft)"
     if method.kind == "suffix" and importlib.util.find_spec("arctic_inference") is None:
         return ARCTIC_INSTALL_HINT

@@ -123,6 +123,7 @@ def test_engine_settings_per_method():
         "speculative": {"method": "draft_model", "num_speculative_tokens": 3, "model": "D"}}
     ours = by_name["ouroboros-greedy"].engine_kwargs(4, "D")
     assert ours["ouroboros"]["draft_model"] == "D" and ours["ouroboros"]["drafting"] == "greedy"
+    assert "draft_model" not in Method("m", "ouroboros", {"drafting": "x"}).engine_kwargs(4, "D")["ouroboros"]
     oracle = by_name["oracle"].engine_kwargs(4, None, "/r.json")
     assert oracle["speculative"]["model"] == "benchmarks.oracle.OracleProposer"
     assert oracle["additional_config"] == {"oracle": {"references": "/r.json"}}
@@ -133,6 +134,14 @@ def test_drafting_modes_other_than_greedy_get_a_fresh_engine_per_batch_size():
 
     for method in (m for m in METHODS if m.kind == "ouroboros"):
         assert method.stateful == (method.settings["drafting"] not in STATELESS_DRAFTING_MODES)
+
+
+def test_a_drafting_mode_gets_the_draft_model_only_when_the_config_requires_one():
+    from benchmarks.methods import mode_needs_draft_model
+
+    assert mode_needs_draft_model("greedy")
+    for method in (m for m in METHODS if m.kind == "ouroboros"):
+        assert method.uses_draft_model == mode_needs_draft_model(method.settings["drafting"])
 
 
 def test_kv_cache_is_sized_from_the_model_shapes(tmp_path):
@@ -150,7 +159,8 @@ def test_suffix_without_arctic_is_reported_unavailable(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     reason = unavailable_reason(Method("suffix", "suffix"), "D")
     assert "arctic-inference" in reason and "build_arctic_inference.sh" in reason
-    assert unavailable_reason(Method("d", "draft_model"), None) == "needs a draft model (--draft)"
+    needs_draft = Method("d", "draft_model", uses_draft_model=True)
+    assert unavailable_reason(needs_draft, None) == "needs a draft model (--draft)"
 
 
 def test_plan_runs_plain_first_and_splits_stateful_methods():
