@@ -30,7 +30,8 @@ class OuroborosConfig(pydantic.BaseModel):
 
     draft_model: str | None = Field(
         default=None,
-        description="Local folder (or Hugging Face Hub id) of the draft model; it must share the target's tokenizer.",
+        description="Local folder (or Hugging Face Hub id) of the draft model; it must share the target's "
+        "tokenizer. Not used (not even loaded) with drafting='pool_only'.",
     )
     drafting: DraftingMode = Field(
         default="greedy",
@@ -44,7 +45,7 @@ class OuroborosConfig(pydantic.BaseModel):
         default=None,
         ge=1,
         description="Draft-model tokens per round in 'greedy_pool' and 'phrases'; the rest of num_speculative_tokens is filled "
-        "with pool phrases. Default: num_speculative_tokens - (ngram_size - 1), at least 1.",
+        "with pool phrases. Default: K - (N - 1), but at least half of K (K = num_speculative_tokens).",
     )
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
@@ -85,6 +86,10 @@ class OuroborosConfig(pydantic.BaseModel):
     )
 
     @property
+    def uses_draft_model(self) -> bool:
+        return self.drafting != "pool_only"
+
+    @property
     def uses_pool(self) -> bool:
         return self.drafting != "greedy"
 
@@ -98,7 +103,8 @@ class OuroborosConfig(pydantic.BaseModel):
             return num_speculative_tokens
         if self.gamma is not None:
             return self.gamma
-        return max(1, num_speculative_tokens - self.phrase_len)
+        # Leave room for one suffix when K allows it, but never give the draft model less than half of K.
+        return max(num_speculative_tokens - self.phrase_len, (num_speculative_tokens + 1) // 2)
 
     def check_against(self, num_speculative_tokens: int) -> None:
         """Settings that depend on vLLM's speculative config."""

@@ -61,7 +61,10 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self.config.check_against(self.num_speculative_tokens)
         self.gamma = self.config.gamma_for(self.num_speculative_tokens)
         # A missing draft folder fails here, at engine start, rather than at load_model.
-        self.draft_path = None if self.config.draft_model is None else resolve_model_path(self.config.draft_model)
+        self.draft_path = None
+        if self.config.uses_draft_model:
+            assert self.config.draft_model is not None  # the config requires it
+            self.draft_path = resolve_model_path(self.config.draft_model)
 
         self.pool = self._new_pool()  # the shared pool (warm start)
         self.pool_file: PoolFile | None = None

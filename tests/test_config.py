@@ -65,11 +65,14 @@ def test_bad_settings_name_the_key_and_allowed_values(section, message):
 
 def test_pool_only_needs_no_draft_model():
     assert parse({"drafting": "pool_only"}).draft_model is None
+    assert not parse({"drafting": "pool_only", "draft_model": "d"}).uses_draft_model
 
 
 def test_gamma_default_leaves_room_for_one_suffix():
     assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(8) == 4
-    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(2) == 1
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(16) == 12
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(4) == 2
+    assert parse({"draft_model": "d", "drafting": "greedy_pool", "ngram_size": 5}).gamma_for(1) == 1
     assert parse({"draft_model": "d", "drafting": "greedy_pool", "gamma": 3}).gamma_for(8) == 3
 
 

@@ -113,6 +113,8 @@ def test_pool_modes_draft_from_the_pool(plain, tiny, engines):
     pool_only = engine_proposer(spec_engine(engines, tiny, None, "pool_only"))
     assert pool_only.drafter is None and len(pool_only.pool) > 0
     assert pool_only.stats.suffix_tokens == pool_only.stats.proposed_tokens > 0, pool_only.stats.summary()
+    # A draft model named next to pool_only is not loaded (nor used).
+    assert engine_proposer(spec_engine(engines, tiny, "similar", "pool_only")).drafter is None
 
 
 def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
