@@ -320,11 +320,11 @@ def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
             process.wait()
             raise
     if result_path.is_file():
-        return read_result(result_path)
+        return {**read_result(result_path), "log": str(log_path)}
     tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
-    return {"method": job.method, "k": job.k, "status": "error", "runs": [],
+    return {"method": job.method, "k": job.k, "status": "error", "runs": [], "log": str(log_path),
             "reason": f"worker exited with status {process.returncode} without a result (killed for memory?); "
-                      f"log {log_path}: {' | '.join(tail)}"}
+                      f"last lines: {' | '.join(tail)}"}
 
 
 def write_references(path: Path, plain: dict[str, Any], datasets: list[DatasetJob]) -> None:
@@ -391,7 +391,8 @@ def write_reports(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]
         print("\nLOSSLESS CHECK FAILED: outputs differ from plain greedy decoding:", *mismatches, sep="\n  ",
               file=sys.stderr)
     for result in failed:
-        print(f"\nmethod {result['method']} K={result['k']} failed: {result['reason']}", file=sys.stderr)
+        print(f"\nmethod {result['method']} K={result['k']} failed: {result['reason']} (log: {result.get('log')})",
+              file=sys.stderr)
     return 1 if mismatches or failed else 0
 
 
