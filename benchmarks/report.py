@@ -102,6 +102,7 @@ def describe_run(meta: dict[str, Any]) -> list[str]:
         f"- started {meta['started']}, took {meta['elapsed_s'] / 60:.1f} min; command: `{meta['command']}`",
     ]
     for name, info in meta.get("datasets", {}).items():
-        lines.append(f"- {name}: {info['num_prompts']} prompts, {info['max_tokens']} new tokens max, "
+        prompts = f"{info['num_prompts']} prompt" + ("s" if info["num_prompts"] != 1 else "")
+        lines.append(f"- {name}: {prompts}, {info['max_tokens']} new tokens max, "
                      f"prompt length {info['prompt_tokens_min']}-{info['prompt_tokens_max']} tokens")
     return lines

@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float,
                         help="KV cache per engine (default: what the longest prompts need at the largest batch size)")
     parser.add_argument("--out", type=Path, help="results folder (default results/<timestamp>)")
+    parser.add_argument("--report-only", type=Path, metavar="RESULTS_DIR",
+                        help="run nothing: write report.md and the plots again from RESULTS_DIR/results.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        data = json.loads((args.report_only / "results.json").read_text(encoding="utf-8"))
+        return write_reports(args.report_only, data["meta"], data["results"])
     profile = QUICK if args.quick else FULL
     started = time.perf_counter()
     out: Path = args.out or Path("results") / datetime.now().strftime("%Y%m%d-%H%M%S")

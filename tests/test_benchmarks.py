@@ -327,3 +327,5 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
     table = (out / "report.md").read_text()
     assert "yes (2/2)" in table and "DIFFER" not in table
     assert (out / "speedup_k4_bs1.png").stat().st_size > 0
+    (out / "report.md").unlink()
+    assert main(["--report-only", str(out)]) == 0 and (out / "report.md").read_text() == table
