@@ -87,13 +87,14 @@ def run_job(job: Job, method: Method) -> dict[str, Any]:
     runs = []
     for dataset in job.datasets:
         for batch_size in job.batch_sizes:
-            if method.warm:
-                _generate(llm, dataset, batch_size)
             runs.append(_timed_run(llm, method, dataset, batch_size))
     return {"engine_start_s": engine_start_s, "runs": runs}
 
 
 def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -> dict[str, Any]:
+    """Generate ``dataset`` at ``batch_size`` and measure it; a ``warm`` method first gets one untimed pass."""
+    if method.warm:
+        _generate(llm, dataset, batch_size)
     counters_before = _spec_counters(llm)
     draft_before = _draft_seconds(llm, method)
     batches, prompts = _generate(llm, dataset, batch_size)

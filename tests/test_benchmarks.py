@@ -217,6 +217,45 @@ def test_oracle_requires_its_references():
         OracleProposer(config)
 
 
+# -------------------------------------------------------------------------------------------------- worker
+
+
+class _FakeLLM:
+    """Stands in for vLLM's ``LLM``: echoes each prompt reversed; every generate drafts 2 and accepts 1 token."""
+
+    def __init__(self) -> None:
+        self.counters = {"vllm:spec_decode_num_drafts": 0, "vllm:spec_decode_num_draft_tokens": 0,
+                         "vllm:spec_decode_num_accepted_tokens": 0}
+        self.calls = 0
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls += 1
+        self.counters["vllm:spec_decode_num_drafts"] += 1
+        self.counters["vllm:spec_decode_num_draft_tokens"] += 2
+        self.counters["vllm:spec_decode_num_accepted_tokens"] += 1
+        timing = SimpleNamespace(queued_ts=1.0, first_token_ts=2.0, last_token_ts=5.0)
+        return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], metrics=timing, outputs=[SimpleNamespace(
+            token_ids=p["prompt_token_ids"][::-1], finish_reason="length", spec_decode_metrics=None)]) for p in prompts]
+
+    def get_metrics(self):
+        return [SimpleNamespace(name=name, value=value) for name, value in self.counters.items()]
+
+
+def test_worker_counts_only_the_timed_pass_of_a_warm_method(capsys):
+    from benchmarks import worker
+
+    llm = _FakeLLM()
+    dataset = DatasetJob("d", 8, [PromptJob("a", [1, 2, 3]), PromptJob("b", [4, 5])])
+    run = worker._timed_run(llm, Method("m", "ngram", warm=True), dataset, batch_size=1)
+    assert llm.calls == 4  # 2 prompts at batch size 1, twice: untimed, then timed
+    assert run["spec"] == {"num_drafts": 2, "num_draft_tokens": 4, "num_accepted_tokens": 2}
+    assert len(run["batches"]) == 2 and len(run["prompts"]) == 2
+    assert [p["output_token_ids"] for p in run["prompts"]] == [[3, 2, 1], [5, 4]]
+    assert run["num_output_tokens"] == 5 and run["decode_window_s"] == 6.0 and run["prompts"][0]["ttft_s"] == 1.0
+    assert run["draft_seconds"] is None  # vLLM's own drafters keep no time
+    assert capsys.readouterr().out.count(worker.PROGRESS_PREFIX) == 4  # the parent counts warm passes too
+
+
 # ------------------------------------------------------------------------------------------------- metrics
 
 
