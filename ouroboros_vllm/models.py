@@ -195,7 +195,7 @@ def fetch(name: str, *, progress: bool = True, keep_gguf: bool = False) -> Path:
         return target
     _require_converter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{spec.name}.lock"):
+    with locked(target.parent / f".{spec.name}.lock"):
         if is_fetched(name):  # another process finished it while we waited for the lock
             return target
         started = time.perf_counter()
@@ -482,13 +482,14 @@ def _folder_size(folder: Path) -> int:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (no-op where ``fcntl`` is missing)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

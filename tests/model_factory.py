@@ -73,12 +73,13 @@ Notes (vLLM 0.32 CPU, transformers 5.19)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from ouroboros_vllm.models import locked
 
 # Bump whenever anything below changes the produced files: it is written into
 # the completion marker, and a root built by another version is rebuilt.
@@ -542,17 +543,6 @@ def _layout(root: Path) -> TinyModels:
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _marker_ok(folder: Path, expected: dict) -> bool:
     try:
         return json.loads((folder / MARKER).read_text()) == expected
@@ -575,7 +565,7 @@ def build_tiny_models(root: Path | None = None) -> TinyModels:
     expected = {"factory_version": FACTORY_VERSION}
     if _marker_ok(root, expected):
         return layout
-    with _locked(root / ".build.lock"):
+    with locked(root / ".build.lock"):
         if _marker_ok(root, expected):  # built by a concurrent process meanwhile
             return layout
         (root / MARKER).unlink(missing_ok=True)
@@ -674,7 +664,7 @@ def derive_truncated_draft(src: Path, dst: Path, num_layers: int) -> Path:
     if not weight_files:
         raise FileNotFoundError(f"no *.safetensors in {src}")
 
-    with _locked(dst.parent / f".{dst.name}.lock"):
+    with locked(dst.parent / f".{dst.name}.lock"):
         if _marker_ok(dst, expected):
             return dst
         tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
