@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         tokens = sum(len(ids) for ids in result.token_ids)
         print(f"{result.name:>10}: {tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_second:.2f} tokens/s")
     print(f"   speedup: {ours.tokens_per_second / plain.tokens_per_second:.2f}x over plain decoding")
-    print(f"     stats: {engine_proposer(spec_llm).stats.summary()}")
+    print(f"     stats: {engine_proposer(spec_llm).summary()}")
     identical = ours.token_ids == plain.token_ids
     print(f" lossless: {'every output token equals plain decoding' if identical else 'OUTPUTS DIFFER FROM PLAIN'}")
     return 0 if identical else 1

@@ -150,6 +150,11 @@ class PhrasePool:
             snapshot = [(key, list(phrases)) for key, phrases in self._pool.items()]
         return iter(snapshot)
 
+    def summary(self) -> str:
+        c = self.counters
+        return (f"pool {len(self)} phrases under {self.num_keys} keys, hit rate {c.hit_rate:.1%} "
+                f"({c.hits}/{c.lookups} lookups), {c.evicted_keys} keys evicted")
+
     def clear(self) -> None:
         with self._lock:
             self._pool.clear()

@@ -85,6 +85,11 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self._batch_req_ids: list[str] | None = None
         self._skipped_out_of_vocab: set[str] = set()
 
+    def summary(self) -> str:
+        """The process-wide stats in one line (logged every ``stats_log_interval_s``, printed by the demo)."""
+        line = self.stats.summary()
+        return f"{line}; {self.pool.summary()}" if self.config.uses_pool else line
+
     def _new_pool(self) -> PhrasePool:
         return PhrasePool(
             phrase_len=self.config.phrase_len,
@@ -156,7 +161,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
             self._feed_context(state, history)
             state.proposal = self._propose_one(req_id, state, history, budget)
             proposals.append(state.proposal.tokens)
-        self._stats_logger.maybe_log(self.stats)
+        self._stats_logger.maybe_log(self.summary)
         if self.pool_file is not None:
             self.pool_file.maybe_save(self.pool)
         return proposals

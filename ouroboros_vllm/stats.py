@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ class StatsLogger:
         self.log = log
         self._last = time.monotonic()
 
-    def maybe_log(self, stats: DraftStats) -> None:
+    def maybe_log(self, summary: Callable[[], str]) -> None:
+        """Log ``summary()`` if the interval has passed (the line is only built when it is logged)."""
         now = time.monotonic()
         if self.interval_s and now - self._last >= self.interval_s:
             self._last = now
-            self.log.info("ouroboros-vllm: %s", stats.summary())
+            self.log.info("ouroboros-vllm: %s", summary())
