@@ -45,6 +45,15 @@ class DraftSequence:
                     layer.keys = layer.keys[..., :length, :]
                     layer.values = layer.values[..., :length, :]
 
+    def rewind_to(self, history: np.ndarray) -> list[int]:
+        """Cut the cache back to what it shares with ``history``; return the tokens still to feed.
+
+        At least the last token is always fed again: its logits are the ones that predict the next token.
+        """
+        keep = min(common_prefix_length(self.ids, history), len(history) - 1)
+        self.truncate(keep)
+        return history[keep:].tolist()
+
     def keep_slots(self, indices: torch.Tensor) -> None:
         """Keep only these cache slots, in this order (a matched phrase's keys and values move into place)."""
         if self.cache is None:
@@ -85,7 +94,7 @@ class DraftModel:
     @torch.inference_mode()
     def greedy(self, seq: DraftSequence, history: np.ndarray, num_tokens: int) -> list[int]:
         """The draft model's own greedy continuation of ``history``, ``num_tokens`` long (shorter at EOS)."""
-        logits = self._sync(seq, history)
+        logits = self._forward(seq, seq.rewind_to(history))
         drafted: list[int] = []
         while True:
             token = int(logits.argmax())
@@ -108,9 +117,7 @@ class DraftModel:
         :mod:`ouroboros_vllm.masks`); the longest phrase prefix that equals the model's own greedy tokens is
         accepted, so one forward emits 1 to N tokens. The result is exactly what :meth:`greedy` returns.
         """
-        keep = min(common_prefix_length(seq.ids, history), len(history) - 1)
-        seq.truncate(keep)
-        pending = history[keep:].tolist()
+        pending = seq.rewind_to(history)
         drafted: list[int] = []
         forwards = 0
         while len(drafted) < num_tokens:
@@ -156,13 +163,6 @@ class DraftModel:
         seq.ids.extend(accepted)
         return [*accepted, predicted[1 + best * phrase_len + matched - 1]]
 
-    def _sync(self, seq: DraftSequence, history: np.ndarray) -> torch.Tensor:
-        """Bring ``seq`` to ``history`` and return the logits that predict the token after it."""
-        # Re-feed at least the last token: its logits are the ones that predict the next token.
-        keep = min(common_prefix_length(seq.ids, history), len(history) - 1)
-        seq.truncate(keep)
-        return self._forward(seq, history[keep:].tolist())
-
     def _forward(self, seq: DraftSequence, new_ids: list[int]) -> torch.Tensor:
         start = len(seq.ids)
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self.device)
@@ -204,10 +204,8 @@ def resolve_model_path(path: str) -> str:
 
 def check_same_tokenizer(draft_path: str, target_tokenizer: str) -> None:
     """Refuse a draft whose tokenizer maps any token to another id than the target's tokenizer does."""
-    from transformers import AutoTokenizer
-
-    draft_vocab = AutoTokenizer.from_pretrained(draft_path).get_vocab()
-    target_vocab = AutoTokenizer.from_pretrained(target_tokenizer).get_vocab()
+    draft_vocab = tokenizer_vocab(draft_path)
+    target_vocab = tokenizer_vocab(target_tokenizer)
     if draft_vocab == target_vocab:
         return
     # Tokens the two map differently (or only one of them knows), in the target's id order.
@@ -224,6 +222,13 @@ def check_same_tokenizer(draft_path: str, target_tokenizer: str) -> None:
         f"{len(draft_vocab)} and {len(target_vocab)} tokens, {len(differing)} of them mapped differently "
         f"(e.g. {examples}); Ouroboros needs a draft that shares the target's tokenizer"
     )
+
+
+def tokenizer_vocab(path: str) -> dict[str, int]:
+    """The (token, id) map of the tokenizer at ``path``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path).get_vocab()
 
 
 def resolve_dtype(name: str, target_dtype: torch.dtype) -> torch.dtype:

@@ -19,7 +19,13 @@ from vllm.logger import init_logger
 
 from ouroboros_vllm import vllm_hooks
 from ouroboros_vllm.config import OuroborosConfig
-from ouroboros_vllm.draft_model import DraftModel, DraftSequence, resolve_dtype, resolve_model_path
+from ouroboros_vllm.draft_model import (
+    DraftModel,
+    DraftSequence,
+    resolve_dtype,
+    resolve_model_path,
+    tokenizer_vocab,
+)
 from ouroboros_vllm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
@@ -70,7 +76,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self.pool_file: PoolFile | None = None
         if self.config.pool_path is not None:
             identity = PoolIdentity(
-                tokenizer=tokenizer_fingerprint(_vocab(self.target_tokenizer)),
+                tokenizer=tokenizer_fingerprint(tokenizer_vocab(self.target_tokenizer)),
                 target=str(vllm_config.model_config.model),
                 draft=self.config.draft_model or "",
             )
@@ -129,9 +135,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
             state = self.requests.get(req_id)
             if state is None or not draft:
                 continue
-            verified = DraftStats(verified_rounds=1, verified_tokens=len(draft))
-            state.stats.add(verified)
-            self.stats.add(verified)
+            self._record(state, DraftStats(verified_rounds=1, verified_tokens=len(draft)))
             if self.config.uses_pool:
                 apply_feedback(self._pool_of(state), state.proposal, draft, argmax)
 
@@ -195,9 +199,13 @@ class OuroborosProposer(vllm_hooks.StepListener):
             draft_forwards=forwards,
             draft_seconds=time.perf_counter() - start,
         )
-        state.stats.add(round_stats)
-        self.stats.add(round_stats)
+        self._record(state, round_stats)
         return proposal
+
+    def _record(self, state: RequestState, counts: DraftStats) -> None:
+        """Add to the request's and the process-wide counters."""
+        state.stats.add(counts)
+        self.stats.add(counts)
 
     def _eos_token_ids(self) -> set[int]:
         return self.drafter.eos_token_ids if self.drafter is not None else set()
@@ -217,9 +225,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
     def _count_accepted(self, state: RequestState, sampled: list[int]) -> None:
         # vLLM returns the accepted draft prefix plus one token of the target's for a verified row.
         if state.proposal.tokens and sampled:
-            accepted = min(len(sampled) - 1, len(state.proposal.tokens))
-            state.stats.accepted_tokens += accepted
-            self.stats.accepted_tokens += accepted
+            self._record(state, DraftStats(accepted_tokens=min(len(sampled) - 1, len(state.proposal.tokens))))
 
     def _take_batch_req_ids(self, num_rows: int) -> list[str]:
         req_ids, self._batch_req_ids = self._batch_req_ids, None
@@ -231,8 +237,3 @@ class OuroborosProposer(vllm_hooks.StepListener):
             )
         return req_ids
 
-
-def _vocab(tokenizer_path: str) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_path).get_vocab()
