@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field
 CONFIG_KEY = "ouroboros"
 
 DraftingMode = Literal["greedy", "greedy_pool", "phrases", "pool_only"]
-DraftDtype = Literal["auto", "float32", "bfloat16", "float16"]
+DraftDtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 
 
 class OuroborosConfigError(ValueError):
@@ -77,7 +77,8 @@ class OuroborosConfig(pydantic.BaseModel):
     )
     draft_dtype: DraftDtype = Field(
         default="auto",
-        description="dtype of the draft model; 'auto' uses the target's dtype.",
+        description="Precision of the draft model: a dtype, or 'int8' (int8 weights, CPU only); 'auto' is int8 "
+        "on CPU and the target's dtype on GPUs.",
     )
     stats_log_interval_s: float = Field(
         default=30.0,

@@ -22,7 +22,7 @@ from ouroboros_vllm.config import OuroborosConfig
 from ouroboros_vllm.draft_model import (
     DraftModel,
     DraftSequence,
-    resolve_dtype,
+    resolve_precision,
     resolve_model_path,
     tokenizer_vocab,
 )
@@ -115,8 +115,9 @@ class OuroborosProposer(vllm_hooks.StepListener):
         if self.draft_path is None:  # pool_only: no draft model
             return
         device = next(target_model.parameters()).device
-        dtype = resolve_dtype(self.config.draft_dtype, self.target_dtype)
-        self.drafter = DraftModel.load(self.draft_path, target_tokenizer=self.target_tokenizer, device=device, dtype=dtype)
+        precision = resolve_precision(self.config.draft_dtype, self.target_dtype, device)
+        self.drafter = DraftModel.load(
+            self.draft_path, target_tokenizer=self.target_tokenizer, device=device, precision=precision)
 
     # ---- reports from the runner hooks -------------------------------------------------------------------
 

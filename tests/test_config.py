@@ -49,7 +49,7 @@ def test_other_sections_of_additional_config_are_ignored():
          "additional_config[\"ouroboros\"][\"context_ngrams\"] must be true or false (got 'yes')"),
         ({"draft_model": "d", "draft_dtype": "fp8"},
          "additional_config[\"ouroboros\"][\"draft_dtype\"] must be one of 'auto', 'float32', 'bfloat16', "
-         "'float16' (got 'fp8')"),
+         "'float16', 'int8' (got 'fp8')"),
         ({"draft_model": "d", "stats_log_interval_s": -1},
          'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -1)'),
         ({"draft_model": "d", "stats_log_interval_s": "10"},

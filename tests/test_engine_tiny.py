@@ -23,6 +23,9 @@ def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy",
     if draft_name is not None:
         draft = {"self": tiny.target, "unrelated": tiny.draft, "similar": tiny.draft_similar}[draft_name]
         settings["draft_model"] = str(draft)
+    if draft_name == "self":
+        # The self-draft must be the target itself to be always right; the default int8 draft is not.
+        settings["draft_dtype"] = "float32"
     return engines.get(
         f"tiny-ouroboros-{draft_name}-{drafting}-k{k}",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=k, kv_cache_gib=0.25),

@@ -9,34 +9,35 @@ import pytest
 import torch
 from conftest import real_model
 
-from ouroboros_vllm.draft_model import DraftModel, DraftSequence
+from ouroboros_vllm.draft_model import DraftModel, DraftModelError, DraftSequence, quantize_int8, resolve_precision
 from ouroboros_vllm.masks import phrase_forward_layout
 
 
-def load(path) -> DraftModel:
+def load(path, int8: bool = False) -> DraftModel:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return DraftModel(model, eos_token_ids=set())
+    return DraftModel(quantize_int8(model) if int8 else model, eos_token_ids=set())
 
 
+# Exact drafting is a property of the float dtypes (int8 scales activations per forward, see quantize_int8).
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
 def model(request, tiny):
     return load(tiny.target if request.param == "tiny" else real_model("smollm2-135m-instruct"))
 
 
-def test_layout_of_two_pending_and_two_phrases():
-    mask, positions = phrase_forward_layout(cached=3, num_pending=2, num_phrases=2, phrase_len=2)
-    assert positions.tolist() == [[3, 4, 5, 6, 5, 6]]
-    expected = [
-        [1, 1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 1, 0],
-        [1, 1, 1, 1, 1, 0, 0, 1, 1],
-    ]
-    assert mask[0, 0].int().tolist() == expected
+def test_precision_auto_is_int8_on_cpu_and_the_target_dtype_elsewhere():
+    assert resolve_precision("auto", torch.float32, torch.device("cpu")) == "int8"
+    assert resolve_precision("auto", torch.bfloat16, torch.device("cuda")) == "bfloat16"
+    assert resolve_precision("float32", torch.bfloat16, torch.device("cpu")) == "float32"
+    with pytest.raises(DraftModelError, match='"int8" runs on CPU only'):
+        resolve_precision("int8", torch.float16, torch.device("cuda"))
+
+
+def test_int8_quantizes_every_linear_layer(tiny):
+    model = load(tiny.target, int8=True).model
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert any(type(m).__name__ == "Linear" and "quantized" in type(m).__module__ for m in model.modules())
 
 
 @torch.inference_mode()
