@@ -91,10 +91,15 @@ def mode_needs_draft_model(mode: str) -> bool:
     return False
 
 
+def ouroboros_method_name(mode: str) -> str:
+    """``ouroboros`` for the default mode (Ouroboros itself), ``ouroboros-<mode>`` for the others."""
+    return "ouroboros" if mode == "ouroboros" else f"ouroboros-{mode}"
+
+
 def _ouroboros_methods() -> list[Method]:
-    # One cold-start method per drafting mode the proposer accepts: the config's Literal is the source of truth.
+    # One method per drafting mode the proposer accepts: the config's Literal is the source of truth.
     return [
-        Method(f"ouroboros-{mode}", "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES,
+        Method(ouroboros_method_name(mode), "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES,
                uses_draft_model=mode_needs_draft_model(mode))
         for mode in get_args(DraftingMode)
     ]
@@ -107,6 +112,9 @@ METHODS: tuple[Method, ...] = (
     Method("suffix", "suffix", stateful=True),
     Method("draft_model", "draft_model", uses_draft_model=True),
     *_ouroboros_methods(),
+    # The default mode without the shared pool: each request starts from an empty pool of its own (the
+    # other ouroboros-* methods share one pool across every request of the run: the paper's warm start).
+    Method("ouroboros-cold", "ouroboros", {"drafting": "ouroboros", "warm_start": False}, uses_draft_model=True),
     # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
     #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
     Method("oracle", "oracle"),

@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field
 
 CONFIG_KEY = "ouroboros"
 
-DraftingMode = Literal["greedy", "greedy_pool", "phrases", "pool_only"]
+DraftingMode = Literal["greedy", "greedy_pool", "ouroboros", "pool_only"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 
 
@@ -34,23 +34,31 @@ class OuroborosConfig(pydantic.BaseModel):
         "tokenizer. Not used (not even loaded) with drafting='pool_only'.",
     )
     drafting: DraftingMode = Field(
-        default="greedy",
+        default="ouroboros",
         description="How drafts are made: 'greedy' = the plain draft-model mode (the draft model decodes all "
         "K tokens greedily, no pool); 'greedy_pool' = gamma greedy draft-model tokens lengthened by candidate "
-        "suffixes from the phrase pool, with pool feedback; 'phrases' = as greedy_pool, but the draft model drafts "
-        "phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N tokens); 'pool_only' = no "
-        "draft model, pool phrases only.",
+        "suffixes from the phrase pool, with pool feedback; 'ouroboros' = as greedy_pool, but the draft model drafts "
+        "phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N tokens, and refines a "
+        "lookahead window of lookahead_window columns that feeds the pool); 'pool_only' = no draft model, pool "
+        "phrases only.",
     )
     gamma: int | None = Field(
         default=None,
         ge=1,
-        description="Draft-model tokens per round in 'greedy_pool' and 'phrases'; the rest of num_speculative_tokens is filled "
+        description="Draft-model tokens per round in 'greedy_pool' and 'ouroboros'; the rest of num_speculative_tokens is filled "
         "with pool phrases. Default: K - (N - 1), but at least half of K (K = num_speculative_tokens).",
     )
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
     draft_phrases: int = Field(
-        default=4, ge=0, le=64, description="Pool phrases a phrase-by-phrase draft forward carries ('phrases')."
+        default=4, ge=0, le=64, description="Pool phrases a phrase-by-phrase draft forward carries ('ouroboros')."
+    )
+    lookahead_window: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="W: columns of the draft's lookahead (Jacobi) window in 'ouroboros' (N-1 levels each; 0 = no "
+        "window). Each column adds N-1 tokens to every draft forward and one N-gram to the pool.",
     )
     num_candidates: int = Field(
         default=3, ge=1, le=64, description="K of the paper: candidate suffixes looked up after each draft."
@@ -139,6 +147,11 @@ class OuroborosConfig(pydantic.BaseModel):
             raise OuroborosConfigError(
                 f'additional_config["{CONFIG_KEY}"]["pool_path"] needs "warm_start": true (only the shared pool '
                 "is saved)"
+            )
+        if self.lookahead_window and self.ngram_size < 3:
+            raise OuroborosConfigError(
+                f'additional_config["{CONFIG_KEY}"]["lookahead_window"] needs "ngram_size" >= 3 (the window has '
+                f"N-1 levels and needs at least 2), got ngram_size = {self.ngram_size}"
             )
         if self.draft_model is None and self.drafting != "pool_only":
             raise OuroborosConfigError(

@@ -8,6 +8,7 @@ whether every output token matched.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,8 +66,22 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--num-prompts", type=int, default=len(PROMPTS), help="how many of the demo prompts")
-    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=4, help="K, tokens proposed per step")
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=8,
+                        help="K, tokens proposed per step (default 8: gamma 4 draft tokens and one 4-token suffix)")
     parser.add_argument("--drafting", default=None, help="drafting mode (default: the proposer's default)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        type=_setting, help='another additional_config["ouroboros"] setting, VALUE as JSON '
+                        "(e.g. --set lookahead_window=4 --set warm_start=false); repeatable")
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string, e.g. --set draft_dtype=float32
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +93,10 @@ def run(args: argparse.Namespace) -> int:
     settings: dict[str, Any] = {"draft_model": draft}
     if args.drafting:
         settings["drafting"] = args.drafting
+    settings.update(args.settings)
 
     print(f"target {TARGET}, draft {DRAFT}, K={args.num_speculative_tokens}, greedy, batch size 1, "
-          f"{len(prompts)} prompts x {args.max_tokens} new tokens", flush=True)
+          f"{len(prompts)} prompts x {args.max_tokens} new tokens, settings {settings}", flush=True)
     plain = generate_one_by_one(make_llm(target), "plain", prompts, args.max_tokens)
     spec_llm = make_llm(target, ouroboros=settings, num_speculative_tokens=args.num_speculative_tokens)
     ours = generate_one_by_one(spec_llm, "ouroboros", prompts, args.max_tokens)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ouroboros_vllm.lookahead import LookaheadWindow, Ngram
 from ouroboros_vllm.masks import kept_cache_indices, phrase_forward_layout
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class DraftSequence:
 
     cache: object | None = None  # a transformers Cache, created by the first forward
     ids: list[int] = field(default_factory=list)
+    window: LookaheadWindow | None = None  # the lookahead window, carried across the request's rounds
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` cached positions (drop a rejected draft's keys and values)."""
@@ -118,18 +120,29 @@ class DraftModel:
         history: np.ndarray,
         num_tokens: int,
         phrases_for: Callable[[int], Sequence[tuple[int, ...]]],
+        *,
+        window_shape: tuple[int, int] = (0, 0),
+        add_ngrams: Callable[[list[Ngram]], None] | None = None,
     ) -> tuple[list[int], int]:
         """The draft model's greedy continuation of ``history`` drafted phrase by phrase; (tokens, forwards).
 
-        Each forward carries the pending tokens and the pool's phrases for the last of them (see
+        Each forward carries the pending tokens, the request's lookahead window of ``window_shape`` (levels,
+        width; none when width is 0) and the pool's phrases for the last pending token (see
         :mod:`ouroboros_vllm.masks`); the longest phrase prefix that equals the model's own greedy tokens is
-        accepted, so one forward emits 1 to N tokens. The result is exactly what :meth:`greedy` returns.
+        accepted, so one forward emits 1 to N tokens. The N-grams the window completes go to ``add_ngrams``
+        after each forward (so the next forward can already use them). The result is exactly what
+        :meth:`greedy` returns.
         """
         pending = seq.rewind_to(history)
+        levels, width = window_shape
+        if width and seq.window is None:
+            seq.window = LookaheadWindow.from_history(history.tolist(), levels, width)
         drafted: list[int] = []
         forwards = 0
         while len(drafted) < num_tokens:
-            emitted = self._phrase_forward(seq, pending, list(phrases_for(pending[-1])))
+            emitted, ngrams = self._phrase_forward(seq, pending, list(phrases_for(pending[-1])), bool(width))
+            if ngrams and add_ngrams is not None:
+                add_ngrams(ngrams)
             forwards += 1
             for token in emitted:
                 drafted.append(token)
@@ -138,22 +151,41 @@ class DraftModel:
             pending = [emitted[-1]]
         return drafted[:num_tokens], forwards
 
-    def _phrase_forward(self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]]) -> list[int]:
+    def _phrase_forward(
+        self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]], use_window: bool
+    ) -> tuple[list[int], list[Ngram]]:
+        """One forward: (the tokens it emits, the N-grams its lookahead window completed)."""
         phrase_len = len(phrases[0]) if phrases else 0
         cached = len(seq.ids)
-        mask, positions = phrase_forward_layout(cached, len(pending), len(phrases), phrase_len, self.device)
-        input_ids = pending + [token for phrase in phrases for token in phrase]
+        window = seq.window if use_window else None
+        window_tokens = window.tokens() if window is not None else []
+        window_outputs = [len(pending) + slot for slot in window.output_slots()] if window is not None else []
+        mask, positions = phrase_forward_layout(
+            cached, len(pending), len(phrases), phrase_len, self.device,
+            window_levels=window.num_levels if window is not None else 0,
+            window_width=window.width if window is not None else 0,
+        )
+        first_phrase = len(pending) + len(window_tokens)
+        input_ids = pending + window_tokens + [token for phrase in phrases for token in phrase]
+        # Logits only where an argmax is used: the lm_head is a large share of a small model's forward.
+        keep = [len(pending) - 1, *window_outputs, *range(first_phrase, len(input_ids))]
         out = self.model(
             input_ids=torch.tensor([input_ids], dtype=torch.long, device=self.device),
             position_ids=positions,
             attention_mask=mask,
             past_key_values=seq.cache,
             use_cache=True,
-            logits_to_keep=len(input_ids) - len(pending) + 1,  # the last pending token and every phrase token
+            logits_to_keep=torch.tensor(keep, device=self.device),
         )
         seq.cache = out.past_key_values
         predicted = out.logits[0].argmax(dim=-1).tolist()
         next_token = predicted[0]
+        ngrams: list[Ngram] = []
+        if window is not None:
+            outputs = predicted[1 : 1 + len(window_outputs)]
+            ngrams = window.ngrams(pending[-1], outputs)
+            window.advance(next_token, outputs)
+        predicted = [next_token, *predicted[1 + len(window_outputs) :]]
         best, matched = None, 0
         for index, phrase in enumerate(phrases):
             own = predicted[1 + index * phrase_len : 1 + (index + 1) * phrase_len]  # greedy after each token
@@ -162,14 +194,14 @@ class DraftModel:
                 length += 1
             if length > matched:  # ties: the first (newest) phrase
                 best, matched = index, length
-        if phrases:
-            seq.keep_slots(kept_cache_indices(cached, len(pending), phrase_len, best, matched))
+        if phrases or window_tokens:
+            seq.keep_slots(kept_cache_indices(cached, len(pending), phrase_len, best, matched, len(window_tokens)))
         seq.ids.extend(pending)
         if best is None:
-            return [next_token]
+            return [next_token], ngrams
         accepted = list(phrases[best][:matched])
         seq.ids.extend(accepted)
-        return [*accepted, predicted[1 + best * phrase_len + matched - 1]]
+        return [*accepted, predicted[1 + best * phrase_len + matched - 1]], ngrams
 
     def _forward(self, seq: DraftSequence, new_ids: list[int]) -> torch.Tensor:
         start = len(seq.ids)

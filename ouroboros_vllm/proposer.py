@@ -33,6 +33,10 @@ from ouroboros_vllm.stats import DraftStats, StatsLogger
 
 logger = init_logger(__name__)
 
+# The per-request option, in SamplingParams(extra_args=...) or the OpenAI API's "vllm_xargs" (flat scalars only).
+POOL_OPTION = "ouroboros_pool"
+POOL_CHOICES = ("shared", "cold")
+
 
 @dataclass
 class RequestState:
@@ -41,7 +45,8 @@ class RequestState:
     draft: DraftSequence = field(default_factory=DraftSequence)
     stats: DraftStats = field(default_factory=DraftStats)
     proposal: Proposal = field(default_factory=Proposal)  # last proposal, awaiting or after verification
-    pool: PhrasePool | None = None  # the request's own pool when warm_start is off
+    pool: PhrasePool | None = None  # the request's own pool when warm_start is off or the request is cold
+    cold: bool = False  # the request asked not to share the pool (extra_args ouroboros_pool="cold")
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
 
 
@@ -105,7 +110,7 @@ class OuroborosProposer(vllm_hooks.StepListener):
         )
 
     def _pool_of(self, state: RequestState) -> PhrasePool:
-        if self.config.warm_start:
+        if self.config.warm_start and not state.cold:
             return self.pool
         if state.pool is None:
             state.pool = self._new_pool()
@@ -127,6 +132,15 @@ class OuroborosProposer(vllm_hooks.StepListener):
             if state is not None:
                 logger.debug("ouroboros-vllm: request %s done: %s", req_id, state.stats.summary())
             self._skipped_out_of_vocab.discard(req_id)
+
+    def on_requests_added(self, extra_args: dict[str, dict[str, Any]]) -> None:
+        for req_id, args in extra_args.items():
+            choice = args.get(POOL_OPTION, "shared")
+            if choice not in POOL_CHOICES:
+                # The worker cannot reject a request without failing the whole batch: say so and go on.
+                logger.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using 'shared'",
+                               req_id, POOL_OPTION, choice, ", ".join(repr(c) for c in POOL_CHOICES))
+            self.requests.setdefault(req_id, RequestState()).cold = choice == "cold"
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
@@ -182,10 +196,11 @@ class OuroborosProposer(vllm_hooks.StepListener):
         forwards = 0
         if self.drafter is not None and self._draftable(req_id, history):
             trunk_budget = min(self.gamma, budget)
-            if self.config.drafting == "phrases":
+            if self.config.drafting == "ouroboros":
                 pool = self._pool_of(state)
                 proposal.tokens, forwards = self.drafter.phrase_draft(
-                    state.draft, history, trunk_budget, lambda key: pool.newest(key, self.config.draft_phrases))
+                    state.draft, history, trunk_budget, lambda key: pool.newest(key, self.config.draft_phrases),
+                    window_shape=(self.config.phrase_len, self.config.lookahead_window), add_ngrams=pool.insert_many)
             else:
                 proposal.tokens = self.drafter.greedy(state.draft, history, trunk_budget)
                 forwards = len(proposal.tokens)  # one forward per token

@@ -6,7 +6,8 @@ originals unchanged. Each wrapper only *reads* runner state and reports it to th
 drafter is a :class:`StepListener`; for any other drafter (ngram, EAGLE, ...) it is a pass-through.
 
 - ``_update_states`` runs first in every ``execute_model`` call, including the empty step the scheduler
-  sends to flush finished requests: the place to learn which requests ended (free their state).
+  sends to flush finished requests: the place to learn which requests ended (free their state), and which
+  requests are new, with their sampling params' ``extra_args`` (per-request options).
 - ``propose_draft_token_ids`` runs right before the drafter's ``propose``: the place to learn which request
   each batch row holds (``input_batch.req_ids`` orders the rows ``propose`` receives).
 - ``_sample`` gets the target's logits at every verified position. vLLM's rejection sampler discards what the
@@ -45,6 +46,9 @@ class StepListener:
 
     def on_requests_finished(self, req_ids: set[str]) -> None:
         """These requests finished or were aborted; their per-request state can go."""
+
+    def on_requests_added(self, extra_args: dict[str, dict[str, Any]]) -> None:
+        """These requests were scheduled for the first time; each with its ``SamplingParams.extra_args``."""
 
     def on_batch(self, req_ids: list[str]) -> None:
         """The request id of each row of the coming ``propose`` call, in row order."""
@@ -114,6 +118,11 @@ def _wrap_update_states(original: Callable[..., Any]) -> Callable[..., Any]:
         listener = _listener(self)
         if listener is not None and scheduler_output.finished_req_ids:
             listener.on_requests_finished(set(scheduler_output.finished_req_ids))
+        if listener is not None and scheduler_output.scheduled_new_reqs:
+            listener.on_requests_added({
+                new.req_id: dict(getattr(new.sampling_params, "extra_args", None) or {})
+                for new in scheduler_output.scheduled_new_reqs
+            })
         return result
 
     return _update_states

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
 from benchmarks import datasets as ds  # noqa: E402
 from benchmarks import latency, metrics, report  # noqa: E402
 from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
-from benchmarks.methods import METHODS, Method, select_methods, unavailable_reason  # noqa: E402
+from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
 from benchmarks.oracle import OracleProposer, ReferenceIndex  # noqa: E402
 from benchmarks.run import plan_jobs, render_prompt  # noqa: E402
 from ouroboros_vllm.config import DraftingMode  # noqa: E402
@@ -104,14 +104,15 @@ def test_chat_prompts_get_the_chat_template(tiny):
 
 def test_every_drafting_mode_is_benchmarked():
     names = {m.name for m in METHODS}
-    assert {f"ouroboros-{mode}" for mode in get_args(DraftingMode)} <= names
+    assert {ouroboros_method_name(mode) for mode in get_args(DraftingMode)} <= names
+    assert {"ouroboros", "ouroboros-greedy", "ouroboros-pool_only", "ouroboros-cold"} <= names
     assert {"plain", "ngram", "suffix", "draft_model", "oracle"} <= names
 
 
 def test_method_selection_by_name_or_kind_keeps_plain():
     chosen = [m.name for m in select_methods(["oracle", "ouroboros"])]
     assert chosen[0] == "plain" and "oracle" in chosen and all(
-        n in chosen for n in (f"ouroboros-{mode}" for mode in get_args(DraftingMode)))
+        n in chosen for n in (ouroboros_method_name(mode) for mode in get_args(DraftingMode)))
     with pytest.raises(ValueError, match="unknown method 'eagle'"):
         select_methods(["eagle"])
 
@@ -129,11 +130,12 @@ def test_engine_settings_per_method():
     assert oracle["additional_config"] == {"oracle": {"references": "/r.json"}}
 
 
-def test_drafting_modes_other_than_greedy_get_a_fresh_engine_per_batch_size():
+def test_drafting_modes_with_a_shared_pool_get_a_fresh_engine_per_batch_size():
     from benchmarks.methods import STATELESS_DRAFTING_MODES
 
     for method in (m for m in METHODS if m.kind == "ouroboros"):
-        assert method.stateful == (method.settings["drafting"] not in STATELESS_DRAFTING_MODES)
+        shares_a_pool = method.settings.get("warm_start", True)
+        assert method.stateful == (method.settings["drafting"] not in STATELESS_DRAFTING_MODES and shares_a_pool)
 
 
 def test_a_drafting_mode_gets_the_draft_model_only_when_the_config_requires_one():

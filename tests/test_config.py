@@ -12,7 +12,7 @@ def parse(section):
 def test_defaults_are_documented_values():
     config = parse({"draft_model": "/models/draft"})
     assert config.draft_model == "/models/draft"
-    assert config.drafting == "greedy"
+    assert config.drafting == "ouroboros"
     assert config.draft_dtype == "auto"
     assert config.stats_log_interval_s == 30.0
 
@@ -33,11 +33,11 @@ def test_other_sections_of_additional_config_are_ignored():
     [
         ({"draft_model": "d", "gama": 3},
          'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-         "ngram_size, max_phrases_per_key, draft_phrases, num_candidates, pool_max_keys, pool_memory_mib, warm_start, "
+         "ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, pool_max_keys, pool_memory_mib, warm_start, "
          "pool_path, pool_save_interval_s, context_ngrams, draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},
-         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'phrases', 'pool_only' (got 'fast')"),
+         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')"),
         ({"draft_model": "d", "ngram_size": 1},
          'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)'),
         ({"draft_model": "d", "gamma": 0}, 'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 0)'),
@@ -54,7 +54,12 @@ def test_other_sections_of_additional_config_are_ignored():
          'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -1)'),
         ({"draft_model": "d", "stats_log_interval_s": "10"},
          "additional_config[\"ouroboros\"][\"stats_log_interval_s\"] must be a number >= 0.0 (got '10')"),
-        ({}, 'additional_config["ouroboros"]["draft_model"] is required for drafting=\'greedy\''),
+        ({"draft_model": "d", "lookahead_window": -1},
+         'additional_config["ouroboros"]["lookahead_window"] must be an integer >= 0 and <= 64 (got -1)'),
+        ({"draft_model": "d", "lookahead_window": 4, "ngram_size": 2},
+         'additional_config["ouroboros"]["lookahead_window"] needs "ngram_size" >= 3 (the window has N-1 levels '
+         "and needs at least 2), got ngram_size = 2"),
+        ({}, 'additional_config["ouroboros"]["draft_model"] is required for drafting=\'ouroboros\''),
     ],
 )
 def test_bad_settings_name_the_key_and_allowed_values(section, message):
@@ -77,8 +82,8 @@ def test_gamma_default_leaves_room_for_one_suffix():
 
 
 def test_plain_greedy_drafts_all_k_tokens_with_the_model():
-    assert parse({"draft_model": "d", "gamma": 3}).gamma_for(8) == 8
-    assert not parse({"draft_model": "d"}).uses_pool
+    assert parse({"draft_model": "d", "drafting": "greedy", "gamma": 3}).gamma_for(8) == 8
+    assert not parse({"draft_model": "d", "drafting": "greedy"}).uses_pool
 
 
 def test_gamma_over_num_speculative_tokens_is_refused():

@@ -57,7 +57,7 @@ def test_bad_settings_stop_the_engine_start_with_their_message(tiny, tmp_path):
                          'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -5)'),
         "bad choice": ({"draft_model": str(tiny.draft), "drafting": "beam"},
                        "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', "
-                       "'phrases', 'pool_only' "
+                       "'ouroboros', 'pool_only' "
                        "(got 'beam')"),
         "gamma over K": ({"draft_model": str(tiny.draft), "gamma": 9},
                          'additional_config["ouroboros"]["gamma"] = 9 is larger than the speculative config\'s '

@@ -35,7 +35,7 @@ def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy",
 @pytest.mark.parametrize(
     ("draft_name", "drafting"),
     [("unrelated", "greedy"), ("similar", "greedy"), ("self", "greedy"), ("similar", "greedy_pool"),
-     ("similar", "phrases"), (None, "pool_only")],
+     ("similar", "ouroboros"), (None, "pool_only")],
 )
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, batch_size):
@@ -147,6 +147,26 @@ def test_cold_pools_are_per_request(plain, tiny, engines, tmp_path):
         accepted.append(proposer.stats.accepted_tokens - before)
     assert accepted[0] == accepted[1], "a request saw another request's phrases"
     assert len(proposer.pool) == 0
+
+
+def test_a_cold_request_neither_reads_nor_feeds_the_shared_pool(plain, tiny, engines):
+    """extra_args {"ouroboros_pool": "cold"}: the request drafts from a pool of its own, beside warm traffic."""
+    spec = spec_engine(engines, tiny, None, "pool_only", k=6)
+    proposer = engine_proposer(spec)
+    prompt = "cold request: " + CODE_PROMPTS[2]
+    generate_ids(spec, [prompt], greedy(64), 1)  # the shared pool now knows this text
+    shared = list(proposer.pool.items())
+    accepted = []
+    for _ in range(2):
+        before = proposer.stats.accepted_tokens
+        (ids,) = generate_ids(spec, [prompt], greedy(64, extra_args={"ouroboros_pool": "cold"}), 1)
+        accepted.append(proposer.stats.accepted_tokens - before)
+        assert ids == generate_ids(plain, [prompt], greedy(64), 1)[0]
+    assert list(proposer.pool.items()) == shared, "a cold request changed the shared pool"
+    assert accepted[0] == accepted[1], "a cold request saw phrases from outside its own pool"
+    before = proposer.stats.accepted_tokens
+    generate_ids(spec, [prompt], greedy(64), 1)
+    assert proposer.stats.accepted_tokens - before > accepted[0], "the shared pool did not help a warm request"
 
 
 def test_saved_pool_reloads_in_a_new_engine(plain, tiny, engines, tmp_path):

@@ -60,16 +60,49 @@ def test_phrase_logits_equal_separate_plain_forwards(model):
     torch.testing.assert_close(wide[:3], plain[-3:], atol=2e-4, rtol=1e-4)
 
 
+@torch.inference_mode()
+def test_window_and_phrase_logits_equal_separate_plain_forwards(model):
+    """Each lookahead-window token sees exactly its trajectory: level 0 before its column, then its column's
+    levels 1..l (see ouroboros_vllm.masks); phrases beside the window see neither it nor each other."""
+    rng = random.Random(2)
+    vocab = 1000
+    context = [rng.randrange(vocab) for _ in range(16)]
+    pending = [rng.randrange(vocab) for _ in range(2)]
+    levels, width = 3, 4
+    window = [[rng.randrange(vocab) for _ in range(width)] for _ in range(levels)]
+    phrases = [tuple(rng.randrange(vocab) for _ in range(3)) for _ in range(2)]
+    seq = DraftSequence()
+    model._forward(seq, context)
+    mask, positions = phrase_forward_layout(len(context), len(pending), len(phrases), 3,
+                                            window_levels=levels, window_width=width)
+    flat = pending + [t for level in window for t in level] + [t for p in phrases for t in p]
+    wide = model.model(input_ids=torch.tensor([flat]), position_ids=positions, attention_mask=mask,
+                       past_key_values=seq.cache, use_cache=True).logits[0]
+    for level in range(levels):
+        for column in range(width):
+            trajectory = window[0][: column + 1] if level == 0 else (
+                window[0][:column] + [window[lv][column] for lv in range(1, level + 1)])
+            plain = model.model(input_ids=torch.tensor([context + pending + trajectory])).logits[0, -1]
+            torch.testing.assert_close(wide[2 + level * width + column], plain, atol=2e-4, rtol=1e-4)
+    first_phrase = 2 + levels * width
+    for j, phrase in enumerate(phrases):
+        plain = model.model(input_ids=torch.tensor([context + pending + list(phrase)])).logits[0]
+        torch.testing.assert_close(wide[first_phrase + 3 * j : first_phrase + 3 * (j + 1)], plain[-3:],
+                                   atol=2e-4, rtol=1e-4)
+
+
 def greedy_reference(model: DraftModel, history: list[int], n: int) -> list[int]:
     return model.greedy(DraftSequence(), np.asarray(history), n)
 
 
+@pytest.mark.parametrize("window_width", [0, 3])
 @pytest.mark.parametrize("phrase_source", ["oracle", "random", "mixed"])
-def test_phrase_drafting_equals_plain_greedy_over_rounds(model, phrase_source):
+def test_phrase_drafting_equals_plain_greedy_over_rounds(model, phrase_source, window_width):
     """Rounds as in serving: draft, the 'target' keeps a prefix and adds a token of its own, draft again."""
     rng = random.Random(1)
     history = [rng.randrange(1000) for _ in range(12)]
     seq = DraftSequence()
+    ngrams = []
     total_forwards = total_tokens = 0
     for _ in range(4):
         truth = greedy_reference(model, history, 10)
@@ -81,7 +114,8 @@ def test_phrase_drafting_equals_plain_greedy_over_rounds(model, phrase_source):
             noise = [tuple(rng.randrange(1000) for _ in range(4)) for _ in range(2)]
             return {"oracle": found[:3], "random": noise, "mixed": noise[:1] + found[:2]}[phrase_source]
 
-        drafted, forwards = model.phrase_draft(seq, np.asarray(history), 8, phrases_for)
+        drafted, forwards = model.phrase_draft(seq, np.asarray(history), 8, phrases_for,
+                                               window_shape=(4, window_width), add_ngrams=ngrams.extend)
         assert drafted == truth[:8]
         total_forwards += forwards
         total_tokens += len(drafted)
@@ -89,3 +123,6 @@ def test_phrase_drafting_equals_plain_greedy_over_rounds(model, phrase_source):
         history = history + drafted[:keep] + [rng.randrange(1000)]
     if phrase_source != "random":
         assert total_tokens > total_forwards, "phrases never saved a forward"
+    # The window completes one N-gram per column per forward.
+    assert len(ngrams) == window_width * total_forwards
+    assert all(len(phrase) == 4 for _, phrase in ngrams)
