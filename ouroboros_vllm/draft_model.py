@@ -140,7 +140,10 @@ class DraftModel:
         drafted: list[int] = []
         forwards = 0
         while len(drafted) < num_tokens:
-            emitted, ngrams = self._phrase_forward(seq, pending, list(phrases_for(pending[-1])), bool(width))
+            # The shared pool also holds other requests' text, which may use ids past the draft's embedding
+            # table (a target vocabulary padded larger than the draft's): such phrases cannot be fed.
+            phrases = [p for p in phrases_for(pending[-1]) if max(p, default=0) < self.vocab_size]
+            emitted, ngrams = self._phrase_forward(seq, pending, phrases, bool(width))
             if ngrams and add_ngrams is not None:
                 add_ngrams(ngrams)
             forwards += 1

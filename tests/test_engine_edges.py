@@ -55,3 +55,38 @@ def test_one_token_prompts(short):
     prompts = [tokens_prompt([token]) for token in (1, 42, 777)]
     expected = generate_ids(short["plain"], prompts, greedy(24), 3)
     assert generate_ids(short["ours"], prompts, greedy(24), 3) == expected
+
+
+@pytest.fixture(scope="module")
+def narrow_draft(tiny, tmp_path_factory):
+    """The similar draft with an embedding table of 1024 rows: the target's tokenizer (1536 ids) is shared,
+    so the plugin accepts it, but ids from 1024 up cannot be fed to it (like a target padded past the draft)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("narrow-draft")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.draft_similar))
+    model.resize_token_embeddings(1024)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny.draft_similar / name).exists():
+            shutil.copy(tiny.draft_similar / name, path / name)
+    return path
+
+
+def test_token_ids_past_the_drafts_vocabulary(tiny, engines, narrow_draft):
+    """A request holding such ids drafts from the pool only; phrases holding them never reach the draft."""
+    plain = engines.get("tiny-plain", lambda: make_llm(str(tiny.target), kv_cache_gib=0.25))
+    ours = engines.get("tiny-narrow-draft", lambda: make_llm(
+        str(tiny.target), ouroboros={"draft_model": str(narrow_draft), "stats_log_interval_s": 0},
+        num_speculative_tokens=4, kv_cache_gib=0.25))
+    high = [1400, 1401, 1402, 1403, 1404]
+    prompts = [tokens_prompt([5, 6, *high, 7, 8] * 6),  # out of the draft's range: pool only
+               tokens_prompt([9, 5, 6, 11, 12, 5, 6])]  # in range, but the pool's phrases after 6 are not
+    for prompt in prompts:
+        expected = generate_ids(plain, [prompt], greedy(24), 1)
+        assert generate_ids(ours, [prompt], greedy(24), 1) == expected
+    proposer = engine_proposer(ours)
+    assert proposer.drafter.vocab_size == 1024
+    assert any(max(phrase) >= 1024 for phrase in proposer.pool.phrases(6)), "the test did not set the trap"
