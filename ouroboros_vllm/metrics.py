@@ -76,35 +76,31 @@ class MetricsExporter:
     """Pushes one proposer's counters to the process's Prometheus metrics, as increments since the last push."""
 
     def __init__(self, model_name: str) -> None:
-        self._metrics = registered()
-        self._model_name = model_name
+        # The labelled series, looked up once: push() runs at every engine step.
+        self._series = {name: metric.labels(model_name=model_name) for name, metric in registered().items()}
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
 
     def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
         for field in fields(DraftStats):
-            delta = getattr(stats, field.name) - getattr(self._pushed, field.name)
-            if delta > 0:
-                self._counter(_STATS_COUNTERS[field.name][0]).inc(delta)
+            self._add(_STATS_COUNTERS[field.name][0], getattr(stats, field.name), getattr(self._pushed, field.name))
         self._pushed = replace(stats)
-        self._set("vllm:ouroboros_mean_acceptance_length", stats.tau)
-        self._set("vllm:ouroboros_acceptance_rate", stats.acceptance_rate)
-        self._set("vllm:ouroboros_draft_forwards_per_round", stats.draft_forwards_per_round)
-        self._set("vllm:ouroboros_tokens_per_draft_forward", stats.tokens_per_draft_forward)
-        self._set("vllm:ouroboros_requests_tracked", tracked_requests)
+        self._series["vllm:ouroboros_mean_acceptance_length"].set(stats.tau)
+        self._series["vllm:ouroboros_acceptance_rate"].set(stats.acceptance_rate)
+        self._series["vllm:ouroboros_draft_forwards_per_round"].set(stats.draft_forwards_per_round)
+        self._series["vllm:ouroboros_tokens_per_draft_forward"].set(stats.tokens_per_draft_forward)
+        self._series["vllm:ouroboros_requests_tracked"].set(tracked_requests)
         if pool is None:
             return
         for name, (metric, _) in _POOL_COUNTERS.items():
-            value = getattr(pool.counters, name)
-            if value > self._pushed_pool[name]:
-                self._counter(metric).inc(value - self._pushed_pool[name])
-            self._pushed_pool[name] = value
-        self._set("vllm:ouroboros_pool_hit_rate", pool.counters.hit_rate)
-        self._set("vllm:ouroboros_pool_phrases", len(pool))
-        self._set("vllm:ouroboros_pool_keys", pool.num_keys)
+            total = getattr(pool.counters, name)
+            self._add(metric, total, self._pushed_pool[name])
+            self._pushed_pool[name] = total
+        self._series["vllm:ouroboros_pool_hit_rate"].set(pool.counters.hit_rate)
+        self._series["vllm:ouroboros_pool_phrases"].set(len(pool))
+        self._series["vllm:ouroboros_pool_keys"].set(pool.num_keys)
 
-    def _counter(self, name: str) -> Counter:
-        return self._metrics[name].labels(model_name=self._model_name)
-
-    def _set(self, name: str, value: float) -> None:
-        self._metrics[name].labels(model_name=self._model_name).set(value)
+    def _add(self, counter: str, total: float, pushed: float) -> None:
+        """Count what happened since the last push (counters only go up)."""
+        if total > pushed:
+            self._series[counter].inc(total - pushed)
