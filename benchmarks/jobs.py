@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.datasets import select_evenly
+
 # Lines a worker prints on stdout to report progress; everything else it prints is log.
 PROGRESS_PREFIX = "@@bench-progress "
 
@@ -25,7 +27,15 @@ class PromptJob:
 class DatasetJob:
     name: str
     max_tokens: int
-    prompts: list[PromptJob]
+    prompts: list[PromptJob]  # enough for the largest batch size
+    num_prompts: int | None = None  # prompts per batch size, at least (--num-prompts); None: all of them
+
+    def prompts_at(self, batch_size: int) -> list[PromptJob]:
+        """The prompts run at ``batch_size``: ``num_prompts`` of them, or one full batch when that is more, spread
+        evenly over ``prompts`` (batch size 8 needs 8 prompts where batch size 1 is timed well enough on 2)."""
+        if self.num_prompts is None:
+            return list(self.prompts)
+        return select_evenly(self.prompts, max(self.num_prompts, batch_size))
 
 
 @dataclass(frozen=True)
@@ -50,14 +60,15 @@ class Job:
     def read(cls, path: Path) -> Job:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         data["datasets"] = [
-            DatasetJob(d["name"], d["max_tokens"], [PromptJob(**p) for p in d["prompts"]]) for d in data["datasets"]
+            DatasetJob(d["name"], d["max_tokens"], [PromptJob(**p) for p in d["prompts"]], d.get("num_prompts"))
+            for d in data["datasets"]
         ]
         return cls(**data)
 
     @property
     def num_units(self) -> int:
-        """Progress units: one per prompt per batch size."""
-        return sum(len(d.prompts) for d in self.datasets) * len(self.batch_sizes)
+        """Progress units: one per prompt run, at each batch size."""
+        return sum(len(d.prompts_at(b)) for d in self.datasets for b in self.batch_sizes)
 
 
 def read_result(path: Path) -> dict[str, Any]:

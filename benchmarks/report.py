@@ -103,6 +103,9 @@ def describe_run(meta: dict[str, Any]) -> list[str]:
     ]
     for name, info in meta.get("datasets", {}).items():
         prompts = f"{info['num_prompts']} prompt" + ("s" if info["num_prompts"] != 1 else "")
+        by_batch = info.get("num_prompts_by_batch_size", {})
+        if len(set(by_batch.values())) > 1:
+            prompts += " (" + ", ".join(f"{n} at batch size {b}" for b, n in by_batch.items()) + ")"
         lines.append(f"- {name}: {prompts}, {info['max_tokens']} new tokens max, "
                      f"prompt length {info['prompt_tokens_min']}-{info['prompt_tokens_max']} tokens")
     return lines

@@ -52,7 +52,8 @@ class Profile:
 
 
 # Budgets for a 2-core CPU where the 1.5B target decodes ~3 tokens/s plain (docs/benchmarks.md has the sums).
-FULL = Profile("full", tuple(ds.DATASETS), num_prompts=2, max_tokens=None, ks=(4,), batch_sizes=(1,))
+# Batch size 8 runs 8 prompts of each dataset (one full batch), batch size 1 runs 2 of those 8.
+FULL = Profile("full", tuple(ds.DATASETS), num_prompts=2, max_tokens=None, ks=(4,), batch_sizes=(1, 8))
 # Quick: every method still runs (it is a smoke test of the whole harness), so engine starts are most of its time.
 QUICK = Profile("quick", ("humaneval", "mt_bench"), num_prompts=1, max_tokens=32, ks=(4,), batch_sizes=(1,))
 
@@ -73,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path,
                         help="folder with sanitized-mbpp.json and spec_bench_question.jsonl "
                         "(default: ../shared/data beside the checkout, if it exists)")
-    parser.add_argument("--num-prompts", type=int, help=f"prompts per dataset, spread evenly over it "
-                        f"(default {FULL.num_prompts}; quick {QUICK.num_prompts})")
+    parser.add_argument("--num-prompts", type=int, help=f"prompts per dataset and batch size, spread evenly over "
+                        f"the dataset; a larger batch size runs one full batch (default {FULL.num_prompts}; quick "
+                        f"{QUICK.num_prompts})")
     parser.add_argument("--max-tokens", type=int, help="new tokens per prompt for every dataset "
                         "(default: per dataset, see docs/benchmarks.md)")
     parser.add_argument("--max-prompt-tokens", type=int, default=1536,
@@ -82,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--num-speculative-tokens", dest="ks", type=int, nargs="+", metavar="K",
                         help="tokens proposed per step; several values run every speculative method at each "
                         "(the tau-vs-K plot) (default 4)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="N", help="prompts per generate call (default 1)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="N",
+                        help=f"prompts per generate call (default {' '.join(map(str, FULL.batch_sizes))}; quick "
+                        f"{' '.join(map(str, QUICK.batch_sizes))})")
     parser.add_argument("--kv-cache-gib", type=float,
                         help="KV cache per engine (default: what the longest prompts need at the largest batch size)")
     parser.add_argument("--out", type=Path, help="results folder (default results/<timestamp>)")
@@ -111,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     ks = list(args.ks or profile.ks)
     batch_sizes = list(args.batch_sizes or profile.batch_sizes)
 
-    dataset_jobs, dataset_info = load_prompts(args, profile, target)
+    if min(batch_sizes) < 1:
+        print("error: --batch-sizes: every batch size must be at least 1", file=sys.stderr)
+        return 2
+    dataset_jobs, dataset_info = load_prompts(args, profile, target, batch_sizes)
     if not dataset_jobs:
         print("error: no dataset to run", file=sys.stderr)
         return 2
@@ -180,8 +187,11 @@ def render_prompt(tokenizer: Any, prompt: ds.Prompt) -> list[int]:
     return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
 
 
-def load_prompts(args: argparse.Namespace, profile: Profile, target: str) -> tuple[list[DatasetJob], dict[str, Any]]:
-    """Every selected dataset's prompts, tokenized for the target, too-long items dropped, then sampled evenly."""
+def load_prompts(
+    args: argparse.Namespace, profile: Profile, target: str, batch_sizes: list[int]
+) -> tuple[list[DatasetJob], dict[str, Any]]:
+    """Every selected dataset's prompts, tokenized for the target, too-long items dropped, then sampled evenly:
+    ``num_prompts``, or the largest batch size when that is more (each batch size runs at least one full batch)."""
     names = list(args.datasets or profile.datasets)
     explicit = args.datasets is not None
     data_dir = args.data_dir or ds.default_data_dir(REPO_ROOT)
@@ -199,12 +209,14 @@ def load_prompts(args: argparse.Namespace, profile: Profile, target: str) -> tup
             continue
         rendered = [(item, render_prompt(tokenizer, item)) for item in items]
         fitting = [(item, ids) for item, ids in rendered if len(ids) <= args.max_prompt_tokens]
-        chosen = ds.select_evenly(fitting, num_prompts)
+        chosen = ds.select_evenly(fitting, max(num_prompts, *batch_sizes))
         max_tokens = args.max_tokens or profile.max_tokens or spec.max_tokens
-        jobs.append(DatasetJob(name, max_tokens, [PromptJob(item.id, ids) for item, ids in chosen]))
+        job = DatasetJob(name, max_tokens, [PromptJob(item.id, ids) for item, ids in chosen], num_prompts)
+        jobs.append(job)
         lengths = [len(ids) for _, ids in chosen]
         info[name] = {"description": spec.description, "num_items": len(items),
                       "skipped_too_long": len(rendered) - len(fitting), "num_prompts": len(chosen),
+                      "num_prompts_by_batch_size": {str(b): len(job.prompts_at(b)) for b in batch_sizes},
                       "prompt_ids": [item.id for item, _ in chosen], "max_tokens": max_tokens,
                       "prompt_tokens_min": min(lengths, default=0), "prompt_tokens_max": max(lengths, default=0)}
     return jobs, info
@@ -333,15 +345,16 @@ def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
 
 
 def write_references(path: Path, plain: dict[str, Any], datasets: list[DatasetJob]) -> None:
-    """Plain's outputs keyed by prompt, for the oracle (smallest batch size: one reference per prompt)."""
+    """Plain's outputs keyed by prompt, for the oracle: one reference per prompt, from the smallest batch size
+    that ran it (a prompt of batch size 8 only has its batch-8 output)."""
     from benchmarks.oracle import ReferenceIndex
 
-    smallest = min(run["batch_size"] for run in plain["runs"])
     prompts = {(d.name, p.id): p.token_ids for d in datasets for p in d.prompts}
-    ReferenceIndex.write(path, (
-        (prompts[(run["dataset"], p["id"])], p["output_token_ids"])
-        for run in plain["runs"] if run["batch_size"] == smallest for p in run["prompts"]
-    ))
+    outputs: dict[tuple[str, str], list[int]] = {}
+    for run in sorted(plain["runs"], key=lambda run: run["batch_size"]):
+        for p in run["prompts"]:
+            outputs.setdefault((run["dataset"], p["id"]), p["output_token_ids"])
+    ReferenceIndex.write(path, ((prompts[key], output) for key, output in outputs.items()))
 
 
 def describe_result(result: dict[str, Any]) -> str:

@@ -124,8 +124,9 @@ def _generate(llm: Any, dataset: DatasetJob, batch_size: int) -> tuple[list[dict
     params = SamplingParams(temperature=0.0, max_tokens=dataset.max_tokens)
     batches: list[dict] = []
     prompts: list[dict] = []
-    for start in range(0, len(dataset.prompts), batch_size):
-        chunk = dataset.prompts[start : start + batch_size]
+    selected = dataset.prompts_at(batch_size)
+    for start in range(0, len(selected), batch_size):
+        chunk = selected[start : start + batch_size]
         begin = time.perf_counter()
         outputs = llm.generate([_tokens_prompt(p.token_ids) for p in chunk], params, use_tqdm=False)
         wall_s = time.perf_counter() - begin

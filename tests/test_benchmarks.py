@@ -19,7 +19,7 @@ from benchmarks import latency, metrics, report  # noqa: E402
 from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
 from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
 from benchmarks.oracle import OracleProposer, ReferenceIndex  # noqa: E402
-from benchmarks.run import plan_jobs, render_prompt  # noqa: E402
+from benchmarks.run import plan_jobs, render_prompt, write_references  # noqa: E402
 from ouroboros_vllm.config import DraftingMode  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- prompt formatting
@@ -181,6 +181,30 @@ def test_job_round_trips_through_json(tmp_path):
     job = Job("oracle", 4, "T", None, [1], [DatasetJob("d", 8, [PromptJob("a", [1, 2, 3])])], 64, 0.5, "/r", [7])
     job.write(tmp_path / "job.json")
     assert Job.read(tmp_path / "job.json") == job and job.num_units == 1
+
+
+def test_each_batch_size_runs_its_prompts_spread_over_the_selection(tmp_path):
+    prompts = [PromptJob(str(i), [i]) for i in range(8)]
+    dataset = DatasetJob("d", 8, prompts, num_prompts=2)
+    assert [p.id for p in dataset.prompts_at(1)] == ["0", "4"]
+    assert [p.id for p in dataset.prompts_at(8)] == [str(i) for i in range(8)]  # one full batch
+    assert [p.id for p in DatasetJob("d", 8, prompts, num_prompts=3).prompts_at(2)] == ["0", "2", "5"]
+    assert DatasetJob("d", 8, prompts).prompts_at(1) == prompts  # no num_prompts: every prompt
+    job = Job("plain", None, "T", None, [1, 8], [dataset], 64, 0.5)
+    job.write(tmp_path / "job.json")
+    assert Job.read(tmp_path / "job.json") == job and job.num_units == 2 + 8
+
+
+def test_oracle_references_come_from_the_smallest_batch_size_that_ran_each_prompt(tmp_path):
+    dataset = DatasetJob("d", 8, [PromptJob("a", [1]), PromptJob("b", [2])], num_prompts=1)
+    plain = {"runs": [
+        {"dataset": "d", "batch_size": 2, "prompts": [{"id": "a", "output_token_ids": [8, 8]},
+                                                       {"id": "b", "output_token_ids": [9, 9]}]},
+        {"dataset": "d", "batch_size": 1, "prompts": [{"id": "a", "output_token_ids": [7, 7]}]},
+    ]}
+    write_references(tmp_path / "refs.json", plain, [dataset])
+    index = ReferenceIndex.load(tmp_path / "refs.json")
+    assert index.continuation([1], 2) == [7, 7] and index.continuation([2], 2) == [9, 9]
 
 
 # -------------------------------------------------------------------------------------------------- oracle
@@ -346,27 +370,32 @@ def test_bench_subcommand_is_the_harness():
 
 @pytest.mark.engine
 def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
-    """plain, the oracle and ours on 2 HumanEval prompts: files written, outputs equal plain's, oracle all accepted."""
+    """plain, the oracle and ours on HumanEval, 1 prompt at batch size 1 and a full batch of 2 at batch size 2:
+    files written, outputs equal plain's, the oracle's drafts all accepted (also for the prompt only batch size 2
+    ran, whose reference is plain's batch-2 output)."""
     from benchmarks.run import main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: more threads only contend (tests/model_factory.py)
     out = tmp_path / "bench"
     status = main(["--target", str(tiny.target), "--draft", str(tiny.draft_similar), "--methods", "plain", "oracle",
-                   "ouroboros", "--datasets", "humaneval", "--num-prompts", "2", "--max-tokens", "12",
-                   "--kv-cache-gib", "0.25", "--out", str(out)])
+                   "ouroboros", "--datasets", "humaneval", "--num-prompts", "1", "--batch-sizes", "1", "2",
+                   "--max-tokens", "12", "--kv-cache-gib", "0.25", "--out", str(out)])
     assert status == 0
     data = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in data["results"]} >= {"plain", "oracle", "ouroboros-greedy"}
     assert all(r["status"] == "ok" for r in data["results"]), [r.get("reason") for r in data["results"]]
     assert data["meta"]["machine"]["cpu_count"] and data["meta"]["machine"]["packages"]["vllm"]
-    rows = {(s.method, s.dataset): s for s in metrics.summarize(data["results"])}
+    assert data["meta"]["datasets"]["humaneval"]["num_prompts_by_batch_size"] == {"1": 1, "2": 2}
+    rows = {(s.method, s.dataset, s.batch_size): s for s in metrics.summarize(data["results"])}
     for method in ("oracle", "ouroboros-greedy"):
-        row = rows[(method, "all")]
-        assert row.lossless and row.compared == 2, row.mismatched
-        assert row.num_drafts and row.draft_share is not None
-    assert rows[("oracle", "all")].acceptance_rate == 1.0
+        for batch_size in (1, 2):
+            row = rows[(method, "all", batch_size)]
+            assert row.lossless and row.compared == batch_size, row.mismatched
+            assert row.num_drafts and row.draft_share is not None
+    assert rows[("oracle", "all", 1)].acceptance_rate == rows[("oracle", "all", 2)].acceptance_rate == 1.0
     table = (out / "report.md").read_text()
-    assert "yes (2/2)" in table and "DIFFER" not in table
-    assert (out / "speedup_k4_bs1.png").stat().st_size > 0
+    assert "yes (1/1)" in table and "yes (2/2)" in table and "DIFFER" not in table
+    assert "1 at batch size 1, 2 at batch size 2" in table
+    assert (out / "speedup_k4_bs1.png").stat().st_size > 0 and (out / "speedup_k4_bs2.png").stat().st_size > 0
     (out / "report.md").unlink()
     assert main(["--report-only", str(out)]) == 0 and (out / "report.md").read_text() == table
