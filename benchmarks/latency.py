@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and not device.startswith("cuda"):
+        parser.error(f"--cuda-graphs needs a CUDA device (the device is {device})")
     folder = Path(args.model).expanduser()
     if folder.is_dir():  # without benchmarks.run (and vLLM's and our config's imports): runs on a bare GPU box
         path, name = str(folder.resolve()), folder.name

@@ -344,6 +344,17 @@ def test_table_is_loud_about_mismatches_and_says_what_did_not_run():
 # ------------------------------------------------------------------------------------------------- latency
 
 
+def test_latency_measures_a_model_built_from_its_config_alone(tiny, tmp_path):
+    out = tmp_path / "curve.json"
+    assert latency.main(["--model", str(tiny.target), "--random-weights", "--tokens", "1,3", "--context", "8",
+                         "--repeats", "2", "--device", "cpu", "--out", str(out)]) == 0
+    curve = json.loads(out.read_text())
+    assert curve["random_weights"] and not curve["cuda_graphs"] and set(curve["latency_s"]) == {"1", "3"}
+    assert all(len(samples) == 2 and min(samples) > 0 for samples in curve["samples_s"].values())
+    with pytest.raises(SystemExit):  # CUDA graphs on a CPU: refused before any model is built
+        latency.main(["--model", str(tiny.target), "--cuda-graphs", "--device", "cpu"])
+
+
 def test_latency_interpolation_and_projection():
     curve = {1: 0.10, 2: 0.12, 5: 0.18, 9: 0.30}
     assert latency.latency_at(curve, 1) == 0.10 and latency.latency_at(curve, 3) == pytest.approx(0.14)
