@@ -83,6 +83,11 @@ class OuroborosConfig(pydantic.BaseModel):
     context_ngrams: bool = Field(
         default=True, description="Also feed the pool the N-grams of each request's prompt and verified output."
     )
+    batch_draft: bool = Field(
+        default=True,
+        description="Draft all requests of an engine step in one draft forward per step (false: one request "
+        "at a time). Cold requests always draft alone.",
+    )
     draft_dtype: DraftDtype = Field(
         default="auto",
         description="Precision of the draft model: a dtype, or 'int8' (int8 weights, CPU only); 'auto' is int8 "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ouroboros_vllm.batched_draft import BatchedCache, batch_inputs, gather_logit_inputs
 from ouroboros_vllm.lookahead import LookaheadWindow, Ngram
 from ouroboros_vllm.masks import kept_cache_indices, phrase_forward_layout
 
@@ -66,6 +67,46 @@ class DraftSequence:
                 slots = indices.to(layer.keys.device)
                 layer.keys = layer.keys.index_select(-2, slots)
                 layer.values = layer.values.index_select(-2, slots)
+
+
+@dataclass
+class ForwardPlan:
+    """One row's part of a phrase forward (see :mod:`ouroboros_vllm.masks` for the layout)."""
+
+    cached: int  # tokens in the row's cache before the forward (its positions start here)
+    pending: list[int]
+    phrases: list[tuple[int, ...]]
+    window: LookaheadWindow | None
+    num_window_tokens: int
+    input_ids: list[int]  # q ids: pending + window + phrases
+    mask: torch.Tensor  # [q, cached + q], True = attend
+    positions: torch.Tensor  # [q]
+    logit_rows: list[int]  # the inputs whose argmax is read: last pending, window outputs, every phrase token
+
+    @property
+    def compacts(self) -> bool:
+        """Whether the forward leaves slots to drop (phrase or window tokens) rather than only pending ones."""
+        return bool(self.phrases) or self.num_window_tokens > 0
+
+
+@dataclass(eq=False)
+class DraftRow:
+    """One request's drafting job in a step; :meth:`DraftModel.draft_rows` fills ``drafted`` and ``forwards``."""
+
+    seq: DraftSequence
+    history: np.ndarray
+    num_tokens: int
+    phrases_for: Callable[[int], Sequence[tuple[int, ...]]] = lambda key: ()  # none: one token per forward
+    window_shape: tuple[int, int] = (0, 0)  # lookahead window (levels, width); width 0: none
+    add_ngrams: Callable[[list[Ngram]], None] | None = None
+    drafted: list[int] = field(default_factory=list)
+    forwards: int = 0
+    pending: list[int] = field(default_factory=list)  # tokens to feed at the next forward
+
+
+# A row with more tokens to feed than this (a new request's prompt) feeds them alone before it joins the batch:
+# padded into a shared forward, every other row would pay for its width.
+MAX_BATCHED_PENDING = 16
 
 
 class DraftModel:
@@ -150,45 +191,143 @@ class DraftModel:
             for token in emitted:
                 drafted.append(token)
                 if token in self.eos_token_ids:
-                    return drafted, forwards
+                    return drafted[:num_tokens], forwards  # a matched phrase can run past the budget
             pending = [emitted[-1]]
         return drafted[:num_tokens], forwards
+
+    @torch.inference_mode()
+    def draft_rows(self, rows: Sequence[DraftRow]) -> None:
+        """Draft every row as :meth:`phrase_draft` would, the rows sharing one forward per step.
+
+        Rows that cannot share (no cache yet: a one-token prompt) draft alone, as does a lone row.
+        """
+        batchable = []
+        for row in rows:
+            pending = row.seq.rewind_to(row.history)
+            levels, width = row.window_shape
+            if width and row.seq.window is None:
+                row.seq.window = LookaheadWindow.from_history(row.history.tolist(), levels, width)
+            if len(pending) > MAX_BATCHED_PENDING or (row.seq.cache is None and len(pending) > 1):
+                self._forward(row.seq, pending[:-1])  # the prompt's prefill, alone
+                pending = pending[-1:]
+            row.pending = pending
+            if row.seq.cache is not None:
+                batchable.append(row)
+        if len(batchable) < 2:
+            batchable = []
+        for row in rows:
+            if all(row is not other for other in batchable):
+                row.drafted, row.forwards = self.phrase_draft(
+                    row.seq, row.history, row.num_tokens, row.phrases_for, window_shape=row.window_shape,
+                    add_ngrams=row.add_ngrams)
+        if batchable:
+            self._draft_batched(batchable)
+
+    def _draft_batched(self, rows: list[DraftRow]) -> None:
+        batch = BatchedCache([row.seq for row in rows], self.model.config)
+        active = list(rows)  # parallel to the batch's rows
+        while active:
+            plans = []
+            for row in active:
+                phrases = [p for p in row.phrases_for(row.pending[-1]) if max(p, default=0) < self.vocab_size]
+                plans.append(self.plan_forward(row.seq, row.pending, phrases, bool(row.window_shape[1])))
+            input_ids, positions, mask = batch_inputs(plans, batch.slots, batch.length, self.device)
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids, position_ids=positions, attention_mask=mask, past_key_values=batch.cache,
+                use_cache=True,
+            ).last_hidden_state
+            # Logits only where an argmax is read, every row's at once.
+            logit_rows, logit_columns = gather_logit_inputs(plans)
+            predicted = self.model.get_output_embeddings()(hidden[logit_rows, logit_columns]).argmax(dim=-1).tolist()
+            kept, done, offset = [], set(), 0
+            for index, (row, plan) in enumerate(zip(active, plans, strict=True)):
+                own = predicted[offset : offset + len(plan.logit_rows)]
+                offset += len(plan.logit_rows)
+                emitted, ngrams, keep = self.finish_forward(row.seq, plan, own)
+                kept.append(keep)
+                if ngrams and row.add_ngrams is not None:
+                    row.add_ngrams(ngrams)
+                row.forwards += 1
+                if self._take(row, emitted):
+                    done.add(index)
+                row.pending = [emitted[-1]]
+            batch.add_forward(input_ids.shape[1], kept, plans)
+            if done:
+                batch.store_and_drop(done)
+                active = [row for index, row in enumerate(active) if index not in done]
+
+    def _take(self, row: DraftRow, emitted: list[int]) -> bool:
+        """Append a forward's tokens to the row's draft; whether the row is done (EOS, or enough tokens)."""
+        for token in emitted:
+            row.drafted.append(token)
+            if token in self.eos_token_ids:
+                break
+        done = row.drafted[-1] in self.eos_token_ids or len(row.drafted) >= row.num_tokens
+        del row.drafted[row.num_tokens :]
+        return done
 
     def _phrase_forward(
         self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]], use_window: bool
     ) -> tuple[list[int], list[Ngram]]:
         """One forward: (the tokens it emits, the N-grams its lookahead window completed)."""
+        plan = self.plan_forward(seq, pending, phrases, use_window)
+        out = self.model(
+            input_ids=torch.tensor([plan.input_ids], dtype=torch.long, device=self.device),
+            position_ids=plan.positions[None],
+            attention_mask=plan.mask[None, None],
+            past_key_values=seq.cache,
+            use_cache=True,
+            # Logits only where an argmax is used: the lm_head is a large share of a small model's forward.
+            logits_to_keep=torch.tensor(plan.logit_rows, device=self.device),
+        )
+        seq.cache = out.past_key_values
+        emitted, ngrams, kept = self.finish_forward(seq, plan, out.logits[0].argmax(dim=-1).tolist())
+        if plan.compacts:
+            seq.keep_slots(kept)
+        return emitted, ngrams
+
+    def plan_forward(
+        self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]], use_window: bool
+    ) -> ForwardPlan:
+        """One row's inputs of a phrase forward: pending tokens, the lookahead window, then the phrases."""
         phrase_len = len(phrases[0]) if phrases else 0
         cached = len(seq.ids)
         window = seq.window if use_window else None
-        window_tokens = window.tokens() if window is not None else []
-        window_outputs = [len(pending) + slot for slot in window.output_slots()] if window is not None else []
+        window_tokens, window_outputs, window_levels, window_width = [], [], 0, 0
+        if window is not None:
+            window_tokens = window.tokens()
+            window_outputs = [len(pending) + slot for slot in window.output_slots()]
+            window_levels, window_width = window.num_levels, window.width
         mask, positions = phrase_forward_layout(
             cached, len(pending), len(phrases), phrase_len, self.device,
-            window_levels=window.num_levels if window is not None else 0,
-            window_width=window.width if window is not None else 0,
+            window_levels=window_levels, window_width=window_width,
         )
         first_phrase = len(pending) + len(window_tokens)
         input_ids = pending + window_tokens + [token for phrase in phrases for token in phrase]
-        # Logits only where an argmax is used: the lm_head is a large share of a small model's forward.
-        keep = [len(pending) - 1, *window_outputs, *range(first_phrase, len(input_ids))]
-        out = self.model(
-            input_ids=torch.tensor([input_ids], dtype=torch.long, device=self.device),
-            position_ids=positions,
-            attention_mask=mask,
-            past_key_values=seq.cache,
-            use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=self.device),
+        return ForwardPlan(
+            cached=cached, pending=pending, phrases=phrases, window=window, num_window_tokens=len(window_tokens),
+            input_ids=input_ids, mask=mask[0, 0], positions=positions[0],
+            logit_rows=[len(pending) - 1, *window_outputs, *range(first_phrase, len(input_ids))],
         )
-        seq.cache = out.past_key_values
-        predicted = out.logits[0].argmax(dim=-1).tolist()
+
+    def finish_forward(
+        self, seq: DraftSequence, plan: ForwardPlan, predicted: list[int]
+    ) -> tuple[list[int], list[Ngram], torch.Tensor]:
+        """After the forward (``predicted``: the argmax at each of ``plan.logit_rows``): (the tokens it emits,
+        the N-grams the window completed, the cache slots of the forward's ``cached + q`` to keep, in order).
+
+        ``seq.ids`` is updated; the cache is not (the caller compacts it to the kept slots).
+        """
+        phrases, pending, window = plan.phrases, plan.pending, plan.window
+        phrase_len = len(phrases[0]) if phrases else 0
+        num_window_outputs = len(plan.logit_rows) - 1 - len(phrases) * phrase_len
         next_token = predicted[0]
         ngrams: list[Ngram] = []
         if window is not None:
-            outputs = predicted[1 : 1 + len(window_outputs)]
+            outputs = predicted[1 : 1 + num_window_outputs]
             ngrams = window.ngrams(pending[-1], outputs)
             window.advance(next_token, outputs)
-        predicted = [next_token, *predicted[1 + len(window_outputs) :]]
+        predicted = [next_token, *predicted[1 + num_window_outputs :]]
         best, matched = None, 0
         for index, phrase in enumerate(phrases):
             own = predicted[1 + index * phrase_len : 1 + (index + 1) * phrase_len]  # greedy after each token
@@ -197,14 +336,13 @@ class DraftModel:
                 length += 1
             if length > matched:  # ties: the first (newest) phrase
                 best, matched = index, length
-        if phrases or window_tokens:
-            seq.keep_slots(kept_cache_indices(cached, len(pending), phrase_len, best, matched, len(window_tokens)))
+        kept = kept_cache_indices(plan.cached, len(pending), phrase_len, best, matched, plan.num_window_tokens)
         seq.ids.extend(pending)
         if best is None:
-            return [next_token], ngrams
+            return [next_token], ngrams, kept
         accepted = list(phrases[best][:matched])
         seq.ids.extend(accepted)
-        return [*accepted, predicted[1 + best * phrase_len + matched - 1]], ngrams
+        return [*accepted, predicted[1 + best * phrase_len + matched - 1]], ngrams, kept
 
     def _forward(self, seq: DraftSequence, new_ids: list[int]) -> torch.Tensor:
         start = len(seq.ids)

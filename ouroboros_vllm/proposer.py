@@ -21,6 +21,7 @@ from ouroboros_vllm import vllm_hooks
 from ouroboros_vllm.config import OuroborosConfig
 from ouroboros_vllm.draft_model import (
     DraftModel,
+    DraftRow,
     DraftSequence,
     resolve_precision,
     resolve_model_path,
@@ -49,6 +50,17 @@ class RequestState:
     pool: PhrasePool | None = None  # the request's own pool when warm_start is off or the request is cold
     cold: bool = False  # drafts from a pool of its own: asked for (ouroboros_pool="cold"), or seeded sampling
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
+
+
+@dataclass(eq=False)
+class _Round:
+    """A request that drafts in this step: its token history and how many tokens it may propose."""
+
+    req_id: str
+    state: RequestState
+    history: np.ndarray
+    budget: int
+    row: DraftRow | None = None  # the draft model's part, when it drafts for this request
 
 
 class OuroborosProposer(vllm_hooks.StepListener):
@@ -179,22 +191,21 @@ class OuroborosProposer(vllm_hooks.StepListener):
         slot_mappings: Any = None,  # vLLM passes the target's KV slots; our draft keeps its own cache
     ) -> list[list[int]]:
         req_ids = self._take_batch_req_ids(len(sampled_token_ids))
-        proposals: list[list[int]] = []
+        rounds: list[_Round] = []
         for row, (req_id, sampled) in enumerate(zip(req_ids, sampled_token_ids, strict=True)):
             num_tokens = int(num_tokens_no_spec[row])
             state = self.requests.setdefault(req_id, RequestState())
             self._count_accepted(state, sampled)
+            state.proposal = Proposal()
             # Rows still in (chunked) prefill sampled nothing: there is no next token to draft after yet.
             # Near max_model_len, a draft must leave room for the target's own token.
             budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens - 1)
-            if not sampled or budget <= 0:
-                state.proposal = Proposal()
-                proposals.append([])
-                continue
-            history = token_ids_cpu[row, :num_tokens]
-            self._feed_context(state, history)
-            state.proposal = self._propose_one(req_id, state, history, budget)
-            proposals.append(state.proposal.tokens)
+            if sampled and budget > 0:
+                history = token_ids_cpu[row, :num_tokens]
+                self._feed_context(state, history)
+                rounds.append(_Round(req_id, state, history, budget))
+        self._propose(rounds)
+        proposals = [state.proposal.tokens for state in (self.requests[req_id] for req_id in req_ids)]
         self._stats_logger.maybe_log(self.summary)
         self._push_metrics()
         if self.pool_file is not None:
@@ -209,33 +220,48 @@ class OuroborosProposer(vllm_hooks.StepListener):
             self._pool_of(state).insert_many(context_ngrams(history, state.pooled_upto, self.config.phrase_len))
             state.pooled_upto = len(history)
 
-    def _propose_one(self, req_id: str, state: RequestState, history: np.ndarray, budget: int) -> Proposal:
+    def _propose(self, rounds: list[_Round]) -> None:
+        """Draft for every round's request (the draft model's trunk), then lengthen each from the pool."""
         start = time.perf_counter()
-        proposal = Proposal()
-        forwards = 0
-        if self.drafter is not None and self._draftable(req_id, history):
-            trunk_budget = min(self.gamma, budget)
-            if self.config.drafting == "ouroboros":
-                pool = self._pool_of(state)
-                proposal.tokens, forwards = self.drafter.phrase_draft(
-                    state.draft, history, trunk_budget, lambda key: pool.newest(key, self.config.draft_phrases),
-                    window_shape=(self.config.phrase_len, self.config.lookahead_window), add_ngrams=pool.insert_many)
-            else:
-                proposal.tokens = self.drafter.greedy(state.draft, history, trunk_budget)
-                forwards = len(proposal.tokens)  # one forward per token
-            proposal.trunk_len = len(proposal.tokens)
-        ends_sequence = bool(proposal.tokens) and proposal.tokens[-1] in self._eos_token_ids()
-        if self.config.uses_pool and not ends_sequence:  # nothing follows an end of sequence
-            lengthen(self._pool_of(state), proposal, int(history[-1]), budget, self.config.num_candidates)
-        round_stats = DraftStats(
-            rounds=1,
-            proposed_tokens=len(proposal.tokens),
-            suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
-            draft_forwards=forwards,
-            draft_seconds=time.perf_counter() - start,
-        )
-        self._record(state, round_stats)
-        return proposal
+        if self.drafter is not None:
+            drafting = [r for r in rounds if self._draftable(r.req_id, r.history)]
+            for r in drafting:
+                r.row = self._draft_row(r)
+            shared = [r.row for r in drafting if r.row is not None and not r.state.cold]
+            # Cold requests draft alone: with int8 weights a forward's numbers depend on every row in it, and a
+            # cold (e.g. seeded) request's drafts must not depend on other traffic.
+            alone = [[r.row] for r in drafting if r.row is not None and r.state.cold]
+            groups = [shared] if self.config.batch_draft else [[row] for row in shared]
+            for group in [*groups, *alone]:
+                if group:
+                    self.drafter.draft_rows(group)
+            for r in drafting:
+                assert r.row is not None
+                r.state.proposal = Proposal(tokens=r.row.drafted, trunk_len=len(r.row.drafted))
+        seconds = (time.perf_counter() - start) / max(len(rounds), 1)  # the step's drafting, shared evenly
+        for r in rounds:
+            proposal = r.state.proposal
+            ends_sequence = bool(proposal.tokens) and proposal.tokens[-1] in self._eos_token_ids()
+            if self.config.uses_pool and not ends_sequence:  # nothing follows an end of sequence
+                lengthen(self._pool_of(r.state), proposal, int(r.history[-1]), r.budget, self.config.num_candidates)
+            self._record(r.state, DraftStats(
+                rounds=1,
+                proposed_tokens=len(proposal.tokens),
+                suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
+                draft_forwards=r.row.forwards if r.row is not None else 0,
+                draft_seconds=seconds,
+            ))
+
+    def _draft_row(self, r: _Round) -> DraftRow:
+        """The draft model's job for one request: ``gamma`` tokens (fewer near the budget), phrase by phrase in
+        'ouroboros' mode, one token per forward otherwise."""
+        row = DraftRow(r.state.draft, r.history, min(self.gamma, r.budget))
+        if self.config.drafting == "ouroboros":
+            pool = self._pool_of(r.state)
+            row.phrases_for = lambda key: pool.newest(key, self.config.draft_phrases)
+            row.window_shape = (self.config.phrase_len, self.config.lookahead_window)
+            row.add_ngrams = pool.insert_many
+        return row
 
     def _record(self, state: RequestState, counts: DraftStats) -> None:
         """Add to the request's and the process-wide counters."""

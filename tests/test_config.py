@@ -34,7 +34,7 @@ def test_other_sections_of_additional_config_are_ignored():
         ({"draft_model": "d", "gama": 3},
          'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
          "ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, pool_max_keys, pool_memory_mib, warm_start, "
-         "pool_path, pool_save_interval_s, context_ngrams, draft_dtype, stats_log_interval_s"),
+         "pool_path, pool_save_interval_s, context_ngrams, batch_draft, draft_dtype, stats_log_interval_s"),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         ({"draft_model": "d", "drafting": "fast"},
          "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')"),
