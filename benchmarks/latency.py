@@ -10,9 +10,10 @@ benchmark run's tau onto a device whose curve was measured:
 
 t(n) is the target's forward latency for n new tokens (interpolated between measured points), tau is vLLM's
 mean acceptance length from the run (pooled over datasets, batch size 1). The draft cost per step is 0 for
-lookup methods (ngram, suffix, oracle: CPU work that overlaps nothing but is small next to a forward) and
-K * d(1) for draft-model methods when the draft's curve d is given (--draft-latency); without it the projection
-of those methods is an upper bound. It assumes every target step carries a draft (vLLM's tau counts only steps
+lookup methods and pool_only (CPU work that overlaps nothing but is small next to a forward) and F * d(1) for
+draft-model methods when the draft's curve d is given (--draft-latency), F the draft forwards per step (K for
+vLLM's draft_model and our 'greedy', gamma for our modes that fill the rest from the pool; phrase drafting
+makes fewer, slightly wider forwards); without the curve the projection of those methods is an upper bound. It assumes every target step carries a draft (vLLM's tau counts only steps
 that do), batch size 1, and no other overheads (scheduling, sampling): it is a projection, not a measurement.
 
   python -m benchmarks.latency --model qwen2.5-coder-1.5b-instruct --out latency-target.json
@@ -32,10 +33,12 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.methods import Method
 
 DEFAULT_TOKENS = "1-9,12,16,24,32,48,64"
-DRAFT_MODEL_KINDS = ("draft_model", "ouroboros")
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -194,13 +197,29 @@ def projected_speedup(tau: float, k: int, target: Mapping[int, float], draft_cos
     return tau * latency_at(target, 1) / (latency_at(target, k + 1) + draft_cost_s)
 
 
-def draft_cost(kind: str, k: int, draft: Mapping[int, float] | None) -> float | None:
-    """Seconds of drafting per step; ``None`` when it is not known (a draft model without its curve)."""
-    if kind not in DRAFT_MODEL_KINDS:
+def draft_forwards_per_step(method: Method | None, k: int) -> int:
+    """Draft-model forwards per step: K for one-token-per-forward drafting of the whole proposal (vLLM's
+    draft_model, our 'greedy'); gamma for our modes that fill the rest from the pool (at most gamma: phrase
+    drafting emits 1..N tokens a forward); 0 without a draft model. An unknown method counts as K."""
+    if method is None:
+        return k
+    if not method.uses_draft_model:
+        return 0
+    if method.kind == "ouroboros" and method.settings.get("drafting", "ouroboros") != "greedy":
+        from ouroboros_vllm.config import OuroborosConfig
+
+        return OuroborosConfig(draft_model="draft", **method.settings).gamma_for(k)
+    return k
+
+
+def draft_cost(forwards: int, draft: Mapping[int, float] | None) -> float | None:
+    """Seconds of drafting per step: ``forwards`` one-token forwards of the draft; ``None`` when the draft's
+    curve is not known."""
+    if forwards == 0:
         return 0.0
     if draft is None:
         return None
-    return k * latency_at(draft, 1)  # greedy drafting: one draft forward per proposed token
+    return forwards * latency_at(draft, 1)
 
 
 def load_curve(path: Path) -> tuple[dict[int, float], dict[str, Any]]:
@@ -216,12 +235,12 @@ def project(results_path: Path, target_path: Path, draft_path: Path | None) -> d
     run = json.loads(Path(results_path).read_text(encoding="utf-8"))
     target, target_info = load_curve(target_path)
     draft, _ = load_curve(draft_path) if draft_path else (None, None)
-    kinds = {m.name: m.kind for m in METHODS}
+    methods = {m.name: m for m in METHODS}
     rows = []
     for s in summarize(run["results"]):
         if s.status != "ok" or s.k is None or s.tau is None or s.batch_size != 1:
             continue
-        cost = draft_cost(kinds.get(s.method, "draft_model"), s.k, draft)
+        cost = draft_cost(draft_forwards_per_step(methods.get(s.method), s.k), draft)
         rows.append({
             "method": s.method, "k": s.k, "dataset": s.dataset, "tau": s.tau,
             "measured_speedup_here": s.speedup,

@@ -7,7 +7,7 @@ parent tokenizes the prompts, runs the children one after another, checks that e
 and writes results.json, report.md and PNG plots into --out.
 
   python -m benchmarks.run --quick          # about 6 minutes on an idle 2-core CPU
-  python -m benchmarks.run                  # the full run, about an hour on a 2-core CPU
+  python -m benchmarks.run                  # the full run: batch sizes 1 and 8, ~1 h 50 min on a 2-core CPU
   ouroboros-vllm bench ...                  # the same (from a source checkout)
 
 The exit status is 1 when any output differs from plain's (a bug, for greedy decoding) or a method failed.

@@ -360,8 +360,13 @@ def test_latency_interpolation_and_projection():
     assert latency.latency_at(curve, 1) == 0.10 and latency.latency_at(curve, 3) == pytest.approx(0.14)
     assert latency.latency_at(curve, 13) == pytest.approx(0.42)  # along the last segment
     assert latency.projected_speedup(3.0, 4, curve) == pytest.approx(3.0 * 0.10 / 0.18)
-    assert latency.draft_cost("oracle", 4, None) == 0.0 and latency.draft_cost("ouroboros", 4, None) is None
-    assert latency.draft_cost("draft_model", 4, {1: 0.01, 2: 0.02}) == pytest.approx(0.04)
+    assert latency.draft_cost(0, None) == 0.0 and latency.draft_cost(2, None) is None
+    assert latency.draft_cost(4, {1: 0.01, 2: 0.02}) == pytest.approx(0.04)
+    forwards = {m.name: latency.draft_forwards_per_step(m, 8) for m in METHODS}
+    assert forwards["oracle"] == forwards["ngram"] == forwards["ouroboros-pool_only"] == 0
+    assert forwards["draft_model"] == forwards["ouroboros-greedy"] == 8
+    assert forwards["ouroboros"] == forwards["ouroboros-greedy_pool"] == 4  # gamma = K - (N - 1)
+    assert latency.draft_forwards_per_step(None, 8) == 8
     assert latency.parse_tokens("1-3,8,2") == [1, 2, 3, 8]
 
 
