@@ -181,19 +181,30 @@ class DraftModel:
         drafted: list[int] = []
         forwards = 0
         while len(drafted) < num_tokens:
-            # The shared pool also holds other requests' text, which may use ids past the draft's embedding
-            # table (a target vocabulary padded larger than the draft's): such phrases cannot be fed.
-            phrases = [p for p in phrases_for(pending[-1]) if max(p, default=0) < self.vocab_size]
-            emitted, ngrams = self._phrase_forward(seq, pending, phrases, bool(width))
+            emitted, ngrams = self._phrase_forward(seq, pending, self._feedable(phrases_for, pending[-1]), bool(width))
             if ngrams and add_ngrams is not None:
                 add_ngrams(ngrams)
             forwards += 1
-            for token in emitted:
-                drafted.append(token)
-                if token in self.eos_token_ids:
-                    return drafted[:num_tokens], forwards  # a matched phrase can run past the budget
+            if self._take(drafted, emitted, num_tokens):
+                break
             pending = [emitted[-1]]
-        return drafted[:num_tokens], forwards
+        return drafted, forwards
+
+    def _feedable(self, phrases_for: Callable[[int], Sequence[tuple[int, ...]]], key: int) -> list[tuple[int, ...]]:
+        """The phrases for ``key`` that the draft can be fed. The shared pool also holds other requests' text,
+        which may use ids past the draft's embedding table (a target vocabulary padded larger than the draft's)."""
+        return [p for p in phrases_for(key) if max(p, default=0) < self.vocab_size]
+
+    def _take(self, drafted: list[int], emitted: list[int], num_tokens: int) -> bool:
+        """Append a forward's tokens to ``drafted`` up to an EOS and cut it to ``num_tokens`` (a matched phrase can
+        run past the budget); whether drafting is done (EOS, or enough tokens)."""
+        for token in emitted:
+            drafted.append(token)
+            if token in self.eos_token_ids:
+                break
+        done = drafted[-1] in self.eos_token_ids or len(drafted) >= num_tokens
+        del drafted[num_tokens:]
+        return done
 
     @torch.inference_mode()
     def draft_rows(self, rows: Sequence[DraftRow]) -> None:
@@ -229,7 +240,7 @@ class DraftModel:
         while active:
             plans = []
             for row in active:
-                phrases = [p for p in row.phrases_for(row.pending[-1]) if max(p, default=0) < self.vocab_size]
+                phrases = self._feedable(row.phrases_for, row.pending[-1])
                 plans.append(self.plan_forward(row.seq, row.pending, phrases, bool(row.window_shape[1])))
             input_ids, positions, mask = batch_inputs(plans, batch.slots, batch.length, self.device)
             hidden = self.model.get_decoder()(
@@ -248,23 +259,13 @@ class DraftModel:
                 if ngrams and row.add_ngrams is not None:
                     row.add_ngrams(ngrams)
                 row.forwards += 1
-                if self._take(row, emitted):
+                if self._take(row.drafted, emitted, row.num_tokens):
                     done.add(index)
                 row.pending = [emitted[-1]]
             batch.add_forward(input_ids.shape[1], kept, plans)
             if done:
                 batch.store_and_drop(done)
                 active = [row for index, row in enumerate(active) if index not in done]
-
-    def _take(self, row: DraftRow, emitted: list[int]) -> bool:
-        """Append a forward's tokens to the row's draft; whether the row is done (EOS, or enough tokens)."""
-        for token in emitted:
-            row.drafted.append(token)
-            if token in self.eos_token_ids:
-                break
-        done = row.drafted[-1] in self.eos_token_ids or len(row.drafted) >= row.num_tokens
-        del row.drafted[row.num_tokens :]
-        return done
 
     def _phrase_forward(
         self, seq: DraftSequence, pending: list[int], phrases: list[tuple[int, ...]], use_window: bool
