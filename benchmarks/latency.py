@@ -206,7 +206,7 @@ def draft_forwards_per_step(method: Method | None, k: int) -> int:
     if not method.uses_draft_model:
         return 0
     if method.kind == "ouroboros" and method.settings.get("drafting", "ouroboros") != "greedy":
-        from ouroboros_vllm.config import OuroborosConfig
+        from ouroboros_vllm.vllm_plugin.config import OuroborosConfig
 
         return OuroborosConfig(draft_model="draft", **method.settings).gamma_for(k)
     return k

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from ouroboros_vllm.config import DraftingMode, OuroborosConfig, OuroborosConfigError
+from ouroboros_vllm.vllm_plugin.config import DraftingMode, OuroborosConfig, OuroborosConfigError
 
 MethodKind = Literal["plain", "ngram", "suffix", "draft_model", "ouroboros", "oracle"]
 
@@ -57,7 +57,7 @@ class Method:
         return self.kind in ("ouroboros", "oracle")
 
     def engine_kwargs(self, k: int, draft: str | None, references: str | None = None) -> dict[str, Any]:
-        """Keyword arguments of ``ouroboros_vllm.offline.make_llm`` for this method at ``k`` tokens per step."""
+        """Keyword arguments of ``ouroboros_vllm.tools.offline.make_llm`` for this method at ``k`` tokens per step."""
         settings = dict(self.settings)
         if self.kind == "plain":
             return {}

@@ -10,6 +10,7 @@ Definitions (docs/benchmarks.md explains them):
   verified a draft).
 - acceptance: accepted / proposed draft tokens.
 - draft share: the drafter's own time / wall time (ours and the oracle; vLLM's drafters do not report it).
+- draft ms/step: the drafter's time per engine step that drafted (ours).
 - lossless: every output equals ``plain``'s at the same batch size, token for token.
 """
 
@@ -40,6 +41,7 @@ class Summary:
     num_draft_tokens: int | None = None
     num_accepted_tokens: int | None = None
     draft_seconds: float | None = None
+    draft_steps: int | None = None  # engine steps that drafted (ours)
     speedup: float | None = None
     decode_speedup: float | None = None
     mismatched: list[str] = field(default_factory=list)  # prompt ids whose output differs from plain's
@@ -72,6 +74,12 @@ class Summary:
         return self.draft_seconds / self.wall_s
 
     @property
+    def draft_ms_per_step(self) -> float | None:
+        if self.draft_seconds is None or not self.draft_steps:
+            return None
+        return 1000 * self.draft_seconds / self.draft_steps
+
+    @property
     def lossless(self) -> bool:
         return not self.mismatched
 
@@ -90,6 +98,9 @@ class Summary:
             self.num_accepted_tokens = (self.num_accepted_tokens or 0) + run["spec"]["num_accepted_tokens"]
         if run.get("draft_seconds") is not None:
             self.draft_seconds = (self.draft_seconds or 0.0) + run["draft_seconds"]
+        steps = (run.get("drafter_stats") or {}).get("steps")
+        if steps:
+            self.draft_steps = (self.draft_steps or 0) + int(steps)
 
 
 def reference_outputs(results: Iterable[dict[str, Any]]) -> dict[tuple[str, int, str], list[int]]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ouroboros_vllm.stats import DraftStats
+from ouroboros_vllm.algorithm.stats import DraftStats
 
 CONFIG_KEY = "oracle"
 

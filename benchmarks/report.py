@@ -8,7 +8,7 @@ from typing import Any
 from benchmarks.metrics import ALL_DATASETS, BASELINE, Summary
 
 COLUMNS = ("method", "K", "batch", "prompts", "tokens", "tok/s", "speedup", "decode speedup", "τ", "acceptance",
-           "draft share", "output = plain")
+           "draft share", "draft ms/step", "output = plain")
 
 
 def _num(value: float | None, spec: str, suffix: str = "") -> str:
@@ -42,6 +42,7 @@ def row_cells(row: Summary) -> list[str]:
         _num(row.tau, ".2f"),
         _num(None if row.acceptance_rate is None else 100 * row.acceptance_rate, ".0f", "%"),
         _num(None if row.draft_share is None else 100 * row.draft_share, ".0f", "%"),
+        _num(row.draft_ms_per_step, ".0f"),
         lossless_cell(row),
     ]
 

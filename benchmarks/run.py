@@ -157,7 +157,7 @@ def command_line() -> str:
 
 def resolve_model(name_or_path: str) -> tuple[str, str]:
     """(folder, display name) of a model given by ``ouroboros-vllm models`` name or by folder."""
-    from ouroboros_vllm import models
+    from ouroboros_vllm.tools import models
 
     if name_or_path in models.MODELS:
         return str(models.fetch(name_or_path)), name_or_path

@@ -1,6 +1,6 @@
 """One benchmark engine in its own process: ``python -m benchmarks.worker JOB.json RESULT.json``.
 
-Builds the method's engine (``ouroboros_vllm.offline.make_llm``: fp32, eager, in-process, CPU defaults), warms
+Builds the method's engine (``ouroboros_vllm.tools.offline.make_llm``: fp32, eager, in-process, CPU defaults), warms
 it up on a prompt of no dataset, then times greedy generation of every dataset at every batch size, reads
 vLLM's spec-decode counters and the drafter's own time around each timed part, writes the result and exits.
 Progress goes to stdout as ``PROGRESS_PREFIX <units>`` lines; everything else printed is log.
@@ -64,12 +64,12 @@ def _die_with_parent() -> None:
 
 
 def run_job(job: Job, method: Method) -> dict[str, Any]:
-    from ouroboros_vllm.offline import apply_cpu_env_defaults
+    from ouroboros_vllm.tools.offline import apply_cpu_env_defaults
 
     apply_cpu_env_defaults()
     from vllm import SamplingParams
 
-    from ouroboros_vllm.offline import make_llm
+    from ouroboros_vllm.tools.offline import make_llm
 
     start = time.perf_counter()
     kwargs = method.engine_kwargs(job.k or 0, job.draft, job.references)
@@ -96,10 +96,10 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
     if method.warm:
         _generate(llm, dataset, batch_size)
     counters_before = _spec_counters(llm)
-    draft_before = _draft_seconds(llm, method)
+    drafter_before = _drafter_stats(llm, method)
     batches, prompts = _generate(llm, dataset, batch_size)
     counters_after = _spec_counters(llm)
-    draft_after = _draft_seconds(llm, method)
+    drafter_after = _drafter_stats(llm, method)
     wall_s = sum(batch["wall_s"] for batch in batches)
     spec = None
     if counters_before is not None and counters_after is not None:
@@ -112,7 +112,10 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         "num_output_tokens": sum(len(p["output_token_ids"]) for p in prompts),
         "decode_window_s": _sum_or_none(batch["decode_window_s"] for batch in batches),
         "spec": spec,
-        "draft_seconds": None if draft_before is None or draft_after is None else draft_after - draft_before,
+        "draft_seconds": None if drafter_before is None else drafter_after["draft_seconds"] - drafter_before["draft_seconds"],
+        # The drafter's own counters over this run (ours: DraftStats, e.g. steps, draft_forwards, suffix tokens).
+        "drafter_stats": None if drafter_before is None else {
+            key: drafter_after[key] - value for key, value in drafter_before.items()},
         "batches": batches,
         "prompts": prompts,
     }
@@ -175,13 +178,16 @@ def _spec_counters(llm: Any) -> dict[str, int] | None:
     return totals if len(totals) == len(SPEC_COUNTERS) else None
 
 
-def _draft_seconds(llm: Any, method: Method) -> float | None:
+def _drafter_stats(llm: Any, method: Method) -> dict[str, float] | None:
+    """The drafter's counters (a ``DraftStats``) as a dict, for the drafters that keep them (ours, the oracle)."""
     if not method.reports_draft_time:
         return None
-    from ouroboros_vllm.offline import engine_proposer
+    import dataclasses
+
+    from ouroboros_vllm.tools.offline import engine_proposer
 
     stats = getattr(engine_proposer(llm), "stats", None)
-    return getattr(stats, "draft_seconds", None)
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None
 
 
 def _unavailable_here(method: Method) -> str | None:

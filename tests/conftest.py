@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from ouroboros_vllm.offline import apply_cpu_env_defaults
+from ouroboros_vllm.tools.offline import apply_cpu_env_defaults
 
 apply_cpu_env_defaults()  # before anything imports vLLM
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -51,7 +51,7 @@ def engines() -> Engines:
 
 def real_model(name: str) -> Path:
     """A model fetched by `ouroboros-vllm models fetch` (`make test` fetches them first)."""
-    from ouroboros_vllm import models
+    from ouroboros_vllm.tools import models
 
     if not models.is_fetched(name):
         pytest.fail(f"model {name} is not fetched: run `ouroboros-vllm models fetch {name}` (make test does)")

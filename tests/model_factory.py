@@ -79,7 +79,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ouroboros_vllm.models import locked
+from ouroboros_vllm.files import locked
 
 # Bump whenever anything below changes the produced files: it is written into
 # the completion marker, and a root built by another version is rebuilt.

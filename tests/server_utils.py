@@ -35,7 +35,7 @@ class Server:
         # engines; it reads the same CPU settings otherwise.
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         command = [
-            sys.executable, "-m", "ouroboros_vllm.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "ouroboros_vllm.tools.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra_args,
         ]
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())

@@ -20,7 +20,7 @@ from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
 from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
 from benchmarks.oracle import OracleProposer, ReferenceIndex  # noqa: E402
 from benchmarks.run import plan_jobs, render_prompt, write_references  # noqa: E402
-from ouroboros_vllm.config import DraftingMode  # noqa: E402
+from ouroboros_vllm.vllm_plugin.config import DraftingMode  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- prompt formatting
 
@@ -373,12 +373,13 @@ def test_latency_interpolation_and_projection():
 # ------------------------------------------------------------------------------------------------- the CLI
 
 
-def test_bench_subcommand_is_the_harness():
-    from ouroboros_vllm.cli import build_parser
+def test_bench_subcommand_runs_the_harness_of_the_checkout(capfd):
+    from ouroboros_vllm.tools.cli import main
 
-    args = build_parser().parse_args(["bench", "--quick", "--methods", "plain", "oracle", "-k", "2", "4"])
-    assert args.quick and args.methods == ["plain", "oracle"] and args.ks == [2, 4]
-    assert args.func.__module__ == "benchmarks.run"
+    assert main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert out.startswith("usage: python -m benchmarks.run") and "--batch-sizes" in out
+    assert main(["bench", "--batch-sizes", "0"]) == 2  # the harness's own exit status comes back
 
 
 # --------------------------------------------------------------------------------------- real end to end

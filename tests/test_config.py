@@ -2,7 +2,7 @@
 
 import pytest
 
-from ouroboros_vllm.config import OuroborosConfig, OuroborosConfigError
+from ouroboros_vllm.vllm_plugin.config import OuroborosConfig, OuroborosConfigError
 
 
 def parse(section):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy, tokens_prompt
 
-from ouroboros_vllm.offline import engine_proposer, make_llm
+from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
 
@@ -88,5 +88,5 @@ def test_token_ids_past_the_drafts_vocabulary(tiny, engines, narrow_draft):
         expected = generate_ids(plain, [prompt], greedy(24), 1)
         assert generate_ids(ours, [prompt], greedy(24), 1) == expected
     proposer = engine_proposer(ours)
-    assert proposer.drafter.vocab_size == 1024
+    assert proposer.drafter.info.vocab_size == 1024
     assert any(max(phrase) >= 1024 for phrase in proposer.pool.phrases(6)), "the test did not set the trap"

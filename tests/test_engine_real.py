@@ -12,7 +12,7 @@ import pytest
 from conftest import real_model
 from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy
 
-from ouroboros_vllm.offline import engine_proposer, make_llm
+from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.engine
 CHILD = textwrap.dedent(
     """
     import json, sys
-    from ouroboros_vllm.offline import apply_cpu_env_defaults, make_llm
+    from ouroboros_vllm.tools.offline import apply_cpu_env_defaults, make_llm
     apply_cpu_env_defaults()
     target, cases = sys.argv[1], json.loads(sys.argv[2])
     for settings in cases:
@@ -32,8 +32,8 @@ CHILD = textwrap.dedent(
 
 
 def test_bad_settings_stop_the_engine_start_with_their_message(tiny, tmp_path):
-    from ouroboros_vllm.pool import PhrasePool
-    from ouroboros_vllm.pool_file import PoolIdentity, save_pool, tokenizer_fingerprint
+    from ouroboros_vllm.algorithm.pool import PhrasePool
+    from ouroboros_vllm.algorithm.pool_file import PoolIdentity, save_pool, tokenizer_fingerprint
 
     foreign = tmp_path / "foreign-pool.bin"
     pool = PhrasePool(4, 2, 2, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy, tokens_prompt
 
-from ouroboros_vllm.offline import engine_proposer, make_llm
+from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
 

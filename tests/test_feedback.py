@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ouroboros_vllm.feedback import first_mismatch, inspiration, refinement
+from ouroboros_vllm.algorithm.feedback import first_mismatch, inspiration, refinement
 
 
 def test_all_accepted_harvests_nothing():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ouroboros_vllm.lookahead import LookaheadWindow
+from ouroboros_vllm.algorithm.lookahead import LookaheadWindow
 
 
 def position(level: int, column: int) -> int:

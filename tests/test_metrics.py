@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-from ouroboros_vllm.metrics import MetricsExporter, registered
-from ouroboros_vllm.pool import PhrasePool
-from ouroboros_vllm.stats import DraftStats
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.stats import DraftStats
+from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter, registered
 
 
 def sample(name: str, model: str) -> float | None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ouroboros_vllm import cli, models
-from ouroboros_vllm.models import ModelSpec
+from ouroboros_vllm.tools import cli, models
+from ouroboros_vllm.tools.models import ModelSpec
 
 CHUNKS = [f"chunk {i:02d} of the fake gguf;".encode() * (i + 3) for i in range(1, 12)]  # 11 parts: part2 < part10
 
@@ -224,7 +224,7 @@ def test_cli_help_does_not_import_heavy_modules() -> None:
     import sys
 
     code = (
-        "import sys; from ouroboros_vllm import cli\n"
+        "import sys; from ouroboros_vllm.tools import cli\n"
         "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))"
     )

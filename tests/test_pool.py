@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from ouroboros_vllm.pool import PhrasePool
-from ouroboros_vllm.pool_file import PoolFileError, PoolIdentity, load_pool, save_pool, tokenizer_fingerprint
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.pool_file import PoolFileError, PoolIdentity, load_pool, save_pool, tokenizer_fingerprint
 
 N1 = 3  # phrase length in these tests
 tokens = st.integers(min_value=0, max_value=6)  # few distinct ids, so refreshes and collisions happen
@@ -212,8 +212,8 @@ def test_default_pool_stays_under_64_mib_whatever_the_traffic(ngram_size):
     import random
     import tracemalloc
 
-    from ouroboros_vllm.config import OuroborosConfig
-    from ouroboros_vllm.pool import max_phrases_for_memory
+    from ouroboros_vllm.algorithm.pool import max_phrases_for_memory
+    from ouroboros_vllm.vllm_plugin.config import OuroborosConfig
 
     config = OuroborosConfig.from_additional_config({"ouroboros": {"drafting": "pool_only", "ngram_size": ngram_size}})
     rng = random.Random(0)

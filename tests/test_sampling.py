@@ -10,7 +10,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from ouroboros_vllm.offline import engine_proposer, make_llm
+from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
 

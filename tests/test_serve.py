@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ouroboros_vllm.serve import API_SERVER_MODULE, server_command, server_env, vllm_cli_works
+from ouroboros_vllm.tools.serve import API_SERVER_MODULE, server_command, server_env, vllm_cli_works
 
 
 def test_gpu_vllm_uses_vllm_serve_with_the_arguments_unchanged():

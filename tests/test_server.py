@@ -16,7 +16,7 @@ from engine_utils import CODE_PROMPTS, generate_ids, greedy
 from server_utils import Server, ouroboros_args
 from vllm import SamplingParams
 
-from ouroboros_vllm.offline import make_llm
+from ouroboros_vllm.tools.offline import make_llm
 
 pytestmark = pytest.mark.engine
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from ouroboros_vllm import stats as stats_module
-from ouroboros_vllm.pool import PhrasePool
-from ouroboros_vllm.stats import DraftStats, StatsLogger
+from ouroboros_vllm.algorithm import stats as stats_module
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
 
 
 def test_tau_acceptance_and_tokens_per_forward():

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ouroboros_vllm import plugin, vllm_hooks
+from ouroboros_vllm.vllm_plugin import entry as plugin
+from ouroboros_vllm.vllm_plugin import hooks as vllm_hooks
 
 PATCHES = sorted((Path(__file__).parent.parent / "patches").glob("*.patch"))
 
@@ -54,17 +55,44 @@ def test_register_is_idempotent():
         assert not getattr(method.__wrapped__, "__ouroboros_wrapped__", False)
 
 
-def test_register_refuses_an_unsupported_vllm(monkeypatch):
+def test_on_an_unsupported_vllm_the_plugin_warns_once_and_the_proposer_refuses(monkeypatch, caplog):
+    """vLLM loads the plugin for every user of the environment: it must not break vLLM for those who never select
+    our proposer. Selecting it is what fails, with the supported range in the message."""
+    from ouroboros_vllm.vllm_plugin.proposer import OuroborosProposer
+
+    monkeypatch.setattr(vllm_hooks, "installed_vllm_version", lambda: "0.31.0")
+    monkeypatch.setattr(vllm_hooks, "install", lambda: pytest.fail("hooks installed on an unsupported vLLM"))
+    monkeypatch.setattr(plugin.register, "_warned", False, raising=False)
+    with caplog.at_level("WARNING", logger="ouroboros_vllm.vllm_plugin.entry"):
+        plugin.register()
+        plugin.register()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ouroboros-vllm: not installing the runner hooks: ouroboros-vllm supports vLLM {vllm_hooks.SUPPORTED_VLLM} but vLLM "
+        "0.31.0 is installed; install a supported vLLM (pip install 'ouroboros-vllm[cpu]' or "
+        "'ouroboros-vllm[gpu]') or an ouroboros-vllm release made for your vLLM"
+    ]
+    monkeypatch.undo()
     monkeypatch.setattr(vllm_hooks, "installed_vllm_version", lambda: "0.31.0")
     with pytest.raises(vllm_hooks.UnsupportedVllmError, match="vLLM 0.31.0 is installed"):
-        plugin.register()
+        OuroborosProposer(vllm_config=None)  # type: ignore[arg-type]
+
+
+def test_the_supported_range_is_the_gpu_extra():
+    """One source of truth: the range the hooks accept is the range the package's GPU extra installs."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    from packaging.requirements import Requirement
+
+    (requirement,) = map(Requirement, pyproject["project"]["optional-dependencies"]["gpu"])
+    assert requirement.name == "vllm" and requirement.specifier == vllm_hooks.SUPPORTED_VLLM
 
 
 def test_the_plugin_entry_point_is_declared():
     from importlib.metadata import entry_points
 
     (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "ouroboros"]
-    assert entry.value == "ouroboros_vllm.plugin:register"
+    assert entry.value == "ouroboros_vllm.vllm_plugin.entry:register"
     assert entry.load() is plugin.register
 
 

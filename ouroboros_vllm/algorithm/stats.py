@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 class DraftStats:
     """Counts that add up over rounds. ``tau`` is vLLM's "mean acceptance length": tokens per target step."""
 
+    steps: int = 0  # engine steps that drafted for at least one request (process-wide only)
     rounds: int = 0  # proposals made (one per request per engine step that drafted for it)
     proposed_tokens: int = 0  # tokens returned to vLLM
     suffix_tokens: int = 0  # of which from pool phrases (candidate suffixes)
@@ -22,7 +23,7 @@ class DraftStats:
     accepted_tokens: int = 0  # draft tokens the target accepted
     suffix_accepted_tokens: int = 0  # of which from pool phrases
     draft_forwards: int = 0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # wall time of the steps' drafting (a step's time is shared among its rounds)
 
     def add(self, other: DraftStats) -> None:
         for f in fields(self):
@@ -55,6 +56,7 @@ class DraftStats:
             f"({self.suffix_accepted_tokens} accepted), "
             f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
+            + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")
         )
 
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 PROPOSER_CLASS = "ouroboros_vllm.OuroborosProposer"
 
-# Settings that make vLLM's CPU build usable in one process (see docs/usage.md): an in-process engine
+# Settings that make vLLM's CPU build usable in one process (see the README, "Offline batches"): an in-process engine
 # shares our process (no second copy of the weights, direct access to the proposer) and needs OpenMP
 # threads set explicitly or it crawls.
 CPU_ENV_DEFAULTS = {

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
+from ouroboros_vllm.algorithm.request import DraftSettings
+
 CONFIG_KEY = "ouroboros"
 
 DraftingMode = Literal["greedy", "greedy_pool", "ouroboros", "pool_only"]
@@ -24,7 +26,7 @@ class OuroborosConfigError(ValueError):
 
 
 class OuroborosConfig(pydantic.BaseModel):
-    """Settings of the Ouroboros proposer (frozen; every field documented in docs/configuration.md)."""
+    """Settings of the Ouroboros proposer (frozen; the README's settings table lists every field)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -61,7 +63,8 @@ class OuroborosConfig(pydantic.BaseModel):
         "window). Each column adds N-1 tokens to every draft forward and one N-gram to the pool.",
     )
     num_candidates: int = Field(
-        default=3, ge=1, le=64, description="K of the paper: candidate suffixes looked up after each draft."
+        default=3, ge=1, le=64, description="K of the paper: candidate suffixes after each draft. vLLM verifies one "
+        "chain, so only the newest is proposed today.",
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
     pool_memory_mib: float = Field(
@@ -119,6 +122,17 @@ class OuroborosConfig(pydantic.BaseModel):
             return self.gamma
         # Leave room for one suffix when K allows it, but never give the draft model less than half of K.
         return max(num_speculative_tokens - self.phrase_len, (num_speculative_tokens + 1) // 2)
+
+    def draft_settings(self, num_speculative_tokens: int) -> DraftSettings:
+        """What the algorithm needs of these settings at this K."""
+        return DraftSettings(
+            gamma=self.gamma_for(num_speculative_tokens),
+            phrase_len=self.phrase_len,
+            draft_phrases=self.draft_phrases if self.drafting == "ouroboros" else 0,
+            lookahead_window=self.lookahead_window if self.drafting == "ouroboros" else 0,
+            uses_pool=self.uses_pool,
+            context_ngrams=self.context_ngrams,
+        )
 
     def check_against(self, num_speculative_tokens: int) -> None:
         """Settings that depend on vLLM's speculative config."""

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ouroboros_vllm.pool import PhrasePool
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,7 @@ def save_pool(pool: PhrasePool, path: str | os.PathLike[str], identity: PoolIden
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(json.dumps(header).encode() + b"\n")
-        tmp.write(payload)
-    os.replace(tmp.name, path)
+    atomic_write(path, json.dumps(header).encode() + b"\n" + payload)
 
 
 def load_pool(path: str | os.PathLike[str], pool: PhrasePool, identity: PoolIdentity) -> dict[str, object]:

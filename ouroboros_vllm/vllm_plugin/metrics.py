@@ -16,13 +16,14 @@ from dataclasses import fields, replace
 
 from prometheus_client import REGISTRY, Counter, Gauge
 
-from ouroboros_vllm.pool import PhrasePool
-from ouroboros_vllm.stats import DraftStats
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.stats import DraftStats
 
 _LABELS = ["model_name"]
 
 # DraftStats field -> its counter (prometheus_client adds "_total" to each name when it exposes it).
 _STATS_COUNTERS: dict[str, tuple[str, str]] = {
+    "steps": ("vllm:ouroboros_draft_steps", "Engine steps that drafted for at least one request."),
     "rounds": ("vllm:ouroboros_draft_rounds", "Proposals made (one per request per engine step)."),
     "proposed_tokens": ("vllm:ouroboros_proposed_tokens", "Tokens proposed to the target."),
     "suffix_tokens": ("vllm:ouroboros_suffix_tokens", "Proposed tokens that came from pool phrases."),

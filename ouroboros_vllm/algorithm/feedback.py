@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ouroboros_vllm.pool import Phrase
+from ouroboros_vllm.algorithm.pool import Phrase
 
 
 def first_mismatch(draft: Sequence[int], target_argmax: Sequence[int]) -> int:

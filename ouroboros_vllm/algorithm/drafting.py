@@ -1,0 +1,172 @@
+"""Drafting phrase by phrase, as bookkeeping: what each draft forward carries and what it emits.
+
+The draft model's forwards run elsewhere (:mod:`ouroboros_vllm.runtime`); this module decides, for one
+request and one engine step (a :class:`DraftRound`), what goes into the next forward (:meth:`DraftRound.plan`)
+and, given the draft model's argmax at the rows it asked for, which tokens that forward emits and which of its
+new tokens' keys and values the draft cache keeps (:meth:`DraftRound.finish`).
+
+Acceptance inside the draft (the paper's phrase-by-phrase drafting): ``next`` is the argmax after the last
+pending token; a phrase is accepted for its longest prefix that equals ``next`` followed by the draft's own
+argmax after each of its tokens, the longest such prefix over all phrases wins (ties: the first, i.e. newest,
+phrase). One forward so emits 1 to N tokens, always exactly the draft model's own greedy continuation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ouroboros_vllm.algorithm.layout import forward_layout, kept_new_tokens
+from ouroboros_vllm.algorithm.lookahead import LookaheadWindow, Ngram
+from ouroboros_vllm.algorithm.pool import Phrase
+
+
+@dataclass(eq=False)
+class DraftState:
+    """The draft model's side of one request, carried across its engine steps.
+
+    ``ids`` are the tokens whose keys and values the draft's cache holds, in order; the runtime keeps exactly
+    ``len(ids)`` valid cache slots for the request, so cutting ``ids`` back is all a rejection costs.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    window: LookaheadWindow | None = None
+    cache_row: int | None = None  # the runtime's handle for this request's cache (None: none yet)
+
+    def rewind_to(self, history: np.ndarray) -> list[int]:
+        """Cut the cached ids back to what they share with ``history``; return the tokens still to feed.
+
+        At least the last token is always fed again: its logits are the ones that predict the next token.
+        """
+        keep = min(common_prefix_length(self.ids, history), len(history) - 1)
+        del self.ids[keep:]
+        return history[keep:].tolist()
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardPlan:
+    """One request's part of a draft forward: its new tokens after ``cached`` context tokens."""
+
+    cached: int  # valid cache slots of the request before the forward (its new tokens' slots start here)
+    pending: list[int]
+    phrases: list[Phrase]
+    window_tokens: list[int]  # the lookahead window's tokens, level by level (empty: no window)
+    input_ids: list[int]  # pending + window + phrases
+    mask: np.ndarray  # [q, q] among the new tokens, True = attend (every new token sees the whole context)
+    positions: np.ndarray  # [q] absolute positions
+    logit_rows: list[int]  # new tokens whose argmax is always read: the last pending token, the window's outputs
+
+    @property
+    def num_new(self) -> int:
+        return len(self.input_ids)
+
+    def phrase_rows(self, next_token: int) -> list[int]:
+        """The phrase tokens whose argmax can matter once the draft's ``next_token`` (its argmax after the last
+        pending token) is known: those of the phrases that start with it. The others are rejected at their
+        first token, so the lm_head (a large share of a small model's forward) need not run on them."""
+        phrase_len = len(self.phrases[0]) if self.phrases else 0
+        first = len(self.pending) + len(self.window_tokens)
+        return [first + j * phrase_len + i for j, phrase in enumerate(self.phrases) if phrase[0] == next_token
+                for i in range(phrase_len)]
+
+
+@dataclass(eq=False)
+class DraftRound:
+    """One request's drafting in one engine step: up to ``num_tokens`` tokens of the draft model's greedy
+    continuation of ``history``, phrase by phrase.
+
+    ``phrases_for(key)`` gives the pool phrases to check after ``key`` (none: one token per forward);
+    ``window_shape`` is the lookahead window's (levels, width) (width 0: none), whose completed N-grams go to
+    ``add_ngrams`` after each forward, so the next forward can already use them.
+    """
+
+    state: DraftState
+    history: np.ndarray
+    num_tokens: int
+    eos_token_ids: frozenset[int]
+    vocab_size: int  # the draft's embedding rows: a phrase with an id past them cannot be fed
+    phrases_for: Callable[[int], Sequence[Phrase]] = lambda key: ()
+    window_shape: tuple[int, int] = (0, 0)
+    add_ngrams: Callable[[list[Ngram]], None] | None = None
+    drafted: list[int] = field(default_factory=list)
+    forwards: int = 0
+    done: bool = False
+    _pending: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._pending = self.state.rewind_to(self.history)
+        levels, width = self.window_shape
+        if width and self.state.window is None:
+            self.state.window = LookaheadWindow.from_history(self.history.tolist(), levels, width)
+        self.done = self.num_tokens <= 0
+
+    def plan(self) -> ForwardPlan:
+        """The next forward's inputs: the pending tokens, the lookahead window, then the phrases."""
+        pending = self._pending
+        phrases = [p for p in self.phrases_for(pending[-1]) if max(p, default=0) < self.vocab_size]
+        phrase_len = len(phrases[0]) if phrases else 0
+        window = self.state.window if self.window_shape[1] else None
+        window_tokens = window.tokens() if window is not None else []
+        levels, width = (window.num_levels, window.width) if window is not None else (0, 0)
+        mask, offsets = forward_layout(len(pending), len(phrases), phrase_len, levels, width)
+        window_outputs = [len(pending) + slot for slot in window.output_slots()] if window is not None else []
+        input_ids = pending + window_tokens + [token for phrase in phrases for token in phrase]
+        cached = len(self.state.ids)
+        return ForwardPlan(
+            cached=cached, pending=pending, phrases=phrases, window_tokens=window_tokens, input_ids=input_ids,
+            mask=mask, positions=offsets + cached, logit_rows=[len(pending) - 1, *window_outputs],
+        )
+
+    def finish(self, plan: ForwardPlan, argmax: Mapping[int, int]) -> list[int]:
+        """Take the forward's argmax (new-token index -> the draft's argmax after it) at ``plan.logit_rows`` and
+        ``plan.phrase_rows(next)``; return the new tokens whose keys and values the cache keeps, in token order
+        (indices among the plan's new tokens; the cache then holds ``len(ids)``)."""
+        emitted, kept = self._accept(plan, argmax)
+        self.forwards += 1
+        for token in emitted:
+            self.drafted.append(token)
+            if token in self.eos_token_ids:
+                break
+        self.done = self.drafted[-1] in self.eos_token_ids or len(self.drafted) >= self.num_tokens
+        del self.drafted[self.num_tokens :]  # a matched phrase can run past the budget
+        self._pending = [emitted[-1]]
+        return kept
+
+    def _accept(self, plan: ForwardPlan, argmax: Mapping[int, int]) -> tuple[list[int], list[int]]:
+        phrases, pending = plan.phrases, plan.pending
+        next_token = argmax[plan.logit_rows[0]]
+        window = self.state.window if plan.window_tokens else None
+        if window is not None:
+            outputs = [argmax[row] for row in plan.logit_rows[1:]]
+            ngrams = window.ngrams(pending[-1], outputs)
+            window.advance(next_token, outputs)
+            if self.add_ngrams is not None:
+                self.add_ngrams(ngrams)
+        phrase_len = len(phrases[0]) if phrases else 0
+        first = len(pending) + len(plan.window_tokens)
+        best, matched = None, 0
+        for index, phrase in enumerate(phrases):
+            start = first + index * phrase_len  # the draft's argmax after phrase token i is argmax[start + i]
+            length = 0
+            while length < phrase_len and phrase[length] == (next_token if length == 0 else argmax[start + length - 1]):
+                length += 1
+            if length > matched:  # ties: the first (newest) phrase
+                best, matched = index, length
+        kept = kept_new_tokens(len(pending), phrase_len, best, matched, len(plan.window_tokens))
+        self.state.ids.extend(pending)
+        if best is None:
+            return [next_token], kept
+        accepted = list(phrases[best][:matched])
+        self.state.ids.extend(accepted)
+        return [*accepted, argmax[first + best * phrase_len + matched - 1]], kept
+
+
+def common_prefix_length(cached: Sequence[int], history: np.ndarray) -> int:
+    """Length of the longest common prefix of ``cached`` and ``history``."""
+    n = min(len(cached), len(history))
+    if n == 0:
+        return 0
+    mismatch = np.flatnonzero(np.asarray(cached[:n]) != history[:n])
+    return int(mismatch[0]) if mismatch.size else n

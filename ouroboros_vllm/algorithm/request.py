@@ -1,0 +1,112 @@
+"""One request's Ouroboros state and the verbs of its life: start a round, finish it, take the verification.
+
+A step of the engine, seen from one request::
+
+    state.count_accepted(sampled)               -> what the target accepted of the last proposal
+    state.start_round(history, budget, info)    -> a DraftRound for the draft model (or None)
+    ... the runtime runs the round's forwards (shared with the step's other requests) ...
+    state.finish_round(round, history, budget)  -> the proposal's tokens (trunk + pool suffixes)
+    ... the target verifies them in the next engine step ...
+    state.after_verification(verified, argmax)    -> inspiration and refinement into the pool
+
+Nothing here sees a tensor: the draft model's work is a :class:`~ouroboros_vllm.algorithm.drafting.DraftRound`
+that the runtime executes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
+from ouroboros_vllm.algorithm.stats import DraftStats
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """What the algorithm needs of the plugin's settings, resolved for one K."""
+
+    gamma: int  # draft-model tokens per round (the trunk)
+    phrase_len: int  # N - 1
+    draft_phrases: int  # pool phrases per draft forward (0: one token per forward)
+    lookahead_window: int  # W (0: no window)
+    uses_pool: bool  # lengthen with pool suffixes and feed the pool back
+    context_ngrams: bool  # feed the pool the request's own N-grams
+
+
+@dataclass(frozen=True)
+class DraftModelInfo:
+    """What the algorithm needs to know of the draft model."""
+
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(eq=False)
+class RequestState:
+    """Everything Ouroboros keeps for one request; dropped when the request finishes or is aborted."""
+
+    settings: DraftSettings
+    pool: PhrasePool  # the shared pool, or a pool of the request's own (cold)
+    cold: bool = False  # drafts from a pool of its own and alone (see the proposer)
+    draft: DraftState = field(default_factory=DraftState)
+    stats: DraftStats = field(default_factory=DraftStats)
+    proposal: Proposal = field(default_factory=Proposal)  # the last proposal, awaiting or after verification
+    pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
+
+    def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
+        """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
+        appended, the accepted prefix and one token of the target's). Returns the counts to add."""
+        proposal, self.proposal = self.proposal, Proposal()
+        if not (proposal.tokens and sampled):
+            return DraftStats()
+        accepted = min(len(sampled) - 1, len(proposal.tokens))
+        from_suffix = max(0, accepted - proposal.trunk_len)  # the suffix follows the trunk
+        return DraftStats(accepted_tokens=accepted, suffix_accepted_tokens=from_suffix)
+
+    def start_round(self, history: np.ndarray, budget: int, draft_model: DraftModelInfo | None) -> DraftRound | None:
+        """Begin drafting after ``history`` (at most ``budget`` tokens): feed the pool the request's new N-grams
+        and return the draft model's round (None without a draft model)."""
+        if self.settings.uses_pool and self.settings.context_ngrams:
+            self.pool.insert_many(context_ngrams(history, self.pooled_upto, self.settings.phrase_len))
+            self.pooled_upto = len(history)
+        if draft_model is None:
+            return None
+        round_ = DraftRound(self.draft, history, min(self.settings.gamma, budget), draft_model.eos_token_ids,
+                            draft_model.vocab_size)
+        if self.settings.draft_phrases:
+            pool, count = self.pool, self.settings.draft_phrases
+            round_.phrases_for = lambda key: pool.newest(key, count)
+            round_.window_shape = (self.settings.phrase_len, self.settings.lookahead_window)
+            round_.add_ngrams = pool.insert_many
+        return round_
+
+    def finish_round(self, round_: DraftRound | None, history: np.ndarray, budget: int) -> tuple[list[int], DraftStats]:
+        """The proposal: the draft model's tokens, lengthened from the pool up to ``budget`` (not past an end of
+        sequence); and the counts to add."""
+        drafted = round_.drafted if round_ is not None else []
+        proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
+        ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
+        if self.settings.uses_pool and not ends_sequence:  # nothing follows an end of sequence
+            lengthen(self.pool, proposal, int(history[-1]), budget)
+        self.proposal = proposal
+        counts = DraftStats(
+            rounds=1,
+            proposed_tokens=len(proposal.tokens),
+            suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
+            draft_forwards=round_.forwards if round_ is not None else 0,
+        )
+        return proposal.tokens, counts
+
+    def after_verification(self, verified: Sequence[int], target_argmax: Sequence[int]) -> DraftStats:
+        """The target verified ``verified`` (the proposal, or the part vLLM scheduled); ``target_argmax`` is its
+        argmax at each of those positions and the next one. Feeds the pool back; returns the counts to add."""
+        if not verified:
+            return DraftStats()
+        if self.settings.uses_pool:
+            apply_feedback(self.pool, self.proposal, verified, target_argmax)
+        return DraftStats(verified_rounds=1, verified_tokens=len(verified))

@@ -1,0 +1,153 @@
+"""Attention over the persistent draft cache, plugged into transformers' attention interface.
+
+A draft forward packs every row's new tokens into one sequence (no padding: the linear layers, which are
+most of a small model's forward, see each token once). transformers computes each token's query, key and
+value with its own position (RoPE) and hands them to the registered attention function, which here
+
+1. writes every new token's key and value into its row's next slots of :class:`DraftKVCache`, and
+2. attends: the rows with a few new tokens (drafting) together, in one ``scaled_dot_product_attention`` over
+   a view of the cache rows they span, their queries padded to the widest of them; a row with many new tokens
+   (a prompt's prefill) alone over a view of its own row, so that nobody pads to its width.
+
+Each query sees what its row's mask says: the row's context and, among the new tokens, what its plan lays
+out (phrases that see only themselves, the lookahead window's trajectories); never another row, padding or a
+slot past its row's length. The query heads that share a key/value head are folded into the query length
+(``[kv_heads, group * q, dim]``), so grouped-query attention reads each cached key once instead of copying it
+per query head.
+
+The batch reaches the attention function as a keyword argument of the model's forward (transformers passes
+unknown keywords down to the attention function). No mask function is registered for our implementation, so
+transformers builds no mask (it leaves masking to custom implementations); a plain forward without our batch
+gets transformers' SDPA attention, causal: the model stays usable as is for a single unpadded sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ouroboros_vllm.runtime.kv_cache import DraftKVCache
+
+ATTENTION_NAME = "ouroboros_draft_cache"
+
+# A row with more new tokens than this attends alone: padding every other row's queries to its width would
+# cost more than a call of its own.
+MAX_SHARED_QUERIES = 64
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row's part of a packed forward."""
+
+    row: int  # cache row
+    cached: int  # context slots before the new tokens
+    mask: np.ndarray  # [new, new] among the new tokens, True = attend (the context is visible to all)
+
+    @property
+    def num_new(self) -> int:
+        return self.mask.shape[0]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows attended in one call: cache rows ``first .. first + rows`` (a view), queries padded to ``width``."""
+
+    first: int
+    rows: int
+    width: int
+    length: int  # slots seen: the longest row's context and new tokens
+    mask: torch.Tensor  # [rows, 1, group * width, length]
+    packed: torch.Tensor  # [tokens] index of each of the group's tokens in the packed sequence
+    padded: torch.Tensor  # [tokens] index of each in the group's flattened [rows * width] queries
+
+
+class PackedBatch:
+    """What the attention function needs besides the model's tensors, computed once per forward."""
+
+    def __init__(self, cache: DraftKVCache, specs: Sequence[RowSpec], query_group: int) -> None:
+        device = cache.storage.device
+        self.cache = cache
+        starts = np.cumsum([0] + [spec.num_new for spec in specs])
+        self.rows = torch.from_numpy(np.repeat([s.row for s in specs], [s.num_new for s in specs])).to(device)
+        self.slots = torch.from_numpy(
+            np.concatenate([np.arange(s.cached, s.cached + s.num_new) for s in specs])).to(device)
+        shared = [i for i, s in enumerate(specs) if s.num_new <= MAX_SHARED_QUERIES]
+        alone = [i for i, s in enumerate(specs) if s.num_new > MAX_SHARED_QUERIES]
+        self.groups = [_group([specs[i] for i in part], [int(starts[i]) for i in part], query_group, device)
+                       for part in ([shared] if shared else []) + [[i] for i in alone]]
+
+
+def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, device: torch.device) -> _Group:
+    first = min(s.row for s in specs)
+    rows = max(s.row for s in specs) - first + 1
+    width = max(s.num_new for s in specs)
+    length = max(s.cached + s.num_new for s in specs)
+    mask = np.zeros((rows, width, length), dtype=bool)
+    mask[:, :, 0] = True  # padding queries see one slot, so that no softmax row is empty; their output is dropped
+    packed, padded = [], []
+    for spec, start in zip(specs, starts, strict=True):
+        b, n = spec.row - first, spec.num_new
+        mask[b, :n, : spec.cached] = True
+        mask[b, :n, spec.cached : spec.cached + n] = spec.mask
+        packed.append(np.arange(start, start + n))
+        padded.append(np.arange(b * width, b * width + n))
+    # Query (head h, token j) of a row sits at h // group, (h % group) * width + j after folding the heads.
+    folded = np.broadcast_to(mask[:, None], (rows, query_group, width, length)).reshape(rows, 1, -1, length)
+    return _Group(
+        first=first, rows=rows, width=width, length=length,
+        mask=torch.from_numpy(np.ascontiguousarray(folded)).to(device),
+        packed=torch.from_numpy(np.concatenate(packed)).to(device),
+        padded=torch.from_numpy(np.concatenate(padded)).to(device),
+    )
+
+
+def packed_cache_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    packed_batch: PackedBatch | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' attention function signature: ``query`` is ``[1, heads, tokens, dim]``, ``key`` and
+    ``value`` ``[1, kv_heads, tokens, dim]``; returns ``[1, tokens, heads, dim]``."""
+    if packed_batch is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    batch = packed_batch
+    keys, values = batch.cache.layer(module.layer_idx)
+    keys[batch.rows, :, batch.slots] = key[0].transpose(0, 1)
+    values[batch.rows, :, batch.slots] = value[0].transpose(0, 1)
+    num_heads, num_kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+    group_size = num_heads // num_kv_heads
+    tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
+    out = torch.empty_like(tokens)
+    for group in batch.groups:
+        padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
+        padded[group.padded] = tokens[group.packed]
+        q = padded.view(group.rows, group.width, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
+        rows = slice(group.first, group.first + group.rows)
+        attended = F.scaled_dot_product_attention(
+            q.reshape(group.rows, num_kv_heads, group_size * group.width, dim),
+            keys[rows, :, : group.length], values[rows, :, : group.length], attn_mask=group.mask, scale=scaling,
+        )
+        attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
+        out[group.packed] = attended.reshape(group.rows * group.width, num_heads, dim)[group.padded]
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Make :data:`ATTENTION_NAME` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, packed_cache_attention)

@@ -1,0 +1,115 @@
+"""The draft runtime: the draft model's one forward, over the persistent cache, for any set of requests.
+
+Why a draft model of our own beside vLLM's target: vLLM runs one model per engine step and verifies one
+chain per request; Ouroboros's draft forwards carry custom-mask layouts (pending tokens, the lookahead window,
+several pool phrases that must not see each other) and keep only some of their tokens, which vLLM's kernels
+cannot do. So the draft runs in transformers with an attention function and a KV cache of ours.
+
+:meth:`DraftRuntime.draft` takes the step's :class:`~ouroboros_vllm.algorithm.drafting.DraftRound` s and runs
+forwards until each is done, every unfinished round in every forward (a lone round is a batch of one). Each
+forward: the rounds plan their new tokens, the runtime packs them into one sequence, runs the model once,
+reads the argmax only where a round asked for it (the lm_head is a large share of a small model's forward),
+hands each round its argmax and moves the tokens each round keeps into place in its cache row.
+
+The cache (:mod:`.kv_cache`) is never gathered or copied per step; a row's attention reads a view of it.
+Each row's numbers are those of the row alone, except that int8 weights scale activations per forward (see
+:func:`~ouroboros_vllm.runtime.loading.quantize_int8`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState, ForwardPlan
+from ouroboros_vllm.algorithm.request import DraftModelInfo
+from ouroboros_vllm.runtime import attention
+from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec
+from ouroboros_vllm.runtime.kv_cache import DraftKVCache
+from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
+
+
+class DraftRuntime:
+    """A transformers causal LM used greedily as the drafter, with one persistent KV cache for every request."""
+
+    def __init__(self, model: torch.nn.Module, eos_token_ids: frozenset[int]) -> None:
+        config = model.config
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise DraftModelError(f"draft models with {sorted(layer_types)} layers are not supported (full "
+                                  "attention only: sliding-window layers would need their own cache)")
+        attention.register()
+        model.config._attn_implementation = attention.ATTENTION_NAME
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.info = DraftModelInfo(vocab_size=int(config.vocab_size), eos_token_ids=eos_token_ids)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+        self.cache = DraftKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, self.device)
+        self._query_group = config.num_attention_heads // config.num_key_value_heads
+
+    @classmethod
+    def load(cls, path: str, *, target_tokenizer: str, device: torch.device, precision: str) -> DraftRuntime:
+        loaded = load_draft_model(path, target_tokenizer=target_tokenizer, device=device, precision=precision)
+        return cls(loaded.model, loaded.eos_token_ids)
+
+    def release(self, state: DraftState) -> None:
+        """The request is done: its cache row goes back to the pool of rows."""
+        if state.cache_row is not None:
+            self.cache.release(state.cache_row)
+            state.cache_row = None
+        state.ids.clear()
+
+    @torch.inference_mode()
+    def draft(self, rounds: Sequence[DraftRound]) -> None:
+        """Run forwards until every round is done; every unfinished round shares each forward."""
+        active = [r for r in rounds if not r.done]
+        while active:
+            plans = [r.plan() for r in active]
+            predicted = self.forward([(r.state, plan) for r, plan in zip(active, plans, strict=True)])
+            for r, plan, argmax in zip(active, plans, predicted, strict=True):
+                kept = r.finish(plan, argmax)
+                assert r.state.cache_row is not None
+                self.cache.compact(r.state.cache_row, plan.cached, kept)
+            active = [r for r in active if not r.done]
+
+    @torch.inference_mode()
+    def forward(self, rows: Sequence[tuple[DraftState, ForwardPlan]]) -> list[dict[int, int]]:
+        """One forward of the draft model for these rows' plans; per row, its new tokens' argmax (index among the
+        row's new tokens -> the draft's argmax after it) where the plan reads it."""
+        for state, _ in rows:
+            if state.cache_row is None:
+                state.cache_row = self.cache.acquire()
+        self.cache.reserve(max(plan.cached + plan.num_new for _, plan in rows))
+        device = self.device
+        input_ids = torch.tensor([[t for _, plan in rows for t in plan.input_ids]], dtype=torch.long, device=device)
+        positions = torch.from_numpy(np.concatenate([plan.positions for _, plan in rows]))[None].to(device)
+        specs = [RowSpec(state.cache_row, plan.cached, plan.mask) for state, plan in rows]  # type: ignore[arg-type]
+        batch = PackedBatch(self.cache, specs, self._query_group)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, position_ids=positions, use_cache=False, packed_batch=batch,
+        ).last_hidden_state[0]
+        # The argmax where a plan always reads it, then at the phrase tokens that can matter given the first.
+        starts = [int(start) for start in np.cumsum([0] + [plan.num_new for _, plan in rows])]
+        argmax = self._argmax(hidden, [[start + i for i in plan.logit_rows] for start, (_, plan) in zip(starts, rows)])
+        phrase_rows = [plan.phrase_rows(found[0]) for found, (_, plan) in zip(argmax, rows, strict=True)]
+        more = self._argmax(hidden, [[start + i for i in extra] for start, extra in zip(starts, phrase_rows)])
+        return [
+            dict(zip(plan.logit_rows + extra, first + second, strict=True))
+            for (_, plan), extra, first, second in zip(rows, phrase_rows, argmax, more, strict=True)
+        ]
+
+    def _argmax(self, hidden: torch.Tensor, rows: list[list[int]]) -> list[list[int]]:
+        """The draft's argmax at these packed rows (one lm_head call), in the same nesting."""
+        flat = [row for part in rows for row in part]
+        if not flat:
+            return [[] for _ in rows]
+        index = torch.tensor(flat, dtype=torch.long, device=self.device)
+        found = self.model.get_output_embeddings()(hidden[index]).argmax(dim=-1).tolist()
+        out, at = [], 0
+        for part in rows:
+            out.append(found[at : at + len(part)])
+            at += len(part)
+        return out

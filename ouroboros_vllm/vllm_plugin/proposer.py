@@ -1,0 +1,247 @@
+"""OuroborosProposer: vLLM's ``custom_class`` proposer contract, one loop over the batch rows.
+
+vLLM builds one instance per worker process (``cls(vllm_config)``), calls ``load_model(target_model)`` once
+and then ``propose(...)`` once per engine step for the whole batch, after the target verified the previous
+step's drafts. The runner hooks (:mod:`.hooks`) tell us, around that call, which request each row holds, what
+the target predicted at every verified position and which requests finished.
+
+One step, top to bottom: each row's request state takes the verification (:meth:`on_verified`), then in
+:meth:`propose` starts a round; the draft runtime runs every round's forwards, the rounds sharing each forward;
+each request's round is lengthened from the pool into the proposal vLLM verifies next.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+
+from ouroboros_vllm.algorithm.drafting import DraftRound
+from ouroboros_vllm.algorithm.pool import PhrasePool, max_phrases_for_memory
+from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
+from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
+from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
+from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
+from ouroboros_vllm.runtime.loading import resolve_model_path, resolve_precision, tokenizer_vocab
+from ouroboros_vllm.vllm_plugin import hooks
+from ouroboros_vllm.vllm_plugin.config import OuroborosConfig
+from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter
+
+logger = init_logger(__name__)
+
+# The per-request option, in SamplingParams(extra_args=...) or the OpenAI API's "vllm_xargs" (flat scalars only).
+POOL_OPTION = "ouroboros_pool"
+POOL_CHOICES = ("shared", "cold")
+
+
+class OuroborosProposer(hooks.StepListener):
+    """Drafts for each running request and lengthens the draft from the shared phrase pool.
+
+    ``propose`` returns at most K (``num_speculative_tokens``) ids per row: up to gamma tokens from the draft
+    model (the trunk), then pool phrases keyed by the chain's last token. One pool per process serves every
+    request (warm start).
+    """
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        # Also done by the plugin entry point; repeated here so that an allow-list (VLLM_PLUGINS) that leaves the
+        # plugin out cannot leave the proposer without its hooks, and so that an unsupported vLLM fails here.
+        hooks.install()
+        spec_config = vllm_config.speculative_config
+        assert spec_config is not None and spec_config.num_speculative_tokens is not None
+        self.config = OuroborosConfig.from_additional_config(vllm_config.additional_config)
+        self.num_speculative_tokens = int(spec_config.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.target_tokenizer = vllm_config.model_config.tokenizer
+        self.target_dtype = vllm_config.model_config.dtype
+        self.config.check_against(self.num_speculative_tokens)
+        self.settings = self.config.draft_settings(self.num_speculative_tokens)
+        # A missing draft folder fails here, at engine start, rather than at load_model.
+        self.draft_path = None
+        if self.config.uses_draft_model:
+            assert self.config.draft_model is not None  # the config requires it
+            self.draft_path = resolve_model_path(self.config.draft_model)
+
+        self.pool = self._new_pool()  # the shared pool (warm start)
+        self.pool_file: PoolFile | None = None
+        if self.config.pool_path is not None:
+            identity = PoolIdentity(
+                tokenizer=tokenizer_fingerprint(tokenizer_vocab(self.target_tokenizer)),
+                target=str(vllm_config.model_config.model),
+                draft=self.config.draft_model or "",
+            )
+            self.pool_file = PoolFile(self.config.pool_path, identity, self.config.pool_save_interval_s)
+            loaded = self.pool_file.load_into(self.pool)
+            logger.info("ouroboros-vllm: %d phrases loaded from %s", loaded, self.pool_file.path)
+            self.pool_file.save_at_exit(self.pool)
+        self.drafter: DraftRuntime | None = None
+        self.requests: dict[str, RequestState] = {}
+        self.stats = DraftStats()
+        self._stats_logger = StatsLogger(self.config.stats_log_interval_s, logger)
+        model_config = vllm_config.model_config
+        self._metrics = MetricsExporter(str(getattr(model_config, "served_model_name", None) or model_config.model))
+        self._batch_req_ids: list[str] | None = None
+        self._skipped_out_of_vocab: set[str] = set()
+
+    def summary(self) -> str:
+        """The process-wide stats in one line (logged every ``stats_log_interval_s``, printed by the demo)."""
+        line = self.stats.summary()
+        return f"{line}; {self.pool.summary()}" if self.config.uses_pool else line
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        if self.draft_path is None:  # pool_only: no draft model
+            return
+        device = next(target_model.parameters()).device
+        precision = resolve_precision(self.config.draft_dtype, self.target_dtype, device)
+        self.drafter = DraftRuntime.load(
+            self.draft_path, target_tokenizer=self.target_tokenizer, device=device, precision=precision)
+
+    # ---- reports from the runner hooks -------------------------------------------------------------------
+
+    def on_requests_finished(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                logger.debug("ouroboros-vllm: request %s done: %s", req_id, state.stats.summary())
+                if self.drafter is not None:
+                    self.drafter.release(state.draft)
+            self._skipped_out_of_vocab.discard(req_id)
+        self._push_metrics()
+
+    def on_requests_added(self, sampling_params: dict[str, Any]) -> None:
+        for req_id, params in sampling_params.items():
+            if req_id not in self.requests:
+                self.requests[req_id] = self._new_request(cold=self._wants_own_pool(req_id, params))
+
+    def on_batch(self, req_ids: list[str]) -> None:
+        self._batch_req_ids = req_ids
+
+    def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
+        for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
+            state = self.requests.get(req_id)
+            if state is not None:
+                self._record(state, state.after_verification(draft, argmax))
+
+    # ---- the custom_class contract -------------------------------------------------------------------------
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings: Any = None,  # vLLM passes the target's KV slots; our draft keeps its own cache
+    ) -> list[list[int]]:
+        start = time.perf_counter()
+        req_ids = self._take_batch_req_ids(len(sampled_token_ids))
+        states = [self.requests.get(req_id) or self._adopt(req_id) for req_id in req_ids]
+        # (state, history, budget, the draft model's round) of every row that drafts in this step.
+        drafting: list[tuple[RequestState, np.ndarray, int, DraftRound | None]] = []
+        for row, (req_id, state, sampled) in enumerate(zip(req_ids, states, sampled_token_ids, strict=True)):
+            num_tokens = int(num_tokens_no_spec[row])
+            history = token_ids_cpu[row, :num_tokens]
+            # Near max_model_len, a draft must leave room for the target's own token.
+            budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens - 1)
+            self._record(state, state.count_accepted(sampled))
+            # Rows still in (chunked) prefill sampled nothing: there is no next token to draft after yet.
+            if sampled and budget > 0:
+                round_ = state.start_round(history, budget, self._draft_model_for(req_id, history))
+                drafting.append((state, history, budget, round_))
+        self._run_draft_model([(state, round_) for state, _, _, round_ in drafting if round_ is not None])
+        seconds = time.perf_counter() - start
+        for state, history, budget, round_ in drafting:
+            _, counts = state.finish_round(round_, history, budget)
+            counts.draft_seconds = seconds / len(drafting)  # the step's drafting, shared evenly
+            self._record(state, counts)
+        if drafting:
+            self.stats.steps += 1
+        self._stats_logger.maybe_log(self.summary)
+        self._push_metrics()
+        if self.pool_file is not None:
+            self.pool_file.maybe_save(self.pool)
+        return [state.proposal.tokens for state in states]
+
+    def _run_draft_model(self, rounds: list[tuple[RequestState, DraftRound]]) -> None:
+        """Every request's trunk in shared draft forwards. Cold requests draft alone: with int8 weights a
+        forward's numbers depend on every row in it, and a cold (e.g. seeded) request's drafts must not depend
+        on other traffic."""
+        if self.drafter is None:
+            return
+        shared = [round_ for state, round_ in rounds if not state.cold]
+        groups = [shared] if self.config.batch_draft else [[round_] for round_ in shared]
+        groups += [[round_] for state, round_ in rounds if state.cold]
+        for group in groups:
+            if group:
+                self.drafter.draft(group)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+
+    def _new_pool(self) -> PhrasePool:
+        return PhrasePool(
+            phrase_len=self.config.phrase_len,
+            max_phrases_per_key=self.config.max_phrases_per_key,
+            max_keys=self.config.pool_max_keys,
+            max_phrases=max_phrases_for_memory(self.config.pool_memory_mib, self.config.phrase_len),
+        )
+
+    def _new_request(self, cold: bool) -> RequestState:
+        own_pool = cold or not self.config.warm_start
+        return RequestState(self.settings, self._new_pool() if own_pool else self.pool, cold=cold)
+
+    def _adopt(self, req_id: str) -> RequestState:
+        """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
+        state = self.requests[req_id] = self._new_request(cold=False)
+        return state
+
+    def _wants_own_pool(self, req_id: str, params: Any) -> bool:
+        """Cold when asked for; by default also for seeded sampling: vLLM's rejection sampler draws one random
+        number per draft token, so drafts that depended on other requests (the shared pool) would make a
+        seeded output depend on the traffic around it."""
+        extra_args = getattr(params, "extra_args", None) or {}
+        seeded_sampling = getattr(params, "seed", None) is not None and getattr(params, "temperature", 0.0) > 0
+        choice = extra_args.get(POOL_OPTION)
+        if choice is None:
+            return seeded_sampling
+        if choice not in POOL_CHOICES:
+            # The worker cannot reject a request without failing the whole batch: say so and go on.
+            logger.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default",
+                           req_id, POOL_OPTION, choice, ", ".join(repr(c) for c in POOL_CHOICES))
+            return seeded_sampling
+        return choice == "cold"
+
+    def _draft_model_for(self, req_id: str, history: np.ndarray) -> DraftModelInfo | None:
+        """The draft model's description for this request, or None when the draft model cannot serve it."""
+        if self.drafter is None:
+            return None
+        info = self.drafter.info
+        if history.size == 0 or int(history.max()) < info.vocab_size:
+            return info
+        # A token id past the draft's embedding table (the target's vocabulary can be padded larger):
+        # no draft-model tokens for this request rather than a crash of the engine.
+        if req_id not in self._skipped_out_of_vocab:
+            self._skipped_out_of_vocab.add(req_id)
+            logger.warning("ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; "
+                           "drafting from the pool only", req_id, info.vocab_size)
+        return None
+
+    # ---- stats -------------------------------------------------------------------------------------------
+
+    def _record(self, state: RequestState, counts: DraftStats) -> None:
+        """Add to the request's and the process-wide counters."""
+        state.stats.add(counts)
+        self.stats.add(counts)
+
+    def _push_metrics(self) -> None:
+        self._metrics.push(self.stats, self.pool if self.config.uses_pool else None, len(self.requests))
+
+    def _take_batch_req_ids(self, num_rows: int) -> list[str]:
+        req_ids, self._batch_req_ids = self._batch_req_ids, None
+        if req_ids is None or len(req_ids) != num_rows:
+            raise RuntimeError(
+                "OuroborosProposer.propose() was called without the request ids of its batch rows: the "
+                "ouroboros-vllm runner hooks are not installed in this process (is the plugin disabled by "
+                f"VLLM_PLUGINS?), or this vLLM calls propose() differently (rows: {num_rows}, ids: {req_ids})"
+            )
+        return req_ids
