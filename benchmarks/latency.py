@@ -13,7 +13,8 @@ mean acceptance length from the run (pooled over datasets, batch size 1). The dr
 lookup methods and pool_only (CPU work that overlaps nothing but is small next to a forward) and F * d(1) for
 draft-model methods when the draft's curve d is given (--draft-latency), F the draft forwards per step (K for
 vLLM's draft_model and our 'greedy', gamma for our modes that fill the rest from the pool; phrase drafting
-makes fewer, slightly wider forwards); without the curve the projection of those methods is an upper bound. It assumes every target step carries a draft (vLLM's tau counts only steps
+makes fewer, slightly wider forwards); without the curve the projection of those methods is an upper bound.
+It assumes every target step carries a draft (vLLM's tau counts only steps
 that do), batch size 1, and no other overheads (scheduling, sampling): it is a projection, not a measurement.
 
   python -m benchmarks.latency --model qwen2.5-coder-1.5b-instruct --out latency-target.json
@@ -61,8 +62,11 @@ def describe_device(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_gib=round(props.total_memory / (1 << 30), 1),
-                    capability=f"{props.major}.{props.minor}")
+        info.update(
+            name=props.name,
+            memory_gib=round(props.total_memory / (1 << 30), 1),
+            capability=f"{props.major}.{props.minor}",
+        )
     else:
         from benchmarks.environment import cpu_model
 
@@ -72,8 +76,15 @@ def describe_device(device: str) -> dict[str, Any]:
 
 
 def measure(
-    model_path: str, tokens: Sequence[int], *, context: int, repeats: int, device: str, dtype: str,
-    random_weights: bool = False, cuda_graphs: bool = False,
+    model_path: str,
+    tokens: Sequence[int],
+    *,
+    context: int,
+    repeats: int,
+    device: str,
+    dtype: str,
+    random_weights: bool = False,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Median seconds of a forward of n new tokens after ``context`` cached tokens, for each n in ``tokens``.
 
@@ -102,8 +113,9 @@ def measure(
 
     samples: dict[int, list[float]] = {n: [] for n in tokens}
     with torch.inference_mode():
-        forward = (_graph_forwards(model, prefix, new, tokens) if cuda_graphs
-                   else _eager_forwards(model, prefix, new, tokens))
+        forward = (
+            _graph_forwards(model, prefix, new, tokens) if cuda_graphs else _eager_forwards(model, prefix, new, tokens)
+        )
         for _ in range(repeats):
             for n in tokens:  # interleaved, so that drifting machine load spreads over every n
                 sync()
@@ -115,9 +127,17 @@ def measure(
     return {
         "kind": "latency",
         "model": model_path,
-        "shapes": {key: getattr(config, key, None) for key in
-                   ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_key_value_heads", "vocab_size")},
+        "shapes": {
+            key: getattr(config, key, None)
+            for key in (
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
         "dtype": dtype,
         "random_weights": random_weights,
         "cuda_graphs": cuda_graphs,
@@ -150,8 +170,12 @@ def _graph_forwards(model: Any, prefix: Any, new: Any, tokens: Sequence[int]) ->
 
     context = prefix.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=context + max(tokens))
-    model(input_ids=prefix, past_key_values=cache, cache_position=torch.arange(context, device=prefix.device),
-          use_cache=True)
+    model(
+        input_ids=prefix,
+        past_key_values=cache,
+        cache_position=torch.arange(context, device=prefix.device),
+        use_cache=True,
+    )
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     for n in tokens:
         positions = torch.arange(context, context + n, device=prefix.device)
@@ -163,8 +187,13 @@ def _graph_forwards(model: Any, prefix: Any, new: Any, tokens: Sequence[int]) ->
                 counter = getattr(layer, "cumulative_length", None)
                 if isinstance(counter, torch.Tensor):
                     counter.fill_(context)
-            model(input_ids=new[:, :n], past_key_values=cache, cache_position=positions,
-                  position_ids=positions[None], use_cache=True)
+            model(
+                input_ids=new[:, :n],
+                past_key_values=cache,
+                cache_position=positions,
+                position_ids=positions[None],
+                use_cache=True,
+            )
 
         side = torch.cuda.Stream()  # warm-up off the capture stream, as CUDA graph capture requires
         side.wait_stream(torch.cuda.current_stream())
@@ -241,28 +270,42 @@ def project(results_path: Path, target_path: Path, draft_path: Path | None) -> d
         if s.status != "ok" or s.k is None or s.tau is None or s.batch_size != 1:
             continue
         cost = draft_cost(draft_forwards_per_step(methods.get(s.method), s.k), draft)
-        rows.append({
-            "method": s.method, "k": s.k, "dataset": s.dataset, "tau": s.tau,
-            "measured_speedup_here": s.speedup,
-            "projected_speedup": projected_speedup(s.tau, s.k, target, cost or 0.0),
-            "draft_cost_counted": cost is not None,
-        })
+        rows.append(
+            {
+                "method": s.method,
+                "k": s.k,
+                "dataset": s.dataset,
+                "tau": s.tau,
+                "measured_speedup_here": s.speedup,
+                "projected_speedup": projected_speedup(s.tau, s.k, target, cost or 0.0),
+                "draft_cost_counted": cost is not None,
+            }
+        )
     rows.sort(key=lambda r: (r["dataset"] != ALL_DATASETS, r["dataset"], r["method"], r["k"]))
-    return {"kind": "projection", "formula": "speedup ≈ tau * t(1) / (t(K+1) + draft cost per step)",
-            "results": str(results_path), "target_latency": str(target_path),
-            "draft_latency": str(draft_path) if draft_path else None,
-            "device": target_info.get("device", {}).get("name"), "rows": rows}
+    return {
+        "kind": "projection",
+        "formula": "speedup ≈ tau * t(1) / (t(K+1) + draft cost per step)",
+        "results": str(results_path),
+        "target_latency": str(target_path),
+        "draft_latency": str(draft_path) if draft_path else None,
+        "device": target_info.get("device", {}).get("name"),
+        "rows": rows,
+    }
 
 
 def format_projection(projection: dict[str, Any]) -> str:
-    lines = [f"PROJECTION (not a measurement) onto {projection['device']}: {projection['formula']}",
-             "| dataset | method | K | τ (measured) | speedup measured here | projected speedup |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"PROJECTION (not a measurement) onto {projection['device']}: {projection['formula']}",
+        "| dataset | method | K | τ (measured) | speedup measured here | projected speedup |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in projection["rows"]:
         measured = "n/a" if r["measured_speedup_here"] is None else f"{r['measured_speedup_here']:.2f}x"
         bound = "" if r["draft_cost_counted"] else " (upper bound: draft cost not counted)"
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['k']} | {r['tau']:.2f} | {measured} | "
-                     f"{r['projected_speedup']:.2f}x{bound} |")
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['k']} | {r['tau']:.2f} | {measured} | "
+            f"{r['projected_speedup']:.2f}x{bound} |"
+        )
     return "\n".join(lines)
 
 
@@ -270,20 +313,30 @@ def format_projection(projection: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct",
-                        help="model to measure: a name of `ouroboros-vllm models list` or a Hugging Face folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="qwen2.5-coder-1.5b-instruct",
+        help="model to measure: a name of `ouroboros-vllm models list` or a Hugging Face folder",
+    )
     parser.add_argument("--tokens", default=DEFAULT_TOKENS, help=f"new tokens per forward (default {DEFAULT_TOKENS})")
     parser.add_argument("--context", type=int, default=256, help="tokens already in the KV cache (default 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per point; the median is kept")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", help="torch dtype (default float32, what vLLM-CPU runs)")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build the model from the folder's config.json with random weights (same shapes, "
-                        "same time; for a machine without the weights)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay each forward as a CUDA graph over a static cache (how vLLM decodes on a GPU)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from the folder's config.json with random weights (same shapes, "
+        "same time; for a machine without the weights)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each forward as a CUDA graph over a static cache (how vLLM decodes on a GPU)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file to write (measuring: default latency-<device>.json)")
     parser.add_argument("--project", type=Path, metavar="RESULTS_JSON", help="project a benchmark run instead")
     parser.add_argument("--latency", type=Path, help="with --project: the target's latency JSON on the other device")
@@ -311,8 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.run import resolve_model
 
         path, name = resolve_model(args.model)
-    result = measure(path, parse_tokens(args.tokens), context=args.context, repeats=args.repeats, device=device,
-                     dtype=args.dtype, random_weights=args.random_weights, cuda_graphs=args.cuda_graphs)
+    result = measure(
+        path,
+        parse_tokens(args.tokens),
+        context=args.context,
+        repeats=args.repeats,
+        device=device,
+        dtype=args.dtype,
+        random_weights=args.random_weights,
+        cuda_graphs=args.cuda_graphs,
+    )
     result["model_name"] = name
     out = args.out or Path(f"latency-{name}-{device.replace(':', '')}.json")
     out.write_text(json.dumps(result, indent=1), encoding="utf-8")

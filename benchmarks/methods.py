@@ -99,8 +99,13 @@ def ouroboros_method_name(mode: str) -> str:
 def _ouroboros_methods() -> list[Method]:
     # One method per drafting mode the proposer accepts: the config's Literal is the source of truth.
     return [
-        Method(ouroboros_method_name(mode), "ouroboros", {"drafting": mode}, stateful=mode not in STATELESS_DRAFTING_MODES,
-               uses_draft_model=mode_needs_draft_model(mode))
+        Method(
+            ouroboros_method_name(mode),
+            "ouroboros",
+            {"drafting": mode},
+            stateful=mode not in STATELESS_DRAFTING_MODES,
+            uses_draft_model=mode_needs_draft_model(mode),
+        )
         for mode in get_args(DraftingMode)
     ]
 

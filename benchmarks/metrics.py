@@ -185,7 +185,7 @@ def mismatch_details(results: Sequence[dict[str, Any]], limit: int = 10) -> list
                     at = first_difference(expected, prompt["output_token_ids"])
                     lines.append(
                         f"{result['method']} K={result['k']} bs={run['batch_size']} {run['dataset']}/{prompt['id']}: "
-                        f"differs from plain at output token {at} (plain {expected[at:at + 4]}, "
-                        f"got {prompt['output_token_ids'][at:at + 4]})"
+                        f"differs from plain at output token {at} (plain {expected[at : at + 4]}, "
+                        f"got {prompt['output_token_ids'][at : at + 4]})"
                     )
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])

@@ -18,14 +18,23 @@ def _pyplot():
 
 
 def speedup_by_dataset(
-    summaries: Sequence[Summary], path: Path, *, k: int, batch_size: int, methods: Sequence[str],
-    datasets: Sequence[str], title: str,
+    summaries: Sequence[Summary],
+    path: Path,
+    *,
+    k: int,
+    batch_size: int,
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    title: str,
 ) -> Path:
     """Grouped bars: one group per dataset (and all pooled), one bar per speculative method at ``k``."""
     plt = _pyplot()
     groups = [*datasets, ALL_DATASETS]
-    table = {(s.method, s.dataset): s.speedup for s in summaries
-             if s.batch_size == batch_size and s.k == k and s.status == "ok"}
+    table = {
+        (s.method, s.dataset): s.speedup
+        for s in summaries
+        if s.batch_size == batch_size and s.k == k and s.status == "ok"
+    }
     ran = {method for method, _ in table}
     bars = [m for m in methods if m != BASELINE and m in ran]
     not_run = [m for m in methods if m != BASELINE and m not in ran]
@@ -43,8 +52,7 @@ def speedup_by_dataset(
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars stay readable
     if not_run:
-        ax.annotate(f"not run: {', '.join(not_run)}", (0.0, -0.01), xycoords="figure fraction", fontsize=7,
-                    va="bottom")
+        ax.annotate(f"not run: {', '.join(not_run)}", (0.0, -0.01), xycoords="figure fraction", fontsize=7, va="bottom")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -52,7 +60,12 @@ def speedup_by_dataset(
 
 
 def tau_vs_k(
-    summaries: Sequence[Summary], path: Path, *, batch_size: int, methods: Sequence[str], title: str,
+    summaries: Sequence[Summary],
+    path: Path,
+    *,
+    batch_size: int,
+    methods: Sequence[str],
+    title: str,
 ) -> Path:
     """tau (left) and speedup (right) against K, all datasets pooled, one line per speculative method."""
     plt = _pyplot()
@@ -60,9 +73,16 @@ def tau_vs_k(
     for method in methods:
         if method == BASELINE:
             continue
-        points = sorted((s.k, s.tau, s.speedup) for s in summaries
-                        if s.method == method and s.dataset == ALL_DATASETS and s.batch_size == batch_size
-                        and s.status == "ok" and s.k is not None and s.tau is not None)
+        points = sorted(
+            (s.k, s.tau, s.speedup)
+            for s in summaries
+            if s.method == method
+            and s.dataset == ALL_DATASETS
+            and s.batch_size == batch_size
+            and s.status == "ok"
+            and s.k is not None
+            and s.tau is not None
+        )
         if not points:
             continue
         ks = [p[0] for p in points]

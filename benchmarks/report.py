@@ -7,8 +7,21 @@ from typing import Any
 
 from benchmarks.metrics import ALL_DATASETS, BASELINE, Summary
 
-COLUMNS = ("method", "K", "batch", "prompts", "tokens", "tok/s", "speedup", "decode speedup", "τ", "acceptance",
-           "draft share", "draft ms/step", "output = plain")
+COLUMNS = (
+    "method",
+    "K",
+    "batch",
+    "prompts",
+    "tokens",
+    "tok/s",
+    "speedup",
+    "decode speedup",
+    "τ",
+    "acceptance",
+    "draft share",
+    "draft ms/step",
+    "output = plain",
+)
 
 
 def _num(value: float | None, spec: str, suffix: str = "") -> str:
@@ -107,6 +120,8 @@ def describe_run(meta: dict[str, Any]) -> list[str]:
         by_batch = info.get("num_prompts_by_batch_size", {})
         if len(set(by_batch.values())) > 1:
             prompts += " (" + ", ".join(f"{n} at batch size {b}" for b, n in by_batch.items()) + ")"
-        lines.append(f"- {name}: {prompts}, {info['max_tokens']} new tokens max, "
-                     f"prompt length {info['prompt_tokens_min']}-{info['prompt_tokens_max']} tokens")
+        lines.append(
+            f"- {name}: {prompts}, {info['max_tokens']} new tokens max, "
+            f"prompt length {info['prompt_tokens_min']}-{info['prompt_tokens_max']} tokens"
+        )
     return lines

@@ -60,43 +60,95 @@ QUICK = Profile("quick", ("humaneval", "mt_bench"), num_prompts=1, max_tokens=32
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     method_names = ", ".join(m.name for m in METHODS)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small run (~6 min on 2 idle cores): {', '.join(QUICK.datasets)}, {QUICK.num_prompts} "
-                        f"prompt each, {QUICK.max_tokens} tokens")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"target model: a name of `ouroboros-vllm models "
-                        f"list` or a folder (default {DEFAULT_TARGET})")
-    parser.add_argument("--draft", default=DEFAULT_DRAFT, help=f"draft model for draft_model and ouroboros, same "
-                        f"tokenizer as the target (default {DEFAULT_DRAFT})")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"methods or method kinds (default: all of {method_names}); plain always runs")
-    parser.add_argument("--datasets", nargs="+", metavar="DATASET", choices=list(ds.DATASETS),
-                        help=f"default: all of {', '.join(ds.DATASETS)}")
-    parser.add_argument("--data-dir", type=Path,
-                        help="folder with sanitized-mbpp.json and spec_bench_question.jsonl "
-                        "(default: ../shared/data beside the checkout, if it exists)")
-    parser.add_argument("--num-prompts", type=int, help=f"prompts per dataset and batch size, spread evenly over "
-                        f"the dataset; a larger batch size runs one full batch (default {FULL.num_prompts}; quick "
-                        f"{QUICK.num_prompts})")
-    parser.add_argument("--max-tokens", type=int, help="new tokens per prompt for every dataset "
-                        "(default: per dataset, see docs/benchmarks.md)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=1536,
-                        help="skip items whose prompt is longer (default 1536; CPU prefill is slow)")
-    parser.add_argument("-k", "--num-speculative-tokens", dest="ks", type=int, nargs="+", metavar="K",
-                        help="tokens proposed per step; several values run every speculative method at each "
-                        "(the tau-vs-K plot) (default 4)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", metavar="N",
-                        help=f"prompts per generate call (default {' '.join(map(str, FULL.batch_sizes))}; quick "
-                        f"{' '.join(map(str, QUICK.batch_sizes))})")
-    parser.add_argument("--kv-cache-gib", type=float,
-                        help="KV cache per engine (default: what the longest prompts need at the largest batch size)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small run (~6 min on 2 idle cores): {', '.join(QUICK.datasets)}, {QUICK.num_prompts} "
+        f"prompt each, {QUICK.max_tokens} tokens",
+    )
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"target model: a name of `ouroboros-vllm models list` or a folder (default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--draft",
+        default=DEFAULT_DRAFT,
+        help=f"draft model for draft_model and ouroboros, same tokenizer as the target (default {DEFAULT_DRAFT})",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"methods or method kinds (default: all of {method_names}); plain always runs",
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        metavar="DATASET",
+        choices=list(ds.DATASETS),
+        help=f"default: all of {', '.join(ds.DATASETS)}",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder with sanitized-mbpp.json and spec_bench_question.jsonl "
+        "(default: ../shared/data beside the checkout, if it exists)",
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=int,
+        help=f"prompts per dataset and batch size, spread evenly over "
+        f"the dataset; a larger batch size runs one full batch (default {FULL.num_prompts}; quick "
+        f"{QUICK.num_prompts})",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        help="new tokens per prompt for every dataset (default: per dataset, see docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=1536,
+        help="skip items whose prompt is longer (default 1536; CPU prefill is slow)",
+    )
+    parser.add_argument(
+        "-k",
+        "--num-speculative-tokens",
+        dest="ks",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="tokens proposed per step; several values run every speculative method at each "
+        "(the tau-vs-K plot) (default 4)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help=f"prompts per generate call (default {' '.join(map(str, FULL.batch_sizes))}; quick "
+        f"{' '.join(map(str, QUICK.batch_sizes))})",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV cache per engine (default: what the longest prompts need at the largest batch size)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<timestamp>)")
-    parser.add_argument("--report-only", type=Path, metavar="RESULTS_DIR",
-                        help="run nothing: write report.md and the plots again from RESULTS_DIR/results.json")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RESULTS_DIR",
+        help="run nothing: write report.md and the plots again from RESULTS_DIR/results.json",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
@@ -123,22 +175,49 @@ def run(args: argparse.Namespace) -> int:
         print("error: no dataset to run", file=sys.stderr)
         return 2
     warmup = tokenize_raw(target, WARMUP_TEXT)
-    max_model_len = max(len(p.token_ids) for d in dataset_jobs for p in d.prompts) + \
-        max(d.max_tokens for d in dataset_jobs) + max(ks) + 1
+    max_model_len = (
+        max(len(p.token_ids) for d in dataset_jobs for p in d.prompts)
+        + max(d.max_tokens for d in dataset_jobs)
+        + max(ks)
+        + 1
+    )
     kv_cache_gib = args.kv_cache_gib or kv_cache_gib_needed([target, draft], max_model_len, max(batch_sizes))
 
     meta: dict[str, Any] = {
-        "mode": profile.name, "command": command_line(), "argv": sys.argv,
-        "started": datetime.now().isoformat(timespec="seconds"), "target": target, "target_name": target_name,
-        "draft": draft, "draft_name": draft_name, "ks": ks, "batch_sizes": batch_sizes,
-        "methods": [m.name for m in methods], "datasets": dataset_info, "max_model_len": max_model_len,
-        "kv_cache_gib": kv_cache_gib, "machine": describe_machine(),
+        "mode": profile.name,
+        "command": command_line(),
+        "argv": sys.argv,
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "target": target,
+        "target_name": target_name,
+        "draft": draft,
+        "draft_name": draft_name,
+        "ks": ks,
+        "batch_sizes": batch_sizes,
+        "methods": [m.name for m in methods],
+        "datasets": dataset_info,
+        "max_model_len": max_model_len,
+        "kv_cache_gib": kv_cache_gib,
+        "machine": describe_machine(),
     }
     references = (out / "references.json").resolve()
-    jobs = plan_jobs(methods, ks, batch_sizes, target, draft, dataset_jobs, max_model_len, kv_cache_gib, warmup,
-                     references=str(references))
-    print(f"benchmark ({profile.name}): {target_name} / {draft_name}, methods {', '.join(m.name for m in methods)}, "
-          f"K {ks}, batch sizes {batch_sizes}, datasets {', '.join(dataset_info)} -> {out}", flush=True)
+    jobs = plan_jobs(
+        methods,
+        ks,
+        batch_sizes,
+        target,
+        draft,
+        dataset_jobs,
+        max_model_len,
+        kv_cache_gib,
+        warmup,
+        references=str(references),
+    )
+    print(
+        f"benchmark ({profile.name}): {target_name} / {draft_name}, methods {', '.join(m.name for m in methods)}, "
+        f"K {ks}, batch sizes {batch_sizes}, datasets {', '.join(dataset_info)} -> {out}",
+        flush=True,
+    )
 
     results = run_jobs(jobs, out, meta, references)
     meta["elapsed_s"] = time.perf_counter() - started
@@ -181,8 +260,9 @@ def tokenize_raw(model: str, text: str) -> list[int]:
 def render_prompt(tokenizer: Any, prompt: ds.Prompt) -> list[int]:
     """Token ids of a prompt: chat prompts through the target's chat template (when it has one), others raw."""
     if prompt.chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
+        )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
 
@@ -214,11 +294,17 @@ def load_prompts(
         job = DatasetJob(name, max_tokens, [PromptJob(item.id, ids) for item, ids in chosen], num_prompts)
         jobs.append(job)
         lengths = [len(ids) for _, ids in chosen]
-        info[name] = {"description": spec.description, "num_items": len(items),
-                      "skipped_too_long": len(rendered) - len(fitting), "num_prompts": len(chosen),
-                      "num_prompts_by_batch_size": {str(b): len(job.prompts_at(b)) for b in batch_sizes},
-                      "prompt_ids": [item.id for item, _ in chosen], "max_tokens": max_tokens,
-                      "prompt_tokens_min": min(lengths, default=0), "prompt_tokens_max": max(lengths, default=0)}
+        info[name] = {
+            "description": spec.description,
+            "num_items": len(items),
+            "skipped_too_long": len(rendered) - len(fitting),
+            "num_prompts": len(chosen),
+            "num_prompts_by_batch_size": {str(b): len(job.prompts_at(b)) for b in batch_sizes},
+            "prompt_ids": [item.id for item, _ in chosen],
+            "max_tokens": max_tokens,
+            "prompt_tokens_min": min(lengths, default=0),
+            "prompt_tokens_max": max(lengths, default=0),
+        }
     return jobs, info
 
 
@@ -243,8 +329,16 @@ def kv_cache_gib_needed(models: list[str | None], max_model_len: int, batch_size
 
 
 def plan_jobs(
-    methods: list[Method], ks: list[int], batch_sizes: list[int], target: str, draft: str | None,
-    datasets: list[DatasetJob], max_model_len: int, kv_cache_gib: float, warmup: list[int], references: str,
+    methods: list[Method],
+    ks: list[int],
+    batch_sizes: list[int],
+    target: str,
+    draft: str | None,
+    datasets: list[DatasetJob],
+    max_model_len: int,
+    kv_cache_gib: float,
+    warmup: list[int],
+    references: str,
 ) -> list[tuple[Method, Job]]:
     """Plain first (the others are checked against it, the oracle replays it), then each method at each K.
 
@@ -253,11 +347,26 @@ def plan_jobs(
     """
     jobs = []
     for method in methods:
-        for k in ([None] if not method.speculative else ks):
+        for k in [None] if not method.speculative else ks:
             groups = [[b] for b in batch_sizes] if method.stateful else [batch_sizes]
             for group in groups:
-                jobs.append((method, Job(method.name, k, target, draft, group, datasets, max_model_len, kv_cache_gib,
-                                         references if method.kind == "oracle" else None, warmup)))
+                jobs.append(
+                    (
+                        method,
+                        Job(
+                            method.name,
+                            k,
+                            target,
+                            draft,
+                            group,
+                            datasets,
+                            max_model_len,
+                            kv_cache_gib,
+                            references if method.kind == "oracle" else None,
+                            warmup,
+                        ),
+                    )
+                )
     jobs.sort(key=lambda item: item[0].name != BASELINE)  # stable: registry order otherwise
     return jobs
 
@@ -271,9 +380,7 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_jobs(
-    jobs: list[tuple[Method, Job]], out: Path, meta: dict[str, Any], references: Path
-) -> list[dict[str, Any]]:
+def run_jobs(jobs: list[tuple[Method, Job]], out: Path, meta: dict[str, Any], references: Path) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     _exit_on_sigterm()
@@ -321,13 +428,14 @@ def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
     result_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "benchmarks.worker", str(job_path), str(result_path)]
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                   env=worker_env())
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=worker_env()
+        )
         try:
             assert process.stdout is not None
             for line in process.stdout:
                 if line.startswith(PROGRESS_PREFIX):
-                    bar.update(int(line[len(PROGRESS_PREFIX):]))
+                    bar.update(int(line[len(PROGRESS_PREFIX) :]))
                 else:
                     log.write(line)
             process.wait()
@@ -339,9 +447,15 @@ def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
     if result_path.is_file():
         return {**read_result(result_path), "log": str(log_path)}
     tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
-    return {"method": job.method, "k": job.k, "status": "error", "runs": [], "log": str(log_path),
-            "reason": f"worker exited with status {process.returncode} without a result (killed for memory?); "
-                      f"last lines: {' | '.join(tail)}"}
+    return {
+        "method": job.method,
+        "k": job.k,
+        "status": "error",
+        "runs": [],
+        "log": str(log_path),
+        "reason": f"worker exited with status {process.returncode} without a result (killed for memory?); "
+        f"last lines: {' | '.join(tail)}",
+    }
 
 
 def write_references(path: Path, plain: dict[str, Any], datasets: list[DatasetJob]) -> None:
@@ -362,8 +476,10 @@ def describe_result(result: dict[str, Any]) -> str:
         return f"{result['status']}: {result['reason']}"
     tokens = sum(run["num_output_tokens"] for run in result["runs"])
     seconds = sum(run["wall_s"] for run in result["runs"])
-    return (f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.2f} tokens/s), "
-            f"engine start {result['engine_start_s']:.0f} s")
+    return (
+        f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.2f} tokens/s), "
+        f"engine start {result['engine_start_s']:.0f} s"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -385,32 +501,57 @@ def write_reports(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]
     plot_names = []
     for bs in meta["batch_sizes"]:
         name = f"speedup_k{k0}_bs{bs}.png"
-        plots.speedup_by_dataset(summaries, out / name, k=k0, batch_size=bs, methods=meta["methods"],
-                                 datasets=dataset_order, title=f"{meta['target_name']}: speedup, K={k0}, batch {bs} "
-                                 f"({meta['mode']} run)")
+        plots.speedup_by_dataset(
+            summaries,
+            out / name,
+            k=k0,
+            batch_size=bs,
+            methods=meta["methods"],
+            datasets=dataset_order,
+            title=f"{meta['target_name']}: speedup, K={k0}, batch {bs} ({meta['mode']} run)",
+        )
         plot_names.append(name)
     if len(meta["ks"]) > 1:
         name = f"tau_vs_k_bs{bs0}.png"
-        plots.tau_vs_k(summaries, out / name, batch_size=bs0, methods=meta["methods"],
-                       title=f"{meta['target_name']} / {meta['draft_name']}: all datasets, batch {bs0} "
-                       f"({meta['mode']} run)")
+        plots.tau_vs_k(
+            summaries,
+            out / name,
+            batch_size=bs0,
+            methods=meta["methods"],
+            title=f"{meta['target_name']} / {meta['draft_name']}: all datasets, batch {bs0} ({meta['mode']} run)",
+        )
         plot_names.append(name)
     mismatches = mismatch_details(results)
-    text = report.render(summaries, title=f"Speculative decoding benchmark: {meta['target_name']}",
-                         description=report.describe_run(meta), method_order=method_order, dataset_order=dataset_order,
-                         mismatches=mismatches, plots=plot_names)
+    text = report.render(
+        summaries,
+        title=f"Speculative decoding benchmark: {meta['target_name']}",
+        description=report.describe_run(meta),
+        method_order=method_order,
+        dataset_order=dataset_order,
+        mismatches=mismatches,
+        plots=plot_names,
+    )
     (out / "report.md").write_text(text, encoding="utf-8")
     pooled = [s for s in summaries if s.dataset == "all"]
-    print(report.markdown_table(report.COLUMNS, [report.row_cells(r) for r in
-                                                 report.sort_rows(pooled, method_order, dataset_order)]))
+    print(
+        report.markdown_table(
+            report.COLUMNS, [report.row_cells(r) for r in report.sort_rows(pooled, method_order, dataset_order)]
+        )
+    )
     print(f"\nreport: {out / 'report.md'}  raw: {out / 'results.json'}")
     failed = [r for r in results if r["status"] == "error"]
     if mismatches:
-        print("\nLOSSLESS CHECK FAILED: outputs differ from plain greedy decoding:", *mismatches, sep="\n  ",
-              file=sys.stderr)
+        print(
+            "\nLOSSLESS CHECK FAILED: outputs differ from plain greedy decoding:",
+            *mismatches,
+            sep="\n  ",
+            file=sys.stderr,
+        )
     for result in failed:
-        print(f"\nmethod {result['method']} K={result['k']} failed: {result['reason']} (log: {result.get('log')})",
-              file=sys.stderr)
+        print(
+            f"\nmethod {result['method']} K={result['k']} failed: {result['reason']} (log: {result.get('log')})",
+            file=sys.stderr,
+        )
     return 1 if mismatches or failed else 0
 
 

@@ -81,8 +81,9 @@ def run_job(job: Job, method: Method) -> dict[str, Any]:
     engine_start_s = time.perf_counter() - start
     # The first generate pays one-time costs (allocations, lazy init); it uses a prompt of no dataset so that
     # no cache or pool is warmed for a measured prompt.
-    llm.generate([_tokens_prompt(job.warmup_prompt)], SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS),
-                 use_tqdm=False)
+    llm.generate(
+        [_tokens_prompt(job.warmup_prompt)], SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS), use_tqdm=False
+    )
 
     runs = []
     for dataset in job.datasets:
@@ -112,10 +113,13 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         "num_output_tokens": sum(len(p["output_token_ids"]) for p in prompts),
         "decode_window_s": _sum_or_none(batch["decode_window_s"] for batch in batches),
         "spec": spec,
-        "draft_seconds": None if drafter_before is None else drafter_after["draft_seconds"] - drafter_before["draft_seconds"],
+        "draft_seconds": None
+        if drafter_before is None
+        else drafter_after["draft_seconds"] - drafter_before["draft_seconds"],
         # The drafter's own counters over this run (ours: DraftStats, e.g. steps, draft_forwards, suffix tokens).
-        "drafter_stats": None if drafter_before is None else {
-            key: drafter_after[key] - value for key, value in drafter_before.items()},
+        "drafter_stats": None
+        if drafter_before is None
+        else {key: drafter_after[key] - value for key, value in drafter_before.items()},
         "batches": batches,
         "prompts": prompts,
     }
@@ -135,8 +139,13 @@ def _generate(llm: Any, dataset: DatasetJob, batch_size: int) -> tuple[list[dict
         wall_s = time.perf_counter() - begin
         records = [_prompt_record(p.id, output) for p, output in zip(chunk, outputs, strict=True)]
         prompts.extend(records)
-        batches.append({"prompt_ids": [p.id for p in chunk], "wall_s": wall_s,
-                        "decode_window_s": _decode_window([output.metrics for output in outputs])})
+        batches.append(
+            {
+                "prompt_ids": [p.id for p in chunk],
+                "wall_s": wall_s,
+                "decode_window_s": _decode_window([output.metrics for output in outputs]),
+            }
+        )
         print(f"{PROGRESS_PREFIX}{len(chunk)}", flush=True)
     return batches, prompts
 

@@ -56,4 +56,3 @@ def real_model(name: str) -> Path:
     if not models.is_fetched(name):
         pytest.fail(f"model {name} is not fetched: run `ouroboros-vllm models fetch {name}` (make test does)")
     return models.model_path(name)
-

@@ -14,7 +14,7 @@ CODE_PROMPTS = [
     "# Sort a list of numbers and return the median value.\ndef median(values):\n    values = sorted(values)\n",
     "The quick brown fox jumps over the lazy dog. " * 12,
     'for i in range(10):\n    print("value", i)\n',
-    "{\"name\": \"ouroboros\", \"version\": 1, \"items\": [1, 2, 3]}\n",
+    '{"name": "ouroboros", "version": 1, "items": [1, 2, 3]}\n',
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\n"
     "def factorial(n):\n",
 ]
@@ -41,6 +41,6 @@ def first_difference(expected: list[list[int]], actual: list[list[int]]) -> str:
     """Where two lists of outputs first differ, for assertion messages."""
     for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
         if a != b:
-            at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            return f"prompt {i} differs at output token {at}: plain {a[at:at + 8]} vs speculative {b[at:at + 8]}"
+            at = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            return f"prompt {i} differs at output token {at}: plain {a[at : at + 8]} vs speculative {b[at : at + 8]}"
     return "identical"

@@ -35,12 +35,26 @@ class Server:
         # engines; it reads the same CPU settings otherwise.
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         command = [
-            sys.executable, "-m", "ouroboros_vllm.tools.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--enforce-eager", "--seed", "0", *extra_args,
+            sys.executable,
+            "-m",
+            "ouroboros_vllm.tools.cli",
+            "serve",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--seed",
+            "0",
+            *extra_args,
         ]
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self._wait_ready(startup_timeout_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -59,8 +73,9 @@ class Server:
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log_tail()}")
 
     def complete(self, prompt: str, **body: Any) -> dict[str, Any]:
-        response = requests.post(f"{self.url}/v1/completions", json={"model": self.model, "prompt": prompt, **body},
-                                 timeout=300)
+        response = requests.post(
+            f"{self.url}/v1/completions", json={"model": self.model, "prompt": prompt, **body}, timeout=300
+        )
         response.raise_for_status()
         return response.json()
 
@@ -69,8 +84,9 @@ class Server:
 
     def metric(self, name: str) -> float | None:
         """The value of metric ``name`` (summed over its label sets), or None when the server does not show it."""
-        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$",
-                                                          self.metrics(), re.M)]
+        values = [
+            float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", self.metrics(), re.M)
+        ]
         return sum(values) if values else None
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -90,6 +106,9 @@ class Server:
 
 
 def ouroboros_args(settings: dict[str, Any], num_speculative_tokens: int) -> list[str]:
-    spec = {"method": "custom_class", "model": "ouroboros_vllm.OuroborosProposer",
-            "num_speculative_tokens": num_speculative_tokens}
+    spec = {
+        "method": "custom_class",
+        "model": "ouroboros_vllm.OuroborosProposer",
+        "num_speculative_tokens": num_speculative_tokens,
+    }
     return ["--speculative-config", json.dumps(spec), "--additional-config", json.dumps({"ouroboros": settings})]

@@ -37,8 +37,14 @@ def test_summarization_and_translation_use_the_papers_prompts():
 
 
 def _mbpp_item(task_id: int) -> dict:
-    return {"task_id": task_id, "prompt": f"Task {task_id}.", "code": f"def f{task_id}():\n    return {task_id}",
-            "test_list": [f"assert f{task_id}() == {task_id}"], "test_imports": [], "source_file": "x"}
+    return {
+        "task_id": task_id,
+        "prompt": f"Task {task_id}.",
+        "code": f"def f{task_id}():\n    return {task_id}",
+        "test_list": [f"assert f{task_id}() == {task_id}"],
+        "test_imports": [],
+        "source_file": "x",
+    }
 
 
 def test_mbpp_is_three_shot_from_the_prompt_split(tmp_path):
@@ -56,13 +62,17 @@ def test_mbpp_is_three_shot_from_the_prompt_split(tmp_path):
 
 
 def test_spec_bench_categories_and_chat(tmp_path):
-    rows = [{"question_id": i, "category": c, "turns": [f"{c} question {i}", "second turn"]}
-            for i, c in enumerate(["writing", "coding", "qa", "summarization", "rag"])]
+    rows = [
+        {"question_id": i, "category": c, "turns": [f"{c} question {i}", "second turn"]}
+        for i, c in enumerate(["writing", "coding", "qa", "summarization", "rag"])
+    ]
     rows[3]["turns"] = ["Summarize: An article."]
     (tmp_path / ds.SPEC_BENCH_FILE).write_text("\n".join(json.dumps(r) for r in rows))
     mt_bench = ds.DATASETS["mt_bench"].load(tmp_path)
     assert [(p.id, p.text, p.chat) for p in mt_bench] == [
-        ("0", "writing question 0", True), ("1", "coding question 1", True)]
+        ("0", "writing question 0", True),
+        ("1", "coding question 1", True),
+    ]
     (summary,) = ds.DATASETS["summarization"].load(tmp_path)
     assert summary.text.startswith("Please summarize the following document") and "An article." in summary.text
     with pytest.raises(ds.DatasetError, match="math_reasoning"):
@@ -111,8 +121,11 @@ def test_every_drafting_mode_is_benchmarked():
 
 def test_method_selection_by_name_or_kind_keeps_plain():
     chosen = [m.name for m in select_methods(["oracle", "ouroboros"])]
-    assert chosen[0] == "plain" and "oracle" in chosen and all(
-        n in chosen for n in (ouroboros_method_name(mode) for mode in get_args(DraftingMode)))
+    assert (
+        chosen[0] == "plain"
+        and "oracle" in chosen
+        and all(n in chosen for n in (ouroboros_method_name(mode) for mode in get_args(DraftingMode)))
+    )
     with pytest.raises(ValueError, match="unknown method 'eagle'"):
         select_methods(["eagle"])
 
@@ -121,7 +134,8 @@ def test_engine_settings_per_method():
     by_name = {m.name: m for m in METHODS}
     assert by_name["plain"].engine_kwargs(4, "D") == {}
     assert by_name["draft_model"].engine_kwargs(3, "D") == {
-        "speculative": {"method": "draft_model", "num_speculative_tokens": 3, "model": "D"}}
+        "speculative": {"method": "draft_model", "num_speculative_tokens": 3, "model": "D"}
+    }
     ours = by_name["ouroboros-greedy"].engine_kwargs(4, "D")
     assert ours["ouroboros"]["draft_model"] == "D" and ours["ouroboros"]["drafting"] == "greedy"
     assert "draft_model" not in Method("m", "ouroboros", {"drafting": "x"}).engine_kwargs(4, "D")["ouroboros"]
@@ -171,8 +185,12 @@ def test_plan_runs_plain_first_and_splits_stateful_methods():
     jobs = plan_jobs(methods, [2, 4], [1, 8], "T", "D", data, 64, 0.25, [1], references="/r.json")
     assert [(m.name, j.k, j.batch_sizes) for m, j in jobs] == [
         ("plain", None, [1, 8]),
-        ("suffix", 2, [1]), ("suffix", 2, [8]), ("suffix", 4, [1]), ("suffix", 4, [8]),
-        ("oracle", 2, [1, 8]), ("oracle", 4, [1, 8]),
+        ("suffix", 2, [1]),
+        ("suffix", 2, [8]),
+        ("suffix", 4, [1]),
+        ("suffix", 4, [8]),
+        ("oracle", 2, [1, 8]),
+        ("oracle", 4, [1, 8]),
     ]
     assert jobs[-1][1].references == "/r.json" and jobs[0][1].references is None
 
@@ -197,11 +215,16 @@ def test_each_batch_size_runs_its_prompts_spread_over_the_selection(tmp_path):
 
 def test_oracle_references_come_from_the_smallest_batch_size_that_ran_each_prompt(tmp_path):
     dataset = DatasetJob("d", 8, [PromptJob("a", [1]), PromptJob("b", [2])], num_prompts=1)
-    plain = {"runs": [
-        {"dataset": "d", "batch_size": 2, "prompts": [{"id": "a", "output_token_ids": [8, 8]},
-                                                       {"id": "b", "output_token_ids": [9, 9]}]},
-        {"dataset": "d", "batch_size": 1, "prompts": [{"id": "a", "output_token_ids": [7, 7]}]},
-    ]}
+    plain = {
+        "runs": [
+            {
+                "dataset": "d",
+                "batch_size": 2,
+                "prompts": [{"id": "a", "output_token_ids": [8, 8]}, {"id": "b", "output_token_ids": [9, 9]}],
+            },
+            {"dataset": "d", "batch_size": 1, "prompts": [{"id": "a", "output_token_ids": [7, 7]}]},
+        ]
+    }
     write_references(tmp_path / "refs.json", plain, [dataset])
     index = ReferenceIndex.load(tmp_path / "refs.json")
     assert index.continuation([1], 2) == [7, 7] and index.continuation([2], 2) == [9, 9]
@@ -222,9 +245,11 @@ def test_reference_lookup_follows_the_history():
 
 def test_oracle_proposes_per_row_of_a_fake_batch(tmp_path):
     ReferenceIndex.write(tmp_path / "refs.json", [([10, 11], [12, 13, 14, 15, 16]), ([20], [21, 22])])
-    config = SimpleNamespace(additional_config={"oracle": {"references": str(tmp_path / "refs.json")}},
-                             speculative_config=SimpleNamespace(num_speculative_tokens=3),
-                             model_config=SimpleNamespace(max_model_len=7))
+    config = SimpleNamespace(
+        additional_config={"oracle": {"references": str(tmp_path / "refs.json")}},
+        speculative_config=SimpleNamespace(num_speculative_tokens=3),
+        model_config=SimpleNamespace(max_model_len=7),
+    )
     oracle = OracleProposer(config)
     token_ids = np.zeros((4, 8), dtype=np.int32)
     token_ids[0, :3] = [10, 11, 12]
@@ -237,8 +262,11 @@ def test_oracle_proposes_per_row_of_a_fake_batch(tmp_path):
 
 
 def test_oracle_requires_its_references():
-    config = SimpleNamespace(additional_config={}, speculative_config=SimpleNamespace(num_speculative_tokens=3),
-                             model_config=SimpleNamespace(max_model_len=7))
+    config = SimpleNamespace(
+        additional_config={},
+        speculative_config=SimpleNamespace(num_speculative_tokens=3),
+        model_config=SimpleNamespace(max_model_len=7),
+    )
     with pytest.raises(ValueError, match="references"):
         OracleProposer(config)
 
@@ -250,8 +278,11 @@ class _FakeLLM:
     """Stands in for vLLM's ``LLM``: echoes each prompt reversed; every generate drafts 2 and accepts 1 token."""
 
     def __init__(self) -> None:
-        self.counters = {"vllm:spec_decode_num_drafts": 0, "vllm:spec_decode_num_draft_tokens": 0,
-                         "vllm:spec_decode_num_accepted_tokens": 0}
+        self.counters = {
+            "vllm:spec_decode_num_drafts": 0,
+            "vllm:spec_decode_num_draft_tokens": 0,
+            "vllm:spec_decode_num_accepted_tokens": 0,
+        }
         self.calls = 0
 
     def generate(self, prompts, params, use_tqdm=False):
@@ -260,8 +291,18 @@ class _FakeLLM:
         self.counters["vllm:spec_decode_num_draft_tokens"] += 2
         self.counters["vllm:spec_decode_num_accepted_tokens"] += 1
         timing = SimpleNamespace(queued_ts=1.0, first_token_ts=2.0, last_token_ts=5.0)
-        return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], metrics=timing, outputs=[SimpleNamespace(
-            token_ids=p["prompt_token_ids"][::-1], finish_reason="length", spec_decode_metrics=None)]) for p in prompts]
+        return [
+            SimpleNamespace(
+                prompt_token_ids=p["prompt_token_ids"],
+                metrics=timing,
+                outputs=[
+                    SimpleNamespace(
+                        token_ids=p["prompt_token_ids"][::-1], finish_reason="length", spec_decode_metrics=None
+                    )
+                ],
+            )
+            for p in prompts
+        ]
 
     def get_metrics(self):
         return [SimpleNamespace(name=name, value=value) for name, value in self.counters.items()]
@@ -285,24 +326,54 @@ def test_worker_counts_only_the_timed_pass_of_a_warm_method(capsys):
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def _run(dataset, prompts, wall_s, *, bs=1, spec=None, draft_seconds=None, decode=None):
-    return {"dataset": dataset, "batch_size": bs, "wall_s": wall_s, "decode_window_s": decode,
-            "num_output_tokens": sum(len(ids) for ids in prompts.values()), "spec": spec,
-            "draft_seconds": draft_seconds,
-            "prompts": [{"id": i, "output_token_ids": ids} for i, ids in prompts.items()]}
+def _run(dataset, prompts, wall_s, *, bs=1, spec=None, draft_seconds=None, decode=None, steps=None):
+    return {
+        "drafter_stats": None if steps is None else {"steps": steps, "draft_seconds": draft_seconds},
+        "dataset": dataset,
+        "batch_size": bs,
+        "wall_s": wall_s,
+        "decode_window_s": decode,
+        "num_output_tokens": sum(len(ids) for ids in prompts.values()),
+        "spec": spec,
+        "draft_seconds": draft_seconds,
+        "prompts": [{"id": i, "output_token_ids": ids} for i, ids in prompts.items()],
+    }
 
 
 def _fake_results():
-    plain = {"method": "plain", "k": None, "status": "ok", "runs": [
-        _run("a", {"1": [1, 2, 3, 4], "2": [5, 6, 7, 8]}, 8.0, decode=6.0),
-        _run("b", {"3": [9, 9, 9, 9]}, 2.0, decode=1.5),
-    ]}
-    ours = {"method": "ouroboros-greedy", "k": 4, "status": "ok", "runs": [
-        _run("a", {"1": [1, 2, 3, 4], "2": [5, 6, 0, 8]}, 4.0, decode=2.0, draft_seconds=1.0,
-             spec={"num_drafts": 2, "num_draft_tokens": 8, "num_accepted_tokens": 6}),
-        _run("b", {"3": [9, 9, 9, 9]}, 1.0, decode=0.5, draft_seconds=0.5,
-             spec={"num_drafts": 1, "num_draft_tokens": 4, "num_accepted_tokens": 3}),
-    ]}
+    plain = {
+        "method": "plain",
+        "k": None,
+        "status": "ok",
+        "runs": [
+            _run("a", {"1": [1, 2, 3, 4], "2": [5, 6, 7, 8]}, 8.0, decode=6.0),
+            _run("b", {"3": [9, 9, 9, 9]}, 2.0, decode=1.5),
+        ],
+    }
+    ours = {
+        "method": "ouroboros-greedy",
+        "k": 4,
+        "status": "ok",
+        "runs": [
+            _run(
+                "a",
+                {"1": [1, 2, 3, 4], "2": [5, 6, 0, 8]},
+                4.0,
+                decode=2.0,
+                draft_seconds=1.0,
+                spec={"num_drafts": 2, "num_draft_tokens": 8, "num_accepted_tokens": 6},
+            ),
+            _run(
+                "b",
+                {"3": [9, 9, 9, 9]},
+                1.0,
+                decode=0.5,
+                draft_seconds=0.5,
+                steps=2,
+                spec={"num_drafts": 1, "num_draft_tokens": 4, "num_accepted_tokens": 3},
+            ),
+        ],
+    }
     suffix = {"method": "suffix", "k": 4, "status": "unavailable", "reason": "not installed", "runs": []}
     return [plain, ours, suffix]
 
@@ -329,13 +400,20 @@ def test_mismatch_details_name_the_first_difference():
 
 def test_table_is_loud_about_mismatches_and_says_what_did_not_run():
     results = _fake_results()
-    text = report.render(metrics.summarize(results), title="T", description=["- quick"],
-                         method_order=[m.name for m in METHODS], dataset_order=["a", "b"],
-                         mismatches=metrics.mismatch_details(results), plots=["p.png"])
+    text = report.render(
+        metrics.summarize(results),
+        title="T",
+        description=["- quick"],
+        method_order=[m.name for m in METHODS],
+        dataset_order=["a", "b"],
+        mismatches=metrics.mismatch_details(results),
+        plots=["p.png"],
+    )
     assert "LOSSLESS CHECK FAILED" in text and "**NO: 1/3 DIFFER**" in text and "**NO: 1/2 DIFFER**" in text
     assert "| suffix | — | — | — | — | unavailable: not installed |" in text
-    assert "| plain | — | 1 | 3 | 12 | 1.20 | 1.00x | 1.00x | n/a | n/a | n/a | reference |" in text
-    assert "| b | ouroboros-greedy | 4 | 1 | 1 | 4 | 4.00 | 2.00x | 3.00x | 4.00 | 75% | 50% | yes (1/1) |" in text
+    assert "| plain | — | 1 | 3 | 12 | 1.20 | 1.00x | 1.00x | n/a | n/a | n/a | n/a | reference |" in text
+    # 0.5 s of drafting over 2 drafting steps
+    assert "| b | ouroboros-greedy | 4 | 1 | 1 | 4 | 4.00 | 2.00x | 3.00x | 4.00 | 75% | 50% | 250 | yes (1/1) |" in text
     assert "![p.png](p.png)" in text
     lines = text.splitlines()
     assert lines.index("## All datasets pooled") < lines.index("## Per dataset")
@@ -346,8 +424,26 @@ def test_table_is_loud_about_mismatches_and_says_what_did_not_run():
 
 def test_latency_measures_a_model_built_from_its_config_alone(tiny, tmp_path):
     out = tmp_path / "curve.json"
-    assert latency.main(["--model", str(tiny.target), "--random-weights", "--tokens", "1,3", "--context", "8",
-                         "--repeats", "2", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        latency.main(
+            [
+                "--model",
+                str(tiny.target),
+                "--random-weights",
+                "--tokens",
+                "1,3",
+                "--context",
+                "8",
+                "--repeats",
+                "2",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     curve = json.loads(out.read_text())
     assert curve["random_weights"] and not curve["cuda_graphs"] and set(curve["latency_s"]) == {"1", "3"}
     assert all(len(samples) == 2 and min(samples) > 0 for samples in curve["samples_s"].values())
@@ -394,9 +490,31 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: more threads only contend (tests/model_factory.py)
     out = tmp_path / "bench"
-    status = main(["--target", str(tiny.target), "--draft", str(tiny.draft_similar), "--methods", "plain", "oracle",
-                   "ouroboros", "--datasets", "humaneval", "--num-prompts", "1", "--batch-sizes", "1", "2",
-                   "--max-tokens", "12", "--kv-cache-gib", "0.25", "--out", str(out)])
+    status = main(
+        [
+            "--target",
+            str(tiny.target),
+            "--draft",
+            str(tiny.draft_similar),
+            "--methods",
+            "plain",
+            "oracle",
+            "ouroboros",
+            "--datasets",
+            "humaneval",
+            "--num-prompts",
+            "1",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--max-tokens",
+            "12",
+            "--kv-cache-gib",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     data = json.loads((out / "results.json").read_text())
     assert {r["method"] for r in data["results"]} >= {"plain", "oracle", "ouroboros-greedy"}

@@ -1,5 +1,6 @@
 """OuroborosConfig: every bad setting is refused with one message naming the key and what it accepts."""
 
+import pydantic
 import pytest
 
 from ouroboros_vllm.vllm_plugin.config import OuroborosConfig, OuroborosConfigError
@@ -19,7 +20,7 @@ def test_defaults_are_documented_values():
 
 def test_config_is_frozen():
     config = parse({"draft_model": "/models/draft"})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.drafting = "greedy"
 
 
@@ -31,34 +32,58 @@ def test_other_sections_of_additional_config_are_ignored():
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"draft_model": "d", "gama": 3},
-         'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-         "ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, pool_max_keys, pool_memory_mib, warm_start, "
-         "pool_path, pool_save_interval_s, context_ngrams, batch_draft, draft_dtype, stats_log_interval_s"),
+        (
+            {"draft_model": "d", "gama": 3},
+            'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
+            "ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, pool_max_keys, "
+            "pool_memory_mib, warm_start, pool_path, pool_save_interval_s, context_ngrams, batch_draft, "
+            "draft_dtype, stats_log_interval_s",
+        ),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
-        ({"draft_model": "d", "drafting": "fast"},
-         "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')"),
-        ({"draft_model": "d", "ngram_size": 1},
-         'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)'),
+        (
+            {"draft_model": "d", "drafting": "fast"},
+            'additional_config["ouroboros"]["drafting"] must be one of '
+            "'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')",
+        ),
+        (
+            {"draft_model": "d", "ngram_size": 1},
+            'additional_config["ouroboros"]["ngram_size"] must be an integer >= 2 and <= 16 (got 1)',
+        ),
         ({"draft_model": "d", "gamma": 0}, 'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 0)'),
-        ({"draft_model": "d", "gamma": 2.0},
-         'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 2.0)'),
-        ({"draft_model": "d", "max_phrases_per_key": 0},
-         'additional_config["ouroboros"]["max_phrases_per_key"] must be an integer >= 1 and <= 1024 (got 0)'),
-        ({"draft_model": "d", "context_ngrams": "yes"},
-         "additional_config[\"ouroboros\"][\"context_ngrams\"] must be true or false (got 'yes')"),
-        ({"draft_model": "d", "draft_dtype": "fp8"},
-         "additional_config[\"ouroboros\"][\"draft_dtype\"] must be one of 'auto', 'float32', 'bfloat16', "
-         "'float16', 'int8' (got 'fp8')"),
-        ({"draft_model": "d", "stats_log_interval_s": -1},
-         'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -1)'),
-        ({"draft_model": "d", "stats_log_interval_s": "10"},
-         "additional_config[\"ouroboros\"][\"stats_log_interval_s\"] must be a number >= 0.0 (got '10')"),
-        ({"draft_model": "d", "lookahead_window": -1},
-         'additional_config["ouroboros"]["lookahead_window"] must be an integer >= 0 and <= 64 (got -1)'),
-        ({"draft_model": "d", "lookahead_window": 4, "ngram_size": 2},
-         'additional_config["ouroboros"]["lookahead_window"] needs "ngram_size" >= 3 (the window has N-1 levels '
-         "and needs at least 2), got ngram_size = 2"),
+        (
+            {"draft_model": "d", "gamma": 2.0},
+            'additional_config["ouroboros"]["gamma"] must be an integer >= 1 (got 2.0)',
+        ),
+        (
+            {"draft_model": "d", "max_phrases_per_key": 0},
+            'additional_config["ouroboros"]["max_phrases_per_key"] must be an integer >= 1 and <= 1024 (got 0)',
+        ),
+        (
+            {"draft_model": "d", "context_ngrams": "yes"},
+            'additional_config["ouroboros"]["context_ngrams"] must be true or false (got \'yes\')',
+        ),
+        (
+            {"draft_model": "d", "draft_dtype": "fp8"},
+            "additional_config[\"ouroboros\"][\"draft_dtype\"] must be one of 'auto', 'float32', 'bfloat16', "
+            "'float16', 'int8' (got 'fp8')",
+        ),
+        (
+            {"draft_model": "d", "stats_log_interval_s": -1},
+            'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -1)',
+        ),
+        (
+            {"draft_model": "d", "stats_log_interval_s": "10"},
+            'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got \'10\')',
+        ),
+        (
+            {"draft_model": "d", "lookahead_window": -1},
+            'additional_config["ouroboros"]["lookahead_window"] must be an integer >= 0 and <= 64 (got -1)',
+        ),
+        (
+            {"draft_model": "d", "lookahead_window": 4, "ngram_size": 2},
+            'additional_config["ouroboros"]["lookahead_window"] needs "ngram_size" >= 3 (the window has N-1 levels '
+            "and needs at least 2), got ngram_size = 2",
+        ),
         ({}, 'additional_config["ouroboros"]["draft_model"] is required for drafting=\'ouroboros\''),
     ],
 )
@@ -87,8 +112,11 @@ def test_plain_greedy_drafts_all_k_tokens_with_the_model():
 
 
 def test_gamma_over_num_speculative_tokens_is_refused():
-    with pytest.raises(OuroborosConfigError, match=r'\["gamma"\] = 9 is larger than the speculative config\'s '
-                       r"num_speculative_tokens = 4"):
+    with pytest.raises(
+        OuroborosConfigError,
+        match=r'\["gamma"\] = 9 is larger than the speculative config\'s '
+        r"num_speculative_tokens = 4",
+    ):
         parse({"draft_model": "d", "gamma": 9}).check_against(4)
 
 

@@ -44,11 +44,25 @@ def greedy_reference(runtime: DraftRuntime, history: list[int], n: int) -> list[
     return out
 
 
-def draft(runtime: DraftRuntime, state: DraftState, history: list[int], n: int, phrases_for=lambda key: (),
-          window_shape=(0, 0), ngrams: list | None = None) -> DraftRound:
-    round_ = DraftRound(state, np.asarray(history), n, runtime.info.eos_token_ids, runtime.info.vocab_size,
-                        phrases_for=phrases_for, window_shape=window_shape,
-                        add_ngrams=None if ngrams is None else ngrams.extend)
+def draft(
+    runtime: DraftRuntime,
+    state: DraftState,
+    history: list[int],
+    n: int,
+    phrases_for=lambda key: (),
+    window_shape=(0, 0),
+    ngrams: list | None = None,
+) -> DraftRound:
+    round_ = DraftRound(
+        state,
+        np.asarray(history),
+        n,
+        runtime.info.eos_token_ids,
+        runtime.info.vocab_size,
+        phrases_for=phrases_for,
+        window_shape=window_shape,
+        add_ngrams=None if ngrams is None else ngrams.extend,
+    )
     runtime.draft([round_])
     return round_
 
@@ -98,19 +112,35 @@ def test_packed_forward_logits_equal_separate_plain_forwards(runtime):
         context = [rng.randrange(vocab) for _ in range(context_len)]
         rows.append((prefilled(runtime, context), context, [rng.randrange(vocab) for _ in range(num_pending)]))
     plans, expected = [], []
-    for state, context, pending in rows:
+    for _, context, pending in rows:
         window = [[rng.randrange(vocab) for _ in range(width)] for _ in range(levels)]
         phrases = [tuple(rng.randrange(vocab) for _ in range(phrase_len)) for _ in range(2)]
         mask, offsets = forward_layout(len(pending), len(phrases), phrase_len, levels, width)
         flat = pending + [t for level in window for t in level] + [t for p in phrases for t in p]
-        plans.append(ForwardPlan(len(context), pending, phrases, [t for lv in window for t in lv], flat, mask,
-                                 offsets + len(context), list(range(len(flat)))))
+        plans.append(
+            ForwardPlan(
+                len(context),
+                pending,
+                phrases,
+                [t for lv in window for t in lv],
+                flat,
+                mask,
+                offsets + len(context),
+                list(range(len(flat))),
+            )
+        )
         # Every new token's trajectory, as a plain sequence after the context.
         trajectories = [pending[: i + 1] for i in range(len(pending))]
         for level in range(levels):
             for column in range(width):
-                trajectories.append(pending + (window[0][: column + 1] if level == 0 else
-                                               window[0][:column] + [window[lv][column] for lv in range(1, level + 1)]))
+                trajectories.append(
+                    pending
+                    + (
+                        window[0][: column + 1]
+                        if level == 0
+                        else window[0][:column] + [window[lv][column] for lv in range(1, level + 1)]
+                    )
+                )
         for phrase in phrases:
             trajectories += [pending + list(phrase[: i + 1]) for i in range(phrase_len)]
         expected.append([plain_logits(runtime, context + t)[-1] for t in trajectories])
@@ -144,8 +174,15 @@ def test_phrase_drafting_equals_plain_greedy_over_rounds(runtime, phrase_source,
     total_forwards = total_tokens = 0
     for _ in range(4):
         truth = greedy_reference(runtime, history, 10)
-        round_ = draft(runtime, state, history, 8, _oracle_phrases(history, truth, phrase_source, rng),
-                       window_shape=(4, window_width), ngrams=ngrams)
+        round_ = draft(
+            runtime,
+            state,
+            history,
+            8,
+            _oracle_phrases(history, truth, phrase_source, rng),
+            window_shape=(4, window_width),
+            ngrams=ngrams,
+        )
         assert round_.drafted == truth[:8]
         assert_cache_equals_prefill(runtime, state)
         total_forwards += round_.forwards
@@ -181,16 +218,29 @@ def test_rows_drafted_together_equal_each_row_drafted_alone(runtime, phrase_sour
             lone = draft(runtime, alone[i], history, budgets[i], phrases_for, (4, window_width), found)
             assert lone.drafted == truth[: budgets[i]]  # float32: exact greedy
             expected.append((lone.drafted, lone.forwards, found))
-            rounds.append(DraftRound(together[i], np.asarray(history), budgets[i], frozenset(),
-                                     runtime.info.vocab_size, phrases_for=phrases_for, window_shape=(4, window_width),
-                                     add_ngrams=found_together[i].extend))
+            rounds.append(
+                DraftRound(
+                    together[i],
+                    np.asarray(history),
+                    budgets[i],
+                    frozenset(),
+                    runtime.info.vocab_size,
+                    phrases_for=phrases_for,
+                    window_shape=(4, window_width),
+                    add_ngrams=found_together[i].extend,
+                )
+            )
         runtime.draft(rounds)
         for i, round_ in enumerate(rounds):
             assert (round_.drafted, round_.forwards, found_together[i]) == expected[i]
             assert together[i].ids == alone[i].ids
             n = len(alone[i].ids)
-            torch.testing.assert_close(runtime.cache.storage[:, :, together[i].cache_row, :, :n],
-                                       runtime.cache.storage[:, :, alone[i].cache_row, :, :n], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                runtime.cache.storage[:, :, together[i].cache_row, :, :n],
+                runtime.cache.storage[:, :, alone[i].cache_row, :, :n],
+                atol=1e-4,
+                rtol=1e-4,
+            )
         for i, history in enumerate(histories):
             keep = rng.randrange(0, budgets[i] + 1)
             histories[i] = history + rounds[i].drafted[:keep] + [rng.randrange(1000)]

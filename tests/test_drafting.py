@@ -72,8 +72,7 @@ token = st.integers(0, VOCAB - 1)
 @settings(max_examples=60, deadline=None)
 @given(
     history=st.lists(token, min_size=1, max_size=12),
-    rounds=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6), st.integers(0, VOCAB - 1)), min_size=1,
-                    max_size=4),
+    rounds=st.lists(st.tuples(st.integers(1, 6), st.integers(0, 6), st.integers(0, VOCAB - 1)), min_size=1, max_size=4),
     noise=st.lists(st.lists(token, min_size=3, max_size=3), max_size=3),
     window=st.sampled_from([(0, 0), (4, 2), (3, 3)]),
 )
@@ -90,8 +89,9 @@ def test_drafting_equals_greedy_and_the_cache_holds_exactly_the_ids(history, rou
             right = [tuple(truth[i + 1 : i + 4]) for i in range(len(truth) - 3) if truth[i] == key]
             return [tuple(p) for p in noise[:1]] + right[:2] + [tuple(p) for p in noise[1:]]
 
-        round_ = DraftRound(state, np.asarray(history), budget, frozenset(), VOCAB, phrases_for=phrases_for,
-                            window_shape=window)
+        round_ = DraftRound(
+            state, np.asarray(history), budget, frozenset(), VOCAB, phrases_for=phrases_for, window_shape=window
+        )
         runtime.draft([round_])
         assert round_.drafted == truth[:budget]
         assert [t for t, _ in runtime.rows[state.cache_row][: len(state.ids)]] == state.ids
@@ -101,8 +101,14 @@ def test_drafting_equals_greedy_and_the_cache_holds_exactly_the_ids(history, rou
 def test_a_matched_phrase_emits_several_tokens_per_forward():
     history = [1, 2, 3]
     truth = greedy(history, 6)
-    round_ = DraftRound(DraftState(), np.asarray(history), 6, frozenset(), VOCAB,
-                        phrases_for=lambda key: [tuple(truth[0:3])] if key == history[-1] else [])
+    round_ = DraftRound(
+        DraftState(),
+        np.asarray(history),
+        6,
+        frozenset(),
+        VOCAB,
+        phrases_for=lambda key: [tuple(truth[0:3])] if key == history[-1] else [],
+    )
     FakeRuntime().draft([round_])
     assert round_.drafted == truth
     assert round_.forwards < 6
@@ -110,8 +116,16 @@ def test_a_matched_phrase_emits_several_tokens_per_forward():
 
 def test_only_phrases_that_start_with_the_next_token_need_their_argmax():
     mask, offsets = forward_layout(1, 3, 2)
-    plan = ForwardPlan(cached=5, pending=[9], phrases=[(4, 1), (3, 3), (4, 2)], window_tokens=[],
-                       input_ids=[9, 4, 1, 3, 3, 4, 2], mask=mask, positions=offsets + 5, logit_rows=[0])
+    plan = ForwardPlan(
+        cached=5,
+        pending=[9],
+        phrases=[(4, 1), (3, 3), (4, 2)],
+        window_tokens=[],
+        input_ids=[9, 4, 1, 3, 3, 4, 2],
+        mask=mask,
+        positions=offsets + 5,
+        logit_rows=[0],
+    )
     assert plan.phrase_rows(4) == [1, 2, 5, 6]
     assert plan.phrase_rows(3) == [3, 4]
     assert plan.phrase_rows(8) == []

@@ -22,8 +22,10 @@ def short(tiny, engines):
     common = dict(max_model_len=MAX_MODEL_LEN, kv_cache_gib=SMALL_KV_GIB, disable_log_stats=False)
     return {
         "plain": engines.get("tiny-short-plain", lambda: make_llm(str(tiny.target), **common)),
-        "ours": engines.get("tiny-short-ouroboros", lambda: make_llm(
-            str(tiny.target), ouroboros=settings, num_speculative_tokens=4, **common)),
+        "ours": engines.get(
+            "tiny-short-ouroboros",
+            lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=4, **common),
+        ),
     }
 
 
@@ -78,12 +80,20 @@ def narrow_draft(tiny, tmp_path_factory):
 def test_token_ids_past_the_drafts_vocabulary(tiny, engines, narrow_draft):
     """A request holding such ids drafts from the pool only; phrases holding them never reach the draft."""
     plain = engines.get("tiny-plain", lambda: make_llm(str(tiny.target), kv_cache_gib=0.25))
-    ours = engines.get("tiny-narrow-draft", lambda: make_llm(
-        str(tiny.target), ouroboros={"draft_model": str(narrow_draft), "stats_log_interval_s": 0},
-        num_speculative_tokens=4, kv_cache_gib=0.25))
+    ours = engines.get(
+        "tiny-narrow-draft",
+        lambda: make_llm(
+            str(tiny.target),
+            ouroboros={"draft_model": str(narrow_draft), "stats_log_interval_s": 0},
+            num_speculative_tokens=4,
+            kv_cache_gib=0.25,
+        ),
+    )
     high = [1400, 1401, 1402, 1403, 1404]
-    prompts = [tokens_prompt([5, 6, *high, 7, 8] * 6),  # out of the draft's range: pool only
-               tokens_prompt([9, 5, 6, 11, 12, 5, 6])]  # in range, but the pool's phrases after 6 are not
+    prompts = [
+        tokens_prompt([5, 6, *high, 7, 8] * 6),  # out of the draft's range: pool only
+        tokens_prompt([9, 5, 6, 11, 12, 5, 6]),
+    ]  # in range, but the pool's phrases after 6 are not
     for prompt in prompts:
         expected = generate_ids(plain, [prompt], greedy(24), 1)
         assert generate_ids(ours, [prompt], greedy(24), 1) == expected

@@ -31,7 +31,8 @@ def smollm(engines, tmp_path_factory):
 
     target = real_model(SMOLLM)
     derived = model_factory.derive_truncated_draft(
-        target, model_factory.default_root().parent / f"smollm2-135m-first-{DERIVED_LAYERS}-layers", DERIVED_LAYERS)
+        target, model_factory.default_root().parent / f"smollm2-135m-first-{DERIVED_LAYERS}-layers", DERIVED_LAYERS
+    )
 
     def build(draft=None, **extra):
         settings = None if draft is None else {"draft_model": str(draft), "stats_log_interval_s": 0, **extra}
@@ -76,9 +77,15 @@ def test_qwen_pair_is_lossless_on_humaneval(engines):
     """The product's defaults (ouroboros drafting, int8 draft, K=8) on the real pair, batch sizes 1 and 8."""
     target, draft = real_model("qwen2.5-coder-1.5b-instruct"), real_model("qwen2.5-coder-0.5b-instruct")
     plain = engines.get("qwen-plain", lambda: make_llm(str(target), kv_cache_gib=1.0))
-    ours = engines.get("qwen-ouroboros", lambda: make_llm(
-        str(target), ouroboros={"draft_model": str(draft), "stats_log_interval_s": 0},
-        num_speculative_tokens=8, kv_cache_gib=1.0))
+    ours = engines.get(
+        "qwen-ouroboros",
+        lambda: make_llm(
+            str(target),
+            ouroboros={"draft_model": str(draft), "stats_log_interval_s": 0},
+            num_speculative_tokens=8,
+            kv_cache_gib=1.0,
+        ),
+    )
     prompts = humaneval_prompts(8)
     for batch_size, count, max_tokens in ((1, 3, 48), (8, 8, 32)):
         expected = generate_ids(plain, prompts[:count], greedy(max_tokens), batch_size)

@@ -34,8 +34,14 @@ def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy",
 
 @pytest.mark.parametrize(
     ("draft_name", "drafting"),
-    [("unrelated", "greedy"), ("similar", "greedy"), ("self", "greedy"), ("similar", "greedy_pool"),
-     ("similar", "ouroboros"), (None, "pool_only")],
+    [
+        ("unrelated", "greedy"),
+        ("similar", "greedy"),
+        ("self", "greedy"),
+        ("similar", "greedy_pool"),
+        ("similar", "ouroboros"),
+        (None, "pool_only"),
+    ],
 )
 @pytest.mark.parametrize("batch_size", [1, 8])
 def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, batch_size):
@@ -62,7 +68,10 @@ def test_hooks_report_request_ids_argmax_and_finished_requests(plain, tiny, engi
     proposer = engine_proposer(spec)
     batches, proposals, verifications = [], {}, []
     original_on_batch, original_propose, original_on_verified = (
-        proposer.on_batch, proposer.propose, proposer.on_verified)
+        proposer.on_batch,
+        proposer.propose,
+        proposer.on_verified,
+    )
 
     def on_batch(req_ids):
         batches.append(list(req_ids))
@@ -71,12 +80,12 @@ def test_hooks_report_request_ids_argmax_and_finished_requests(plain, tiny, engi
     def propose(sampled, num_tokens, token_ids, slot_mappings=None):
         req_ids = list(proposer._batch_req_ids)
         drafts = original_propose(sampled, num_tokens, token_ids, slot_mappings)
-        for row, (req_id, draft) in enumerate(zip(req_ids, drafts)):
+        for row, (req_id, draft) in enumerate(zip(req_ids, drafts, strict=True)):
             proposals[req_id] = (token_ids[row, : num_tokens[row]].tolist(), draft)
         return drafts
 
     def on_verified(req_ids, drafts, target_argmax):
-        for req_id, draft, argmax in zip(req_ids, drafts, target_argmax):
+        for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             if draft:
                 history, proposed = proposals[req_id]
                 verifications.append((req_id, history, proposed, draft, argmax))
@@ -100,10 +109,14 @@ def test_hooks_report_request_ids_argmax_and_finished_requests(plain, tiny, engi
         assert len(argmax) == len(draft) + 1
 
     # The argmax at EVERY verified position, after a rejection too, is what plain decoding predicts there.
-    checks = [(history + draft[:j], argmax[j]) for _, history, _, draft, argmax in verifications
-              for j in range(len(draft) + 1)]
-    assert any(draft != argmax[: len(draft)] for _, _, _, draft, argmax in verifications), \
+    checks = [
+        (history + draft[:j], argmax[j])
+        for _, history, _, draft, argmax in verifications
+        for j in range(len(draft) + 1)
+    ]
+    assert any(draft != argmax[: len(draft)] for _, _, _, draft, argmax in verifications), (
         "no rejection happened: positions after a rejection were not exercised"
+    )
     predicted = generate_ids(plain, [tokens_prompt(prefix) for prefix, _ in checks], greedy(1), len(checks))
     assert [p[0] for p in predicted] == [expected for _, expected in checks]
 
@@ -136,8 +149,10 @@ def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
 
 def test_cold_pools_are_per_request(plain, tiny, engines, tmp_path):
     settings = {"drafting": "pool_only", "warm_start": False, "stats_log_interval_s": 0}
-    spec = engines.get("tiny-pool-only-cold", lambda: make_llm(
-        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    spec = engines.get(
+        "tiny-pool-only-cold",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
+    )
     proposer = engine_proposer(spec)
     prompt = "cold start: " + CODE_PROMPTS[3]
     accepted = []
@@ -172,15 +187,19 @@ def test_a_cold_request_neither_reads_nor_feeds_the_shared_pool(plain, tiny, eng
 def test_saved_pool_reloads_in_a_new_engine(plain, tiny, engines, tmp_path):
     path = tmp_path / "pool.bin"
     settings = {"drafting": "pool_only", "pool_path": str(path), "stats_log_interval_s": 0}
-    first = engines.get("tiny-pool-file-1", lambda: make_llm(
-        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    first = engines.get(
+        "tiny-pool-file-1",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
+    )
     prompt = "persisted: " + CODE_PROMPTS[5]
     generate_ids(first, [prompt], greedy(64), 1)
     saved = engine_proposer(first)
     saved.pool_file.save(saved.pool)
 
-    second = engines.get("tiny-pool-file-2", lambda: make_llm(
-        str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25))
+    second = engines.get(
+        "tiny-pool-file-2",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
+    )
     loaded = engine_proposer(second)
     assert list(loaded.pool.items()) == list(saved.pool.items())
     (ids,) = generate_ids(second, [prompt], greedy(64), 1)

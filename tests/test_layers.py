@@ -86,16 +86,21 @@ def test_lower_layers_do_not_import_heavy_packages(layer_name):
 
 def test_the_algorithm_runs_without_torch_or_vllm():
     names = [name for name in modules() if layer(name) == "algorithm"]
-    code = ("import sys\n" + "".join(f"import {name}\n" for name in names)
-            + "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))")
+    code = (
+        "import sys\n"
+        + "".join(f"import {name}\n" for name in names)
+        + "print(sorted(m for m in ('torch', 'transformers', 'vllm') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
 
 def test_no_import_cycle():
     known = modules()
-    graph = {name: {t for t in (internal(i, known) for i in imports(path)) if t and t != name}
-             for name, path in known.items()}
+    graph = {
+        name: {t for t in (internal(i, known) for i in imports(path)) if t and t != name}
+        for name, path in known.items()
+    }
     state: dict[str, str] = {}
 
     def visit(node: str, stack: list[str]) -> None:

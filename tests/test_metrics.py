@@ -20,8 +20,17 @@ def test_counters_add_what_happened_since_the_last_push_and_gauges_hold_the_rati
     pool.insert(1, (2, 3))
     pool.phrases(1)
     pool.phrases(9)
-    stats = DraftStats(rounds=2, proposed_tokens=8, suffix_tokens=4, verified_rounds=2, verified_tokens=8,
-                       accepted_tokens=6, suffix_accepted_tokens=2, draft_forwards=3, draft_seconds=0.5)
+    stats = DraftStats(
+        rounds=2,
+        proposed_tokens=8,
+        suffix_tokens=4,
+        verified_rounds=2,
+        verified_tokens=8,
+        accepted_tokens=6,
+        suffix_accepted_tokens=2,
+        draft_forwards=3,
+        draft_seconds=0.5,
+    )
     exporter.push(stats, pool, 3)
     exporter.push(stats, pool, 3)  # nothing new: no double counting
     assert sample("vllm:ouroboros_accepted_tokens_total", "metrics-test") == 6

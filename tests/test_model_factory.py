@@ -13,15 +13,21 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import model_factory as mf  # noqa: E402
+import model_factory as mf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-PROMPTS = ["def foo(x):", "import os\n", "The speculative decoding",
-           "class Foo:\n    def __init__(self):", "for i in range(10):", "x = 1\ny = 2\n"]
+PROMPTS = [
+    "def foo(x):",
+    "import os\n",
+    "The speculative decoding",
+    "class Foo:\n    def __init__(self):",
+    "for i in range(10):",
+    "x = 1\ny = 2\n",
+]
 SMOLLM2 = Path.home() / ".cache" / "ouroboros-vllm" / "models" / "smollm2-135m-instruct"
 
 
@@ -45,8 +51,7 @@ def _sha(path: Path) -> str:
 
 
 def _load(path: Path):
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -57,24 +62,33 @@ def _config(path: Path) -> dict:
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def test_tokenizer_is_deterministic_across_builds(tiny, tmp_path):
     again = mf.build_tiny_models(tmp_path / "again")
-    for rel in ("tokenizer/tokenizer.json", "tokenizer-othervocab/tokenizer.json",
-                "tiny-target/model.safetensors", "tiny-draft/model.safetensors",
-                "tiny-draft-similar/model.safetensors", "tiny-draft-derived/model.safetensors",
-                "tiny-draft-othervocab/model.safetensors",
-                "tokenizer-othervocab-samesize/tokenizer.json",
-                "tiny-draft-othervocab-samesize/model.safetensors", "tiny-target/config.json"):
+    for rel in (
+        "tokenizer/tokenizer.json",
+        "tokenizer-othervocab/tokenizer.json",
+        "tiny-target/model.safetensors",
+        "tiny-draft/model.safetensors",
+        "tiny-draft-similar/model.safetensors",
+        "tiny-draft-derived/model.safetensors",
+        "tiny-draft-othervocab/model.safetensors",
+        "tokenizer-othervocab-samesize/tokenizer.json",
+        "tiny-draft-othervocab-samesize/model.safetensors",
+        "tiny-target/config.json",
+    ):
         assert _sha(tiny.root / rel) == _sha(again.root / rel), rel
 
 
 def test_tokenizer_is_deterministic_across_processes(tiny):
     # Another interpreter with another hash seed and thread count.
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import model_factory as mf; "
-            "print(mf.train_tokenizer().to_str())")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import model_factory as mf; print(mf.train_tokenizer().to_str())"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345", RAYON_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code, str(Path(mf.__file__).parent)],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(Path(mf.__file__).parent)], env=env, capture_output=True, text=True, check=True
+    ).stdout
     theirs = json.loads(out)
     ours = json.loads((tiny.tokenizer / "tokenizer.json").read_text())
     assert theirs["model"]["vocab"] == ours["model"]["vocab"]
@@ -97,8 +111,7 @@ def test_tokenizer_properties(tiny):
     bare = AutoTokenizer.from_pretrained(str(tiny.tokenizer))
     for text in PROMPTS + ["<|im_start|>user\nhi<|im_end|>\n", "x  =  1\r\n\n  y"]:
         assert tok(text).input_ids == bare(text).input_ids
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                   tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -138,6 +151,7 @@ def test_othervocab_same_size_differs(tiny):
 
 # ---------------------------------------------------------------- models
 
+
 def test_model_shapes(tiny):
     t, d = _config(tiny.target), _config(tiny.draft)
     for cfg in (t, d, _config(tiny.draft_other_vocab)):
@@ -157,8 +171,8 @@ def _greedy(model, tok, prompt: str, n: int) -> tuple[torch.Tensor, list[int], t
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        logits = model(out).logits[0, ids.shape[1] - 1:-1]
-    return out, out[0, ids.shape[1]:].tolist(), logits
+        logits = model(out).logits[0, ids.shape[1] - 1 : -1]
+    return out, out[0, ids.shape[1] :].tolist(), logits
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +188,9 @@ def test_target_greedy_outputs_are_varied_and_untied(target_runs):
     specials = {tok.convert_tokens_to_ids(s) for s in mf.SPECIAL_TOKENS}
     gaps = []
     for _, gen, logits in runs:
-        assert len(set(gen)) >= 10, gen           # not one repeated token
+        assert len(set(gen)) >= 10, gen  # not one repeated token
         assert gen[0] != gen[1] or gen[1] != gen[2]
-        assert not set(gen) & specials            # special rows of lm_head are zero
+        assert not set(gen) & specials  # special rows of lm_head are zero
         top2 = logits.topk(2, dim=-1).values
         gaps.append(top2[:, 0] - top2[:, 1])
     assert len({tuple(gen[:8]) for _, gen, _ in runs}) == len(PROMPTS)  # depends on the prompt
@@ -194,7 +208,7 @@ def test_draft_acceptance_profiles(tiny, target_runs):
         agree = []
         for full, gen, tlogits in runs:
             with torch.no_grad():
-                dl = m(full).logits[0, full.shape[1] - len(gen) - 1:-1]
+                dl = m(full).logits[0, full.shape[1] - len(gen) - 1 : -1]
             agree.append((dl.argmax(-1) == tlogits.argmax(-1)).float().mean().item())
         mean[k] = sum(agree) / len(agree)
     assert mean["draft"] < 0.1, mean
@@ -213,9 +227,9 @@ def test_build_is_idempotent(tiny):
 def test_interrupted_build_is_redone(tiny, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(tiny.root, root)
-    first = mf.build_tiny_models(root)              # copied complete build: no-op
+    first = mf.build_tiny_models(root)  # copied complete build: no-op
     digest = _sha(first.target / "model.safetensors")
-    (root / mf.MARKER).unlink()                     # as if killed before the end
+    (root / mf.MARKER).unlink()  # as if killed before the end
     (first.target / "model.safetensors").write_bytes(b"garbage")
     second = mf.build_tiny_models(root)
     assert _sha(second.target / "model.safetensors") == digest
@@ -223,6 +237,7 @@ def test_interrupted_build_is_redone(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- derived drafts
+
 
 def _manual_first_k_logits(src_model, input_ids: torch.Tensor, k: int) -> torch.Tensor:
     """Forward through the source's first k layers, then its final norm + lm_head."""
@@ -276,8 +291,9 @@ def test_derived_draft_from_smollm2(tmp_path):
     src_cfg, cfg = _config(SMOLLM2), _config(dst)
     assert cfg["num_hidden_layers"] == k and src_cfg["num_hidden_layers"] == 30
     assert cfg["tie_word_embeddings"] == src_cfg.get("tie_word_embeddings", False)
-    assert AutoTokenizer.from_pretrained(str(dst)).get_vocab() == \
-        AutoTokenizer.from_pretrained(str(SMOLLM2)).get_vocab()
+    assert (
+        AutoTokenizer.from_pretrained(str(dst)).get_vocab() == AutoTokenizer.from_pretrained(str(SMOLLM2)).get_vocab()
+    )
     tok = AutoTokenizer.from_pretrained(str(dst))
     ids = tok("def fibonacci(n):\n    ", return_tensors="pt").input_ids
     src, derived = _load(SMOLLM2), _load(dst)

@@ -128,7 +128,7 @@ def test_keep_gguf(fake) -> None:
 
 
 def test_sha_mismatch_is_refused(fake, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec, calls = fake
+    _, calls = fake
     wrong = "0" * 64
     bad = _spec(b"", sha256=wrong)
     monkeypatch.setattr(models, "MODELS", {bad.name: bad})
@@ -174,7 +174,7 @@ def test_marker_with_another_hash_is_not_complete(fake) -> None:
 
 
 def test_unknown_name() -> None:
-    with pytest.raises(KeyError, match="qwen2.5-coder-0.5b-instruct") as info:
+    with pytest.raises(KeyError, match=r"qwen2\.5-coder-0\.5b-instruct") as info:
         models.model_path("gpt-5")
     assert "unknown model 'gpt-5'" in str(info.value)
     with pytest.raises(models.UnknownModelError):

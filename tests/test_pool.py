@@ -148,7 +148,7 @@ def load_into_new(path, identity=IDENTITY, phrase_len=N1):
 
 def test_truncated_file_is_refused(saved):
     saved.write_bytes(saved.read_bytes()[:-3])
-    with pytest.raises(PoolFileError, match="is truncated or corrupt: .* payload bytes, the header says"):
+    with pytest.raises(PoolFileError, match=r"is truncated or corrupt: .* payload bytes, the header says"):
         load_into_new(saved)
 
 
@@ -186,7 +186,7 @@ def test_other_phrase_length_is_refused(saved):
 
 
 def test_missing_file_says_which_path(tmp_path):
-    with pytest.raises(PoolFileError, match="cannot read the pool file .*nope.bin"):
+    with pytest.raises(PoolFileError, match=r"cannot read the pool file .*nope\.bin"):
         load_into_new(tmp_path / "nope.bin")
 
 
@@ -219,10 +219,16 @@ def test_default_pool_stays_under_64_mib_whatever_the_traffic(ngram_size):
     rng = random.Random(0)
     tracemalloc.start()
     try:
-        pool = PhrasePool(config.phrase_len, config.max_phrases_per_key, config.pool_max_keys,
-                          max_phrases_for_memory(config.pool_memory_mib, config.phrase_len))
+        pool = PhrasePool(
+            config.phrase_len,
+            config.max_phrases_per_key,
+            config.pool_max_keys,
+            max_phrases_for_memory(config.pool_memory_mib, config.phrase_len),
+        )
         for _ in range(pool.max_phrases + 20_000):
-            pool.insert(rng.randrange(pool.max_phrases // 12), tuple(rng.randrange(150_000) for _ in range(config.phrase_len)))
+            pool.insert(
+                rng.randrange(pool.max_phrases // 12), tuple(rng.randrange(150_000) for _ in range(config.phrase_len))
+            )
         used = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()

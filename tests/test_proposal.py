@@ -60,6 +60,9 @@ def test_feedback_ignores_a_suffix_vllm_did_not_verify():
 
 @given(st.lists(st.integers(0, 5), max_size=20), st.integers(0, 20), st.integers(1, 4))
 def test_context_ngrams_are_every_new_ngram(tokens, start, phrase_len):
-    expected = [(tokens[k], tuple(tokens[k + 1 : k + 1 + phrase_len]))
-                for k in range(len(tokens) - phrase_len) if k + phrase_len >= start]
+    expected = [
+        (tokens[k], tuple(tokens[k + 1 : k + 1 + phrase_len]))
+        for k in range(len(tokens) - phrase_len)
+        if k + phrase_len >= start
+    ]
     assert context_ngrams(tokens, start, phrase_len) == expected

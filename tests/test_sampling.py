@@ -35,8 +35,10 @@ def chi_square_p_value(first: Counter, second: Counter) -> float:
 
 
 def token_counts(llm, temperature: float, first_seed: int) -> dict[int, Counter]:
-    params = [SamplingParams(temperature=temperature, max_tokens=max(POSITIONS) + 1, seed=first_seed + i)
-              for i in range(SAMPLES)]
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=max(POSITIONS) + 1, seed=first_seed + i)
+        for i in range(SAMPLES)
+    ]
     outputs = llm.generate([PROMPT] * SAMPLES, params, use_tqdm=False)
     counts = {p: Counter() for p in POSITIONS}
     for output in outputs:
@@ -50,9 +52,15 @@ def token_counts(llm, temperature: float, first_seed: int) -> dict[int, Counter]
 @pytest.fixture(scope="module")
 def sampled(tiny, engines):
     plain = engines.get("tiny-plain", lambda: make_llm(str(tiny.target), kv_cache_gib=0.25))
-    ours = engines.get("tiny-sampling-ouroboros", lambda: make_llm(
-        str(tiny.target), ouroboros={"draft_model": str(tiny.draft_similar), "stats_log_interval_s": 0},
-        num_speculative_tokens=4, kv_cache_gib=0.25))
+    ours = engines.get(
+        "tiny-sampling-ouroboros",
+        lambda: make_llm(
+            str(tiny.target),
+            ouroboros={"draft_model": str(tiny.draft_similar), "stats_log_interval_s": 0},
+            num_speculative_tokens=4,
+            kv_cache_gib=0.25,
+        ),
+    )
     proposer = engine_proposer(ours)
     accepted_before = proposer.stats.accepted_tokens
     result = {

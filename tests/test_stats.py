@@ -10,8 +10,15 @@ from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
 
 
 def test_tau_acceptance_and_tokens_per_forward():
-    s = DraftStats(rounds=4, proposed_tokens=16, suffix_tokens=4, verified_rounds=4, verified_tokens=16,
-                   accepted_tokens=8, draft_forwards=6)
+    s = DraftStats(
+        rounds=4,
+        proposed_tokens=16,
+        suffix_tokens=4,
+        verified_rounds=4,
+        verified_tokens=16,
+        accepted_tokens=8,
+        draft_forwards=6,
+    )
     assert s.tau == (8 + 4) / 4
     assert s.acceptance_rate == 0.5
     assert s.tokens_per_draft_forward == 12 / 6

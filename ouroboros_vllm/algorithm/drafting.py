@@ -68,8 +68,12 @@ class ForwardPlan:
         first token, so the lm_head (a large share of a small model's forward) need not run on them."""
         phrase_len = len(self.phrases[0]) if self.phrases else 0
         first = len(self.pending) + len(self.window_tokens)
-        return [first + j * phrase_len + i for j, phrase in enumerate(self.phrases) if phrase[0] == next_token
-                for i in range(phrase_len)]
+        return [
+            first + j * phrase_len + i
+            for j, phrase in enumerate(self.phrases)
+            if phrase[0] == next_token
+            for i in range(phrase_len)
+        ]
 
 
 @dataclass(eq=False)
@@ -115,8 +119,14 @@ class DraftRound:
         input_ids = pending + window_tokens + [token for phrase in phrases for token in phrase]
         cached = len(self.state.ids)
         return ForwardPlan(
-            cached=cached, pending=pending, phrases=phrases, window_tokens=window_tokens, input_ids=input_ids,
-            mask=mask, positions=offsets + cached, logit_rows=[len(pending) - 1, *window_outputs],
+            cached=cached,
+            pending=pending,
+            phrases=phrases,
+            window_tokens=window_tokens,
+            input_ids=input_ids,
+            mask=mask,
+            positions=offsets + cached,
+            logit_rows=[len(pending) - 1, *window_outputs],
         )
 
     def finish(self, plan: ForwardPlan, argmax: Mapping[int, int]) -> list[int]:

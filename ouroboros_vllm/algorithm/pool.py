@@ -147,5 +147,7 @@ class PhrasePool:
 
     def summary(self) -> str:
         c = self.counters
-        return (f"pool {len(self)} phrases under {self.num_keys} keys, hit rate {c.hit_rate:.1%} "
-                f"({c.hits}/{c.lookups} lookups), {c.evicted_keys} keys evicted")
+        return (
+            f"pool {len(self)} phrases under {self.num_keys} keys, hit rate {c.hit_rate:.1%} "
+            f"({c.hits}/{c.lookups} lookups), {c.evicted_keys} keys evicted"
+        )

@@ -117,8 +117,16 @@ def _read_header(path: Path, data: bytes) -> dict[str, object]:
             f"pool file {str(path)!r} has format version {header.get('version')!r}; this ouroboros-vllm reads "
             f"version {VERSION}"
         )
-    expected = {"phrase_len": int, "tokenizer": str, "target": str, "draft": str, "num_keys": int,
-                "num_phrases": int, "payload_bytes": int, "payload_sha256": str}
+    expected = {
+        "phrase_len": int,
+        "tokenizer": str,
+        "target": str,
+        "draft": str,
+        "num_keys": int,
+        "num_phrases": int,
+        "payload_bytes": int,
+        "payload_sha256": str,
+    }
     for name, kind in expected.items():
         if not isinstance(header.get(name), kind):
             raise PoolFileError(f"pool file {str(path)!r} has a corrupt header (field {name!r})")

@@ -76,8 +76,9 @@ class RequestState:
             self.pooled_upto = len(history)
         if draft_model is None:
             return None
-        round_ = DraftRound(self.draft, history, min(self.settings.gamma, budget), draft_model.eos_token_ids,
-                            draft_model.vocab_size)
+        round_ = DraftRound(
+            self.draft, history, min(self.settings.gamma, budget), draft_model.eos_token_ids, draft_model.vocab_size
+        )
         if self.settings.draft_phrases:
             pool, count = self.pool, self.settings.draft_phrases
             round_.phrases_for = lambda key: pool.newest(key, count)

@@ -74,12 +74,15 @@ class PackedBatch:
         self.cache = cache
         starts = np.cumsum([0] + [spec.num_new for spec in specs])
         self.rows = torch.from_numpy(np.repeat([s.row for s in specs], [s.num_new for s in specs])).to(device)
-        self.slots = torch.from_numpy(
-            np.concatenate([np.arange(s.cached, s.cached + s.num_new) for s in specs])).to(device)
+        self.slots = torch.from_numpy(np.concatenate([np.arange(s.cached, s.cached + s.num_new) for s in specs])).to(
+            device
+        )
         shared = [i for i, s in enumerate(specs) if s.num_new <= MAX_SHARED_QUERIES]
         alone = [i for i, s in enumerate(specs) if s.num_new > MAX_SHARED_QUERIES]
-        self.groups = [_group([specs[i] for i in part], [int(starts[i]) for i in part], query_group, device)
-                       for part in ([shared] if shared else []) + [[i] for i in alone]]
+        self.groups = [
+            _group([specs[i] for i in part], [int(starts[i]) for i in part], query_group, device)
+            for part in ([shared] if shared else []) + [[i] for i in alone]
+        ]
 
 
 def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, device: torch.device) -> _Group:
@@ -99,7 +102,10 @@ def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, de
     # Query (head h, token j) of a row sits at h // group, (h % group) * width + j after folding the heads.
     folded = np.broadcast_to(mask[:, None], (rows, query_group, width, length)).reshape(rows, 1, -1, length)
     return _Group(
-        first=first, rows=rows, width=width, length=length,
+        first=first,
+        rows=rows,
+        width=width,
+        length=length,
         mask=torch.from_numpy(np.ascontiguousarray(folded)).to(device),
         packed=torch.from_numpy(np.concatenate(packed)).to(device),
         padded=torch.from_numpy(np.concatenate(padded)).to(device),
@@ -122,8 +128,9 @@ def packed_cache_attention(
     if packed_batch is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     batch = packed_batch
     keys, values = batch.cache.layer(module.layer_idx)
     keys[batch.rows, :, batch.slots] = key[0].transpose(0, 1)
@@ -139,7 +146,10 @@ def packed_cache_attention(
         rows = slice(group.first, group.first + group.rows)
         attended = F.scaled_dot_product_attention(
             q.reshape(group.rows, num_kv_heads, group_size * group.width, dim),
-            keys[rows, :, : group.length], values[rows, :, : group.length], attn_mask=group.mask, scale=scaling,
+            keys[rows, :, : group.length],
+            values[rows, :, : group.length],
+            attn_mask=group.mask,
+            scale=scaling,
         )
         attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
         out[group.packed] = attended.reshape(group.rows * group.width, num_heads, dim)[group.padded]

@@ -38,8 +38,10 @@ class DraftRuntime:
         config = model.config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
-            raise DraftModelError(f"draft models with {sorted(layer_types)} layers are not supported (full "
-                                  "attention only: sliding-window layers would need their own cache)")
+            raise DraftModelError(
+                f"draft models with {sorted(layer_types)} layers are not supported (full "
+                "attention only: sliding-window layers would need their own cache)"
+            )
         attention.register()
         model.config._attn_implementation = attention.ATTENTION_NAME
         self.model = model
@@ -89,13 +91,17 @@ class DraftRuntime:
         specs = [RowSpec(state.cache_row, plan.cached, plan.mask) for state, plan in rows]  # type: ignore[arg-type]
         batch = PackedBatch(self.cache, specs, self._query_group)
         hidden = self.model.get_decoder()(
-            input_ids=input_ids, position_ids=positions, use_cache=False, packed_batch=batch,
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=False,
+            packed_batch=batch,
         ).last_hidden_state[0]
         # The argmax where a plan always reads it, then at the phrase tokens that can matter given the first.
-        starts = [int(start) for start in np.cumsum([0] + [plan.num_new for _, plan in rows])]
-        argmax = self._argmax(hidden, [[start + i for i in plan.logit_rows] for start, (_, plan) in zip(starts, rows)])
-        phrase_rows = [plan.phrase_rows(found[0]) for found, (_, plan) in zip(argmax, rows, strict=True)]
-        more = self._argmax(hidden, [[start + i for i in extra] for start, extra in zip(starts, phrase_rows)])
+        starts = [int(start) for start in np.cumsum([0] + [plan.num_new for _, plan in rows])[:-1]]
+        plans = [plan for _, plan in rows]
+        argmax = self._argmax(hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)])
+        phrase_rows = [plan.phrase_rows(found[0]) for found, plan in zip(argmax, plans, strict=True)]
+        more = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
         return [
             dict(zip(plan.logit_rows + extra, first + second, strict=True))
             for (_, plan), extra, first, second in zip(rows, phrase_rows, argmax, more, strict=True)

@@ -28,8 +28,14 @@ class DraftKVCache:
     """Keys and values of every request's draft context; ``storage[layer, 0 | 1, row, head, slot, :]``."""
 
     def __init__(
-        self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-        rows: int = 4, capacity: int = _MIN_CAPACITY,
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        rows: int = 4,
+        capacity: int = _MIN_CAPACITY,
     ) -> None:
         self.storage = torch.zeros(num_layers, 2, rows, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self._free = list(range(rows - 1, -1, -1))  # popped from the end: the lowest row first

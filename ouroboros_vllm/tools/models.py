@@ -46,17 +46,17 @@ from ouroboros_vllm.tools.model_sources import say as _say
 __all__ = [
     "MODELS",
     "ChecksumError",
-    "ModelError",
-    "UnknownModelError",
     "Chunk",
+    "ModelError",
     "ModelSpec",
+    "UnknownModelError",
     "cache_dir",
+    "collect_chunks",
     "fetch",
     "fetch_all",
     "get_spec",
-    "collect_chunks",
-    "join_chunks",
     "is_fetched",
+    "join_chunks",
     "model_path",
 ]
 
@@ -208,7 +208,6 @@ def fetch_all(names: Iterable[str] | None = None, *, progress: bool = True, keep
     return [fetch(name, progress=progress, keep_gguf=keep_gguf) for name in names]
 
 
-
 # -------------------------------------------------------------------------------------------- helpers
 
 
@@ -236,5 +235,3 @@ def _versions(*dists: str) -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[dist] = version(dist)
     return out
-
-

@@ -63,8 +63,9 @@ def main(args: list[str]) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="ouroboros-vllm-metrics-")
     command = server_command(args, use_vllm_cli=use_vllm_cli)
     print(f"ouroboros-vllm serve: {' '.join(command)}", file=sys.stderr, flush=True)
-    server = subprocess.Popen(command, env=server_env(dict(os.environ), use_vllm_cli=use_vllm_cli,
-                                                      metrics_dir=metrics_dir))
+    server = subprocess.Popen(
+        command, env=server_env(dict(os.environ), use_vllm_cli=use_vllm_cli, metrics_dir=metrics_dir)
+    )
 
     def forward(signum: int, _frame: object) -> None:
         server.send_signal(signum)

@@ -47,8 +47,9 @@ class OuroborosConfig(pydantic.BaseModel):
     gamma: int | None = Field(
         default=None,
         ge=1,
-        description="Draft-model tokens per round in 'greedy_pool' and 'ouroboros'; the rest of num_speculative_tokens is filled "
-        "with pool phrases. Default: K - (N - 1), but at least half of K (K = num_speculative_tokens).",
+        description="Draft-model tokens per round in 'greedy_pool' and 'ouroboros'; the rest of "
+        "num_speculative_tokens is filled with pool phrases. Default: K - (N - 1), but at least half of K "
+        "(K = num_speculative_tokens).",
     )
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
@@ -63,7 +64,10 @@ class OuroborosConfig(pydantic.BaseModel):
         "window). Each column adds N-1 tokens to every draft forward and one N-gram to the pool.",
     )
     num_candidates: int = Field(
-        default=3, ge=1, le=64, description="K of the paper: candidate suffixes after each draft. vLLM verifies one "
+        default=3,
+        ge=1,
+        le=64,
+        description="K of the paper: candidate suffixes after each draft. vLLM verifies one "
         "chain, so only the newest is proposed today.",
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
@@ -148,7 +152,9 @@ class OuroborosConfig(pydantic.BaseModel):
         if additional_config is None:
             additional_config = {}
         if not isinstance(additional_config, dict):
-            raise OuroborosConfigError(f"additional_config must be a JSON object, got {type(additional_config).__name__}")
+            raise OuroborosConfigError(
+                f"additional_config must be a JSON object, got {type(additional_config).__name__}"
+            )
         section = additional_config.get(CONFIG_KEY, {})
         if not isinstance(section, dict):
             raise OuroborosConfigError(

@@ -106,8 +106,10 @@ def _fix_cpu_expand_batch_to_tokens() -> None:
 
     original = getattr(rejection_sampler, "expand_batch_to_tokens", None)
     if original is None:
-        raise UnsupportedVllmError("vllm.v1.sample.rejection_sampler.expand_batch_to_tokens is missing: this "
-                                   "vLLM's rejection sampler is not supported")
+        raise UnsupportedVllmError(
+            "vllm.v1.sample.rejection_sampler.expand_batch_to_tokens is missing: this "
+            "vLLM's rejection sampler is not supported"
+        )
     if getattr(original, _WRAPPED_MARK, False):
         return
     # Callers in that module look the name up at call time, so rebinding it reaches all of them.

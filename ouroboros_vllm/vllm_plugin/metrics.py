@@ -12,6 +12,7 @@ size now), so a dashboard works without PromQL, e.g. ``vllm:ouroboros_mean_accep
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields, replace
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -66,10 +67,8 @@ def registered() -> dict[str, Counter | Gauge]:
         for name, (text, mode) in _GAUGES.items():
             _metrics[name] = Gauge(name, text, labelnames=_LABELS, multiprocess_mode=mode)
     for metric in _metrics.values():
-        try:
+        with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(metric)
-        except ValueError:  # already registered
-            pass
     return _metrics
 
 

@@ -97,7 +97,8 @@ class OuroborosProposer(hooks.StepListener):
         device = next(target_model.parameters()).device
         precision = resolve_precision(self.config.draft_dtype, self.target_dtype, device)
         self.drafter = DraftRuntime.load(
-            self.draft_path, target_tokenizer=self.target_tokenizer, device=device, precision=precision)
+            self.draft_path, target_tokenizer=self.target_tokenizer, device=device, precision=precision
+        )
 
     # ---- reports from the runner hooks -------------------------------------------------------------------
 
@@ -206,8 +207,13 @@ class OuroborosProposer(hooks.StepListener):
             return seeded_sampling
         if choice not in POOL_CHOICES:
             # The worker cannot reject a request without failing the whole batch: say so and go on.
-            logger.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default",
-                           req_id, POOL_OPTION, choice, ", ".join(repr(c) for c in POOL_CHOICES))
+            logger.warning(
+                "ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default",
+                req_id,
+                POOL_OPTION,
+                choice,
+                ", ".join(repr(c) for c in POOL_CHOICES),
+            )
             return seeded_sampling
         return choice == "cold"
 
@@ -222,8 +228,12 @@ class OuroborosProposer(hooks.StepListener):
         # no draft-model tokens for this request rather than a crash of the engine.
         if req_id not in self._skipped_out_of_vocab:
             self._skipped_out_of_vocab.add(req_id)
-            logger.warning("ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; "
-                           "drafting from the pool only", req_id, info.vocab_size)
+            logger.warning(
+                "ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; "
+                "drafting from the pool only",
+                req_id,
+                info.vocab_size,
+            )
         return None
 
     # ---- stats -------------------------------------------------------------------------------------------
