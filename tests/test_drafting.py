@@ -150,3 +150,30 @@ def test_rewind_keeps_the_common_prefix_and_feeds_at_least_the_last_token(cached
     pending = state.rewind_to(np.asarray(history))
     keep = min(common_prefix_length(cached, np.asarray(history)), len(history) - 1)
     assert state.ids == cached[:keep] and pending == history[keep:] and pending
+
+
+@settings(max_examples=40, deadline=None)
+@given(history=st.lists(token, min_size=2, max_size=12), budget=st.integers(1, 8), wide=st.booleans())
+def test_phrase_tails_keep_drafting_exact_and_narrow_the_forwards(history, budget, wide):
+    """Tails (phrases under the token before the key that start with the key, first token dropped): the draft is
+    still the model's greedy continuation; without tails and not wide, a forward carries no phrases at all."""
+    from ouroboros_vllm.algorithm.pool import PhrasePool
+    from ouroboros_vllm.algorithm.request import phrase_tails
+
+    truth = greedy(history, budget + 4)
+    full = history + truth
+    pool = PhrasePool(3, 16, 1000, 10000)
+    pool.insert_many((full[i], tuple(full[i + 1 : i + 4])) for i in range(len(full) - 3))
+    runtime = FakeRuntime()
+    lengths: set[int] = set()
+    round_ = DraftRound(DraftState(), np.asarray(history), budget, frozenset(), VOCAB,
+                        phrases_for=lambda key: pool.newest(key, 2),
+                        tails_for=lambda previous, key: phrase_tails(pool, previous, key, 2))  # fmt: skip
+    while not round_.done:
+        plan = round_.plan(wide)
+        lengths |= {len(phrase) for phrase in plan.phrases}
+        kept = round_.finish(plan, runtime._forward(round_.state, plan))
+        slots = runtime.rows[round_.state.cache_row]
+        runtime.rows[round_.state.cache_row] = slots[: plan.cached] + [slots[plan.cached + k] for k in kept]
+    assert round_.drafted == truth[:budget]
+    assert lengths <= ({2, 3} if wide else {2})  # tails are one token shorter than phrases

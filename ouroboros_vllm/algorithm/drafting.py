@@ -62,16 +62,17 @@ class ForwardPlan:
     def num_new(self) -> int:
         return len(self.input_ids)
 
-    def phrase_rows(self, next_token: int) -> list[int]:
+    def phrase_rows(self, next_token: int | None = None) -> list[int]:
         """The phrase tokens whose argmax can matter once the draft's ``next_token`` (its argmax after the last
-        pending token) is known: those of the phrases that start with it. The others are rejected at their
-        first token, so the lm_head (a large share of a small model's forward) need not run on them."""
+        pending token) is known: those of the phrases that start with it (every phrase's when None). The others
+        are rejected at their first token, so the lm_head (a large share of a small model's forward) need not
+        run on them."""
         phrase_len = len(self.phrases[0]) if self.phrases else 0
         first = len(self.pending) + len(self.window_tokens)
         return [
             first + j * phrase_len + i
             for j, phrase in enumerate(self.phrases)
-            if phrase[0] == next_token
+            if next_token is None or phrase[0] == next_token
             for i in range(phrase_len)
         ]
 
@@ -82,6 +83,10 @@ class DraftRound:
     continuation of ``history``, phrase by phrase.
 
     ``phrases_for(key)`` gives the pool phrases to check after ``key`` (none: one token per forward);
+    ``tails_for(previous, key)`` the tails of the pool phrases stored under ``previous`` that start with ``key``:
+    guesses of what follows ``key`` that already agree with one more token of context. A forward checks the
+    tails when there are any (they are few and one token shorter), else, when it may be wide, the phrases:
+    most phrases are rejected at their first token, which costs a forward its width on a busy CPU.
     ``window_shape`` is the lookahead window's (levels, width) (width 0: none), whose completed N-grams go to
     ``add_ngrams`` after each forward, so the next forward can already use them.
     """
@@ -92,6 +97,7 @@ class DraftRound:
     eos_token_ids: frozenset[int]
     vocab_size: int  # the draft's embedding rows: a phrase with an id past them cannot be fed
     phrases_for: Callable[[int], Sequence[Phrase]] = lambda key: ()
+    tails_for: Callable[[int, int], Sequence[Phrase]] = lambda previous, key: ()
     window_shape: tuple[int, int] = (0, 0)
     add_ngrams: Callable[[list[Ngram]], None] | None = None
     drafted: list[int] = field(default_factory=list)
@@ -106,10 +112,15 @@ class DraftRound:
             self.state.window = LookaheadWindow.from_history(self.history.tolist(), levels, width)
         self.done = self.num_tokens <= 0
 
-    def plan(self) -> ForwardPlan:
-        """The next forward's inputs: the pending tokens, the lookahead window, then the phrases."""
+    def plan(self, wide: bool = True) -> ForwardPlan:
+        """The next forward's inputs: the pending tokens, the lookahead window, then the phrases (or their tails,
+        see the class docstring; without tails and not ``wide``: none)."""
         pending = self._pending
-        phrases = [p for p in self.phrases_for(pending[-1]) if max(p, default=0) < self.vocab_size]
+        key = pending[-1]
+        previous = pending[-2] if len(pending) > 1 else self.state.ids[-1] if self.state.ids else None
+        phrases = self._feedable(self.tails_for(previous, key)) if previous is not None else []
+        if not phrases and wide:
+            phrases = self._feedable(self.phrases_for(key))
         phrase_len = len(phrases[0]) if phrases else 0
         window = self.state.window if self.window_shape[1] else None
         window_tokens = window.tokens() if window is not None else []
@@ -128,6 +139,11 @@ class DraftRound:
             positions=offsets + cached,
             logit_rows=[len(pending) - 1, *window_outputs],
         )
+
+    def _feedable(self, phrases: Sequence[Phrase]) -> list[Phrase]:
+        """The phrases the draft can be fed: the shared pool also holds other requests' text, which may use ids past
+        the draft's embedding table (a target vocabulary padded larger than the draft's)."""
+        return [p for p in phrases if p and max(p) < self.vocab_size]
 
     def finish(self, plan: ForwardPlan, argmax: Mapping[int, int]) -> list[int]:
         """Take the forward's argmax (new-token index -> the draft's argmax after it) at ``plan.logit_rows`` and

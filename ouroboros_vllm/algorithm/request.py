@@ -82,6 +82,7 @@ class RequestState:
         if self.settings.draft_phrases:
             pool, count = self.pool, self.settings.draft_phrases
             round_.phrases_for = lambda key: pool.newest(key, count)
+            round_.tails_for = lambda previous, key: phrase_tails(pool, previous, key, count)
             round_.window_shape = (self.settings.phrase_len, self.settings.lookahead_window)
             round_.add_ngrams = pool.insert_many
         return round_
@@ -111,3 +112,12 @@ class RequestState:
         if self.settings.uses_pool:
             apply_feedback(self.pool, self.proposal, verified, target_argmax)
         return DraftStats(verified_rounds=1, verified_tokens=len(verified))
+
+
+def phrase_tails(pool: PhrasePool, previous: int, key: int, count: int) -> list[tuple[int, ...]]:
+    """Up to ``count`` tails (all but the first token) of the newest phrases under ``previous`` that start with
+    ``key``: guesses of what follows ``key`` in the context ``previous, key``."""
+    if pool.phrase_len < 2:
+        return []
+    tails = [phrase[1:] for phrase in pool.newest(previous, pool.max_phrases_per_key) if phrase[0] == key]
+    return list(dict.fromkeys(tails))[:count]

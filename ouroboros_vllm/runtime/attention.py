@@ -64,6 +64,7 @@ class _Group:
     mask: torch.Tensor  # [rows, 1, group * width, length]
     packed: torch.Tensor  # [tokens] index of each of the group's tokens in the packed sequence
     padded: torch.Tensor  # [tokens] index of each in the group's flattened [rows * width] queries
+    dense: slice | None  # the group's tokens, when they are already [rows * width] in the packed sequence
 
 
 class PackedBatch:
@@ -93,7 +94,9 @@ def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, de
     mask = np.zeros((rows, width, length), dtype=bool)
     mask[:, :, 0] = True  # padding queries see one slot, so that no softmax row is empty; their output is dropped
     packed, padded = [], []
-    for spec, start in zip(specs, starts, strict=True):
+    dense = len(specs) == rows and all(s.num_new == width for s in specs)  # every row, all as wide
+    for position, (spec, start) in enumerate(zip(specs, starts, strict=True)):
+        dense = dense and spec.row - first == position and start == starts[0] + position * width
         b, n = spec.row - first, spec.num_new
         mask[b, :n, : spec.cached] = True
         mask[b, :n, spec.cached : spec.cached + n] = spec.mask
@@ -109,6 +112,7 @@ def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, de
         mask=torch.from_numpy(np.ascontiguousarray(folded)).to(device),
         packed=torch.from_numpy(np.concatenate(packed)).to(device),
         padded=torch.from_numpy(np.concatenate(padded)).to(device),
+        dense=slice(starts[0], starts[0] + rows * width) if dense else None,
     )
 
 
@@ -140,8 +144,11 @@ def packed_cache_attention(
     tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
     out = torch.empty_like(tokens)
     for group in batch.groups:
-        padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
-        padded[group.padded] = tokens[group.packed]
+        if group.dense is not None:
+            padded = tokens[group.dense]
+        else:
+            padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
+            padded[group.padded] = tokens[group.packed]
         q = padded.view(group.rows, group.width, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
         rows = slice(group.first, group.first + group.rows)
         attended = F.scaled_dot_product_attention(
@@ -152,7 +159,11 @@ def packed_cache_attention(
             scale=scaling,
         )
         attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
-        out[group.packed] = attended.reshape(group.rows * group.width, num_heads, dim)[group.padded]
+        attended = attended.reshape(group.rows * group.width, num_heads, dim)
+        if group.dense is not None:
+            out[group.dense] = attended
+        else:
+            out[group.packed] = attended[group.padded]
     return out.unsqueeze(0), None
 
 

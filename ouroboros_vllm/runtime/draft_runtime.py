@@ -8,7 +8,9 @@ cannot do. So the draft runs in transformers with an attention function and a KV
 :meth:`DraftRuntime.draft` takes the step's :class:`~ouroboros_vllm.algorithm.drafting.DraftRound` s and runs
 forwards until each is done, every unfinished round in every forward (a lone round is a batch of one). Each
 forward: the rounds plan their new tokens, the runtime packs them into one sequence, runs the model once,
-reads the argmax only where a round asked for it (the lm_head is a large share of a small model's forward),
+reads the argmax only where a round asked for it (the lm_head is a large share of a small model's forward:
+when many phrases ride along, first at each round's last pending token, then only at the phrases that start
+with the argmax found there),
 hands each round its argmax and moves the tokens each round keeps into place in its cache row.
 
 The cache (:mod:`.kv_cache`) is never gathered or copied per step; a row's attention reads a view of it.
@@ -18,11 +20,14 @@ Each row's numbers are those of the row alone, except that int8 weights scale ac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from ouroboros_vllm.algorithm.acceptance import Rate
+from ouroboros_vllm.algorithm.cost_model import OnlineLinearFit
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState, ForwardPlan
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
@@ -51,6 +56,9 @@ class DraftRuntime:
         dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
         self.cache = DraftKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, self.device)
         self._query_group = config.num_attention_heads // config.num_key_value_heads
+        self._lm_head_cost = OnlineLinearFit(window=64)
+        self._forward_cost = OnlineLinearFit(window=64)
+        self._phrase_width = Rate()  # phrase tokens a row adds to a wide forward (decayed mean)
 
     @classmethod
     def load(cls, path: str, *, target_tokenizer: str, device: torch.device, precision: str) -> DraftRuntime:
@@ -65,17 +73,40 @@ class DraftRuntime:
         state.ids.clear()
 
     @torch.inference_mode()
-    def draft(self, rounds: Sequence[DraftRound]) -> None:
-        """Run forwards until every round is done; every unfinished round shares each forward."""
+    def draft(self, rounds: Sequence[DraftRound], wide: bool | None = None) -> list[tuple[int, int, float]]:
+        """Run forwards until every round is done; every unfinished round shares each forward. Returns each
+        forward's (rows, tokens carried, seconds), the rounds' planning and bookkeeping included. ``wide``: whether
+        forwards may carry the pool's phrases, not only their tails (None: decided from this runtime's timings)."""
+        timings = []
         active = [r for r in rounds if not r.done]
         while active:
-            plans = [r.plan() for r in active]
+            start = time.perf_counter()
+            carry_phrases = self._may_be_wide(len(active)) if wide is None else wide
+            plans = [r.plan(carry_phrases) for r in active]
             predicted = self.forward([(r.state, plan) for r, plan in zip(active, plans, strict=True)])
             for r, plan, argmax in zip(active, plans, predicted, strict=True):
                 kept = r.finish(plan, argmax)
                 assert r.state.cache_row is not None
                 self.cache.compact(r.state.cache_row, plan.cached, kept)
+            tokens = sum(plan.num_new for plan in plans)
+            timings.append((len(plans), tokens, time.perf_counter() - start))
+            self._forward_cost.add(tokens, timings[-1][2])
+            if carry_phrases:
+                phrase_tokens = sum(len(plan.phrase_rows()) for plan in plans) / len(plans)
+                self._phrase_width.add(phrase_tokens, 1, 0.9)
             active = [r for r in active if not r.done]
+        return timings
+
+    def _may_be_wide(self, rows: int) -> bool:
+        """Whether this forward may carry the pool's phrases (not only their context-checked tails). Most phrases
+        are rejected at their first token, and a forward shared by several rows only ends sooner if all of them
+        do: so they ride along only where they are nearly free, in a lone row's forward (bound by reading the
+        weights on any device), or while they add at most a quarter to the forward's measured cost."""
+        fit = self._forward_cost.fit
+        if rows == 1 or fit is None or self._phrase_width.examined == 0:
+            return True
+        added = rows * self._phrase_width.rate(0.0, prior_trials=0.0)
+        return fit.slope * added <= fit.intercept / 4
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[tuple[DraftState, ForwardPlan]]) -> list[dict[int, int]]:
@@ -84,6 +115,11 @@ class DraftRuntime:
         for state, _ in rows:
             if state.cache_row is None:
                 state.cache_row = self.cache.acquire()
+        # In cache-row order, the rows' queries are often already laid out as attention wants them (no padding).
+        order = sorted(range(len(rows)), key=lambda i: rows[i][0].cache_row)  # type: ignore[arg-type,return-value]
+        if order != list(range(len(rows))):
+            found = self.forward([rows[i] for i in order])
+            return [found[order.index(i)] for i in range(len(rows))]
         self.cache.reserve(max(plan.cached + plan.num_new for _, plan in rows))
         device = self.device
         input_ids = torch.tensor([[t for _, plan in rows for t in plan.input_ids]], dtype=torch.long, device=device)
@@ -96,9 +132,13 @@ class DraftRuntime:
             use_cache=False,
             packed_batch=batch,
         ).last_hidden_state[0]
-        # The argmax where a plan always reads it, then at the phrase tokens that can matter given the first.
         starts = [int(start) for start in np.cumsum([0] + [plan.num_new for _, plan in rows])[:-1]]
         plans = [plan for _, plan in rows]
+        if not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
+            wanted = [plan.logit_rows + plan.phrase_rows() for plan in plans]
+            found = self._argmax(hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)])
+            return [dict(zip(rows, values, strict=True)) for rows, values in zip(wanted, found, strict=True)]
+        # The argmax where a plan always reads it, then only at the phrase tokens that can matter given the first.
         argmax = self._argmax(hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)])
         phrase_rows = [plan.phrase_rows(found[0]) for found, plan in zip(argmax, plans, strict=True)]
         more = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
@@ -107,13 +147,27 @@ class DraftRuntime:
             for (_, plan), extra, first, second in zip(rows, phrase_rows, argmax, more, strict=True)
         ]
 
+    def _two_lm_head_calls(self, phrase_rows: int) -> bool:
+        """Whether to run the lm_head twice (first where every plan reads it, then at the phrases that can still
+        match) rather than once at every row: twice pays when the phrase rows it skips cost more than a second
+        call's fixed cost (reading the lm_head's weights: one call costs about the same for 1 row as for 16 on
+        a CPU). Decided from this runtime's own timings of its lm_head calls."""
+        fit = self._lm_head_cost.fit
+        if phrase_rows == 0:
+            return False
+        if fit is None or len(self._lm_head_cost) < 8:
+            return True  # measure at every size first: both calls' sizes vary
+        return fit.intercept < fit.slope * phrase_rows
+
     def _argmax(self, hidden: torch.Tensor, rows: list[list[int]]) -> list[list[int]]:
-        """The draft's argmax at these packed rows (one lm_head call), in the same nesting."""
+        """The draft's argmax at these packed rows (one lm_head call, timed), in the same nesting."""
         flat = [row for part in rows for row in part]
         if not flat:
             return [[] for _ in rows]
+        start = time.perf_counter()
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
-        found = self.model.get_output_embeddings()(hidden[index]).argmax(dim=-1).tolist()
+        found = self.model.get_output_embeddings()(hidden[index]).argmax(dim=-1).tolist()  # .tolist() syncs
+        self._lm_head_cost.add(len(flat), time.perf_counter() - start)
         out, at = [], 0
         for part in rows:
             out.append(found[at : at + len(part)])

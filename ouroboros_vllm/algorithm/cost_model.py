@@ -1,0 +1,130 @@
+"""What a step costs, learned from the engine's own steps: no constant is tuned to a machine.
+
+Two linear models, fitted online on the recent past:
+
+- the target's step: seconds as a function of the tokens it computes (every row's last token and its draft
+  tokens), ``a + b * tokens``;
+- one forward of the draft model: seconds as a function of the tokens it carries, ``c + d * tokens``.
+
+Each keeps a short window of recent samples (the machine's speed changes when a neighbour arrives) and refits
+by least squares with a weak ridge prior (so that a model that
+has only seen one size of step still answers, and answers sensibly: as if each token cost a small share of a
+step), dropping samples far from the fit (a step slowed by a preemption, the first step of a new shape). On a
+CPU a step costs more per token than on a GPU, where it is nearly flat until the batch is large; both are the
+same two numbers to this model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+# The prior's slope, as a fraction of the intercept per token: weak (it counts as a fraction of a sample), and only
+# there until the steps seen so far differ enough in size to show the real slope.
+PRIOR_SLOPE_FRACTION = 1 / 64
+PRIOR_WEIGHT = 0.25
+# Samples whose residual is over this many median absolute deviations are left out of the refit.
+OUTLIER_MADS = 5.0
+
+
+@dataclass(frozen=True)
+class LinearCost:
+    """``intercept + slope * tokens`` seconds."""
+
+    intercept: float
+    slope: float
+
+    def __call__(self, tokens: float) -> float:
+        return self.intercept + self.slope * tokens
+
+
+class OnlineLinearFit:
+    """Seconds against tokens over the last ``window`` samples, refitted every ``refit_every`` samples."""
+
+    def __init__(self, window: int = 128, refit_every: int = 4) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self._refit_every = refit_every
+        self._since_fit = 0
+        self._fit: LinearCost | None = None
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def add(self, tokens: float, seconds: float) -> None:
+        if seconds <= 0 or tokens < 0:
+            return
+        self._samples.append((float(tokens), float(seconds)))
+        self._since_fit += 1
+        if self._fit is None or self._since_fit >= self._refit_every:
+            self._fit = self._refit()
+            self._since_fit = 0
+
+    @property
+    def samples(self) -> list[tuple[float, float]]:
+        """The window's (tokens, seconds) samples, oldest first."""
+        return list(self._samples)
+
+    @property
+    def fit(self) -> LinearCost | None:
+        """The current fit; None before the first sample."""
+        return self._fit
+
+    def _refit(self) -> LinearCost:
+        data = np.asarray(self._samples)
+        x, y = data[:, 0], data[:, 1]
+        keep = np.ones(len(y), dtype=bool)
+        fit = _ridge(x, y)
+        for _ in range(2):  # drop outliers, refit
+            residual = y - fit(x)
+            deviation = np.abs(residual - np.median(residual))
+            mad = float(np.median(deviation)) or float(np.std(residual)) or 1e-12
+            keep = deviation <= OUTLIER_MADS * mad
+            if keep.all() or keep.sum() < 2:
+                break
+            fit = _ridge(x[keep], y[keep])
+        return fit
+
+
+def _ridge(x: np.ndarray, y: np.ndarray) -> LinearCost:
+    """Least squares of ``y ≈ a + b x`` with a weak prior ``b ≈ a * PRIOR_SLOPE_FRACTION``; both >= 0."""
+    intercept0 = float(np.median(y / (1 + PRIOR_SLOPE_FRACTION * x)))
+    design = np.stack([np.ones_like(x), x], axis=1)
+    scale = np.array([1.0, max(float(np.mean(x)), 1.0)])  # keep the prior's weight comparable for both terms
+    prior = np.array([intercept0, intercept0 * PRIOR_SLOPE_FRACTION])
+    gram = design.T @ design + PRIOR_WEIGHT * np.diag(scale**2)
+    rhs = design.T @ y + PRIOR_WEIGHT * np.diag(scale**2) @ prior
+    intercept, slope = np.linalg.solve(gram, rhs)
+    return LinearCost(max(float(intercept), 0.0), max(float(slope), 0.0))
+
+
+class CostModel:
+    """The target's step and the draft's forward, learned from the engine's steps."""
+
+    def __init__(self) -> None:
+        # Short windows: a neighbour that starts competing for the cores must show in the plan within seconds.
+        # A step gives one target sample and a few draft samples.
+        self.target = OnlineLinearFit(window=64)
+        self.draft = OnlineLinearFit(window=128)
+
+    @property
+    def ready(self) -> bool:
+        """Whether both have been measured at least once (before that the planner proposes what it is told)."""
+        return self.target.fit is not None and self.draft.fit is not None
+
+    def target_step(self, tokens: float) -> float:
+        assert self.target.fit is not None
+        return self.target.fit(tokens)
+
+    def draft_forward(self, tokens: float) -> float:
+        assert self.draft.fit is not None
+        return self.draft.fit(tokens)
+
+    def summary(self) -> str:
+        parts = []
+        for name, model in (("target step", self.target), ("draft forward", self.draft)):
+            fit = model.fit
+            if fit is not None:
+                parts.append(f"{name} {1000 * fit.intercept:.1f} + {1000 * fit.slope:.2f}/token ms")
+        return ", ".join(parts) if parts else "not measured yet"
