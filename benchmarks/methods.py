@@ -91,18 +91,25 @@ def mode_needs_draft_model(mode: str) -> bool:
     return False
 
 
+DEFAULT_MODE = OuroborosConfig.model_fields["drafting"].default
+# The drafting mode "ouroboros" is the fixed-K Ouroboros (the default before adaptive speculation).
+_MODE_LABELS = {"ouroboros": "fixed"}
+
+
 def ouroboros_method_name(mode: str) -> str:
-    """``ouroboros`` for the default mode (Ouroboros itself), ``ouroboros-<mode>`` for the others."""
-    return "ouroboros" if mode == "ouroboros" else f"ouroboros-{mode}"
+    """``ouroboros`` for the default mode (adaptive), ``ouroboros-<mode>`` for the others (``ouroboros-fixed`` for
+    the fixed-K Ouroboros mode)."""
+    return "ouroboros" if mode == DEFAULT_MODE else f"ouroboros-{_MODE_LABELS.get(mode, mode)}"
 
 
 def _ouroboros_methods() -> list[Method]:
-    # One method per drafting mode the proposer accepts: the config's Literal is the source of truth.
+    # One method per drafting mode the proposer accepts: the config's Literal is the source of truth. The default
+    # mode runs with the default settings (adaptive); the other modes are the fixed ones (adaptive off).
     return [
         Method(
             ouroboros_method_name(mode),
             "ouroboros",
-            {"drafting": mode},
+            {"drafting": mode} if mode == DEFAULT_MODE else {"drafting": mode, "adaptive": False},
             stateful=mode not in STATELESS_DRAFTING_MODES,
             uses_draft_model=mode_needs_draft_model(mode),
         )
@@ -119,7 +126,7 @@ METHODS: tuple[Method, ...] = (
     *_ouroboros_methods(),
     # The default mode without the shared pool: each request starts from an empty pool of its own (the
     # other ouroboros-* methods share one pool across every request of the run: the paper's warm start).
-    Method("ouroboros-cold", "ouroboros", {"drafting": "ouroboros", "warm_start": False}, uses_draft_model=True),
+    Method("ouroboros-cold", "ouroboros", {"drafting": DEFAULT_MODE, "warm_start": False}, uses_draft_model=True),
     # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
     #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
     Method("oracle", "oracle"),

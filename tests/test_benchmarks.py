@@ -413,7 +413,8 @@ def test_table_is_loud_about_mismatches_and_says_what_did_not_run():
     assert "| suffix | — | — | — | — | unavailable: not installed |" in text
     assert "| plain | — | 1 | 3 | 12 | 1.20 | 1.00x | 1.00x | n/a | n/a | n/a | n/a | reference |" in text
     # 0.5 s of drafting over 2 drafting steps
-    assert "| b | ouroboros-greedy | 4 | 1 | 1 | 4 | 4.00 | 2.00x | 3.00x | 4.00 | 75% | 50% | 250 | yes (1/1) |" in text
+    row_b = "| b | ouroboros-greedy | 4 | 1 | 1 | 4 | 4.00 | 2.00x | 3.00x | 4.00 | 75% | 50% | 250 | yes (1/1) |"
+    assert row_b in text
     assert "![p.png](p.png)" in text
     lines = text.splitlines()
     assert lines.index("## All datasets pooled") < lines.index("## Per dataset")
@@ -461,7 +462,8 @@ def test_latency_interpolation_and_projection():
     forwards = {m.name: latency.draft_forwards_per_step(m, 8) for m in METHODS}
     assert forwards["oracle"] == forwards["ngram"] == forwards["ouroboros-pool_only"] == 0
     assert forwards["draft_model"] == forwards["ouroboros-greedy"] == 8
-    assert forwards["ouroboros"] == forwards["ouroboros-greedy_pool"] == 4  # gamma = K - (N - 1)
+    assert forwards["ouroboros-fixed"] == forwards["ouroboros-greedy_pool"] == 4  # gamma = K - (N - 1)
+    assert forwards["ouroboros"] == 8  # adaptive: at most K (the planner decides each step)
     assert latency.draft_forwards_per_step(None, 8) == 8
     assert latency.parse_tokens("1-3,8,2") == [1, 2, 3, 8]
 

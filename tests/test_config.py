@@ -13,7 +13,8 @@ def parse(section):
 def test_defaults_are_documented_values():
     config = parse({"draft_model": "/models/draft"})
     assert config.draft_model == "/models/draft"
-    assert config.drafting == "ouroboros"
+    assert config.drafting == "auto" and config.adaptive
+    assert config.gamma_for(8) == 8  # auto: the planner may draft up to K
     assert config.draft_dtype == "auto"
     assert config.stats_log_interval_s == 30.0
 
@@ -34,16 +35,16 @@ def test_other_sections_of_additional_config_are_ignored():
     [
         (
             {"draft_model": "d", "gama": 3},
-            'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, gamma, '
-            "ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, pool_max_keys, "
-            "pool_memory_mib, warm_start, pool_path, pool_save_interval_s, context_ngrams, batch_draft, "
+            'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, '
+            "adaptive, gamma, ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, "
+            "pool_max_keys, pool_memory_mib, warm_start, pool_path, pool_save_interval_s, context_ngrams, batch_draft, "
             "draft_dtype, stats_log_interval_s",
         ),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         (
             {"draft_model": "d", "drafting": "fast"},
             'additional_config["ouroboros"]["drafting"] must be one of '
-            "'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')",
+            "'auto', 'greedy', 'greedy_pool', 'ouroboros', 'pool_only' (got 'fast')",
         ),
         (
             {"draft_model": "d", "ngram_size": 1},
@@ -84,7 +85,7 @@ def test_other_sections_of_additional_config_are_ignored():
             'additional_config["ouroboros"]["lookahead_window"] needs "ngram_size" >= 3 (the window has N-1 levels '
             "and needs at least 2), got ngram_size = 2",
         ),
-        ({}, 'additional_config["ouroboros"]["draft_model"] is required for drafting=\'ouroboros\''),
+        ({}, 'additional_config["ouroboros"]["draft_model"] is required for drafting=\'auto\''),
     ],
 )
 def test_bad_settings_name_the_key_and_allowed_values(section, message):

@@ -74,7 +74,7 @@ def humaneval_prompts(count: int) -> list[str]:
 
 @pytest.mark.qwen
 def test_qwen_pair_is_lossless_on_humaneval(engines):
-    """The product's defaults (ouroboros drafting, int8 draft, K=8) on the real pair, batch sizes 1 and 8."""
+    """The product's defaults (auto drafting, adaptive, int8 draft, K=8) on the real pair, batch sizes 1 and 8."""
     target, draft = real_model("qwen2.5-coder-1.5b-instruct"), real_model("qwen2.5-coder-0.5b-instruct")
     plain = engines.get("qwen-plain", lambda: make_llm(str(target), kv_cache_gib=1.0))
     ours = engines.get(
@@ -93,5 +93,6 @@ def test_qwen_pair_is_lossless_on_humaneval(engines):
         assert actual == expected, first_difference(expected, actual)
     proposer = engine_proposer(ours)
     stats = proposer.stats
-    assert stats.accepted_tokens > 0 and stats.suffix_tokens > 0, stats.summary()
-    assert proposer.drafter is not None and proposer.config.drafting == "ouroboros"
+    assert stats.accepted_tokens > 0 and stats.draft_forwards > 0, proposer.summary()
+    assert proposer.drafter is not None and proposer.config.drafting == "auto" and proposer.config.adaptive
+    assert proposer.controller.costs.ready, "the planner never measured the costs"

@@ -68,7 +68,7 @@ def test_bad_settings_stop_the_engine_start_with_their_message(tiny, tmp_path):
         ),
         "bad choice": (
             {"draft_model": str(tiny.draft), "drafting": "beam"},
-            "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'greedy', 'greedy_pool', "
+            "additional_config[\"ouroboros\"][\"drafting\"] must be one of 'auto', 'greedy', 'greedy_pool', "
             "'ouroboros', 'pool_only' "
             "(got 'beam')",
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy, tokens_prompt
 
+from ouroboros_vllm.algorithm.adaptive import PROBE_EVERY
 from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
@@ -19,7 +20,9 @@ def plain(tiny, engines):
 
 
 def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy", k: int = K):
-    settings = {"drafting": drafting, "stats_log_interval_s": 0}
+    # Fixed lengths: these tests check what verification does with every draft, so every draft must be proposed
+    # (the adaptive planner would stop proposing an unrelated draft's tokens; see test_adaptive_*).
+    settings = {"drafting": drafting, "adaptive": False, "stats_log_interval_s": 0}
     if draft_name is not None:
         draft = {"self": tiny.target, "unrelated": tiny.draft, "similar": tiny.draft_similar}[draft_name]
         settings["draft_model"] = str(draft)
@@ -148,7 +151,7 @@ def test_warm_pool_carries_phrases_across_requests(plain, tiny, engines):
 
 
 def test_cold_pools_are_per_request(plain, tiny, engines, tmp_path):
-    settings = {"drafting": "pool_only", "warm_start": False, "stats_log_interval_s": 0}
+    settings = {"drafting": "pool_only", "warm_start": False, "adaptive": False, "stats_log_interval_s": 0}
     spec = engines.get(
         "tiny-pool-only-cold",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
@@ -186,7 +189,7 @@ def test_a_cold_request_neither_reads_nor_feeds_the_shared_pool(plain, tiny, eng
 
 def test_saved_pool_reloads_in_a_new_engine(plain, tiny, engines, tmp_path):
     path = tmp_path / "pool.bin"
-    settings = {"drafting": "pool_only", "pool_path": str(path), "stats_log_interval_s": 0}
+    settings = {"drafting": "pool_only", "pool_path": str(path), "adaptive": False, "stats_log_interval_s": 0}
     first = engines.get(
         "tiny-pool-file-1",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
@@ -218,3 +221,44 @@ def test_finished_requests_leave_no_state(plain, tiny, engines):
     spec.llm_engine.step()
     assert proposer.requests == {}
     assert proposer.stats.rounds > 0
+
+
+def adaptive_engine(engines, tiny, draft_name: str):
+    """The default settings (drafting "auto", adaptive), float32 drafts."""
+    draft = {"self": tiny.target, "unrelated": tiny.draft}[draft_name]
+    settings = {"draft_model": str(draft), "draft_dtype": "float32", "stats_log_interval_s": 0}
+    return engines.get(
+        f"tiny-adaptive-{draft_name}",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=K, kv_cache_gib=0.25),
+    )
+
+
+def test_adaptive_speculation_stops_drafting_where_it_cannot_pay(plain, tiny, engines):
+    """A draft the target never agrees with: after a few steps of measuring, the planner proposes no draft-model
+    tokens; a step without proposals runs no draft forward. Lossless throughout."""
+    spec = adaptive_engine(engines, tiny, "unrelated")
+    proposer = engine_proposer(spec)
+    expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), 8)
+    assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected  # learns here
+    proposing, steps = proposer.stats.steps, proposer.controller.stats.planned_steps
+    assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected
+    steps = proposer.controller.stats.planned_steps - steps
+    assert steps > 20
+    # Only the probes (one step in PROBE_EVERY, while the steps look alike) propose anything.
+    assert proposer.stats.steps - proposing <= steps // PROBE_EVERY + 1, "it kept proposing"
+    assert "proposed lengths 0:" in proposer.summary()
+
+
+def test_adaptive_speculation_is_lossless_with_an_always_right_draft(plain, tiny, engines):
+    """How much it drafts here depends on the timings (for the tiny models a draft forward costs about what a
+    target step does, so deep drafts barely pay): the test checks that the draft model's tokens it proposes are
+    accepted (nearly all: vLLM may schedule fewer than proposed) and the output plain's; the planner's choices
+    are tested on their own in tests/test_adaptive.py."""
+    spec = adaptive_engine(engines, tiny, "self")
+    proposer = engine_proposer(spec)
+    expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), 1)
+    assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 1) == expected
+    stats = proposer.stats
+    trunk_proposed = stats.proposed_tokens - stats.suffix_tokens
+    assert trunk_proposed > 0
+    assert stats.accepted_tokens - stats.suffix_accepted_tokens >= 0.9 * trunk_proposed  # the trunk: always right

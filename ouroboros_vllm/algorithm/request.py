@@ -3,7 +3,7 @@
 A step of the engine, seen from one request::
 
     state.count_accepted(sampled)               -> what the target accepted of the last proposal
-    state.start_round(history, budget, info)    -> a DraftRound for the draft model (or None)
+    state.start_round(history, trunk, info)     -> a DraftRound for the draft model (or None)
     ... the runtime runs the round's forwards (shared with the step's other requests) ...
     state.finish_round(round, history, budget)  -> the proposal's tokens (trunk + pool suffixes)
     ... the target verifies them in the next engine step ...
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
@@ -53,10 +54,13 @@ class RequestState:
     settings: DraftSettings
     pool: PhrasePool  # the shared pool, or a pool of the request's own (cold)
     cold: bool = False  # drafts from a pool of its own and alone (see the proposer)
+    prior: ProcessAcceptance | None = None  # the process-wide acceptance rates, fed by every request
     draft: DraftState = field(default_factory=DraftState)
     stats: DraftStats = field(default_factory=DraftStats)
     proposal: Proposal = field(default_factory=Proposal)  # the last proposal, awaiting or after verification
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
+    acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)  # this request's, per source
+    pool_hits: Rate = field(default_factory=Rate)  # lookups for a suffix that found one
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
         """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
@@ -66,19 +70,35 @@ class RequestState:
             return DraftStats()
         accepted = min(len(sampled) - 1, len(proposal.tokens))
         from_suffix = max(0, accepted - proposal.trunk_len)  # the suffix follows the trunk
+        self._record_acceptance("trunk", proposal.trunk_len, accepted - from_suffix)
+        if accepted >= proposal.trunk_len:  # the target reached the suffix
+            self._record_acceptance("pool", len(proposal.tokens) - proposal.trunk_len, from_suffix)
         return DraftStats(accepted_tokens=accepted, suffix_accepted_tokens=from_suffix)
 
-    def start_round(self, history: np.ndarray, budget: int, draft_model: DraftModelInfo | None) -> DraftRound | None:
-        """Begin drafting after ``history`` (at most ``budget`` tokens): feed the pool the request's new N-grams
-        and return the draft model's round (None without a draft model)."""
+    def _record_acceptance(self, source: str, proposed: int, accepted: int) -> None:
+        self.acceptance.record(source, proposed, accepted)
+        if self.prior is not None:
+            self.prior.record(source, proposed, accepted)
+
+    def rates(self) -> tuple[float, float, float]:
+        """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""
+        prior = self.prior or ProcessAcceptance()
+        hit_prior = prior.pool_hits.rate(INITIAL_RATE, prior_trials=1.0)
+        return (
+            self.acceptance.rate("trunk", prior.prior("trunk")),
+            self.acceptance.rate("pool", prior.prior("pool")),
+            self.pool_hits.rate(hit_prior),
+        )
+
+    def start_round(self, history: np.ndarray, trunk: int, draft_model: DraftModelInfo | None) -> DraftRound | None:
+        """Begin proposing after ``history``: feed the pool the request's new N-grams and return the draft model's
+        round of ``trunk`` tokens (None without a draft model or a trunk)."""
         if self.settings.uses_pool and self.settings.context_ngrams:
             self.pool.insert_many(context_ngrams(history, self.pooled_upto, self.settings.phrase_len))
             self.pooled_upto = len(history)
-        if draft_model is None:
+        if draft_model is None or trunk <= 0:
             return None
-        round_ = DraftRound(
-            self.draft, history, min(self.settings.gamma, budget), draft_model.eos_token_ids, draft_model.vocab_size
-        )
+        round_ = DraftRound(self.draft, history, trunk, draft_model.eos_token_ids, draft_model.vocab_size)
         if self.settings.draft_phrases:
             pool, count = self.pool, self.settings.draft_phrases
             round_.phrases_for = lambda key: pool.newest(key, count)
@@ -87,14 +107,20 @@ class RequestState:
             round_.add_ngrams = pool.insert_many
         return round_
 
-    def finish_round(self, round_: DraftRound | None, history: np.ndarray, budget: int) -> tuple[list[int], DraftStats]:
-        """The proposal: the draft model's tokens, lengthened from the pool up to ``budget`` (not past an end of
-        sequence); and the counts to add."""
-        drafted = round_.drafted if round_ is not None else []
+    def finish_round(
+        self, round_: DraftRound | None, history: np.ndarray, budget: int, trunk: int | None = None
+    ) -> tuple[list[int], DraftStats]:
+        """The proposal: the draft model's tokens (the first ``trunk`` of them, default all), lengthened from the
+        pool up to ``budget`` tokens (not past an end of sequence); and the counts to add."""
+        drafted = round_.drafted[:trunk] if round_ is not None else []
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
-        if self.settings.uses_pool and not ends_sequence:  # nothing follows an end of sequence
+        if self.settings.uses_pool and not ends_sequence and len(drafted) < budget:  # nothing follows an EOS
             lengthen(self.pool, proposal, int(history[-1]), budget)
+            found = int(len(proposal.tokens) > len(drafted))
+            self.pool_hits.add(found, 1, DECAY)
+            if self.prior is not None:
+                self.prior.pool_hits.add(found, 1)
         self.proposal = proposal
         counts = DraftStats(
             rounds=1,

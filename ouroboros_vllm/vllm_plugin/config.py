@@ -8,6 +8,7 @@ message that names the key and what it accepts.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import pydantic
@@ -16,8 +17,11 @@ from pydantic import ConfigDict, Field
 from ouroboros_vllm.algorithm.request import DraftSettings
 
 CONFIG_KEY = "ouroboros"
+# The per-request option, in SamplingParams(extra_args=...) or the OpenAI API's "vllm_xargs" (flat scalars only).
+POOL_OPTION = "ouroboros_pool"
+POOL_CHOICES = ("shared", "cold")
 
-DraftingMode = Literal["greedy", "greedy_pool", "ouroboros", "pool_only"]
+DraftingMode = Literal["auto", "greedy", "greedy_pool", "ouroboros", "pool_only"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
 
 
@@ -36,13 +40,21 @@ class OuroborosConfig(pydantic.BaseModel):
         "tokenizer. Not used (not even loaded) with drafting='pool_only'.",
     )
     drafting: DraftingMode = Field(
-        default="ouroboros",
-        description="How drafts are made: 'greedy' = the plain draft-model mode (the draft model decodes all "
-        "K tokens greedily, no pool); 'greedy_pool' = gamma greedy draft-model tokens lengthened by candidate "
-        "suffixes from the phrase pool, with pool feedback; 'ouroboros' = as greedy_pool, but the draft model drafts "
-        "phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N tokens, and refines a "
-        "lookahead window of lookahead_window columns that feeds the pool); 'pool_only' = no draft model, pool "
-        "phrases only.",
+        default="auto",
+        description="Where drafts come from: 'auto' = every step, per request, the draft model's trunk (drafted "
+        "phrase by phrase), a pool suffix, both or nothing, whichever the measured costs and acceptance say yields "
+        "the most tokens per second (the trunk up to K tokens deep unless gamma is set); 'ouroboros' = the trunk "
+        "of gamma tokens drafted phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N "
+        "tokens, and refines a lookahead window of lookahead_window columns that feeds the pool), lengthened by "
+        "pool suffixes, with pool feedback; 'greedy_pool' = as 'ouroboros' with one draft token per forward; "
+        "'greedy' = the plain draft-model mode (K tokens, no pool); 'pool_only' = no draft model, pool phrases "
+        "only.",
+    )
+    adaptive: bool = Field(
+        default=True,
+        description="Plan every step from measured costs and acceptance: each request proposes 0..K tokens "
+        "(from the sources its drafting mode allows), and a step where none pays runs no draft forward at all. "
+        "false: every request proposes all it can, every step (the fixed behaviour).",
     )
     gamma: int | None = Field(
         default=None,
@@ -115,11 +127,22 @@ class OuroborosConfig(pydantic.BaseModel):
         return self.drafting != "greedy"
 
     @property
+    def drafts_phrases(self) -> bool:
+        """Whether the draft model drafts phrase by phrase (its forwards carry pool phrases)."""
+        return self.drafting in ("auto", "ouroboros")
+
+    @property
     def phrase_len(self) -> int:
         return self.ngram_size - 1
 
     def gamma_for(self, num_speculative_tokens: int) -> int:
-        """Draft-model tokens per round for this K (see ``gamma``)."""
+        """Draft-model tokens per round for this K (see ``gamma``): the most, for 'auto'."""
+        if self.drafting == "auto" and self.gamma is None:
+            return num_speculative_tokens
+        return self.fixed_gamma_for(num_speculative_tokens)
+
+    def fixed_gamma_for(self, num_speculative_tokens: int) -> int:
+        """Draft-model tokens per round when the lengths are fixed (``adaptive: false``, and cold requests)."""
         if self.drafting == "greedy":
             return num_speculative_tokens
         if self.gamma is not None:
@@ -132,8 +155,8 @@ class OuroborosConfig(pydantic.BaseModel):
         return DraftSettings(
             gamma=self.gamma_for(num_speculative_tokens),
             phrase_len=self.phrase_len,
-            draft_phrases=self.draft_phrases if self.drafting == "ouroboros" else 0,
-            lookahead_window=self.lookahead_window if self.drafting == "ouroboros" else 0,
+            draft_phrases=self.draft_phrases if self.drafts_phrases else 0,
+            lookahead_window=self.lookahead_window if self.drafts_phrases else 0,
             uses_pool=self.uses_pool,
             context_ngrams=self.context_ngrams,
         )
@@ -223,3 +246,21 @@ def _describe(error: pydantic.ValidationError) -> str:
         else:
             problems.append(f"{where} must be {allowed_values(key)} (got {item['input']!r})")
     return "; ".join(problems)
+
+
+def wants_own_pool(req_id: str, params: Any, log: logging.Logger) -> bool:
+    """Whether a request drafts from a pool of its own (cold): when its ``extra_args`` ask for it; by default also
+    for seeded sampling: vLLM's rejection sampler draws one random number per draft token, so drafts that depended
+    on other requests (the shared pool) would make a seeded output depend on the traffic around it."""
+    extra_args = getattr(params, "extra_args", None) or {}
+    seeded_sampling = getattr(params, "seed", None) is not None and getattr(params, "temperature", 0.0) > 0
+    choice = extra_args.get(POOL_OPTION)
+    if choice is None:
+        return seeded_sampling
+    if choice not in POOL_CHOICES:
+        # The worker cannot reject a request without failing the whole batch: say so and go on.
+        choices = ", ".join(repr(c) for c in POOL_CHOICES)
+        log.warning("ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default", req_id,
+                    POOL_OPTION, choice, choices)  # fmt: skip
+        return seeded_sampling
+    return choice == "cold"

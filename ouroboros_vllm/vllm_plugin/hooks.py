@@ -52,6 +52,10 @@ class UnsupportedVllmError(RuntimeError):
 class StepListener:
     """What a drafter implements to receive the hooks' reports. Default methods ignore them."""
 
+    def on_step_start(self, num_scheduled_tokens: int, num_requests: int) -> None:
+        """An engine step begins: the target will compute ``num_scheduled_tokens`` tokens for ``num_requests``
+        requests (called before vLLM updates its state for the step)."""
+
     def on_requests_finished(self, req_ids: set[str]) -> None:
         """These requests finished or were aborted; their per-request state can go."""
 
@@ -158,8 +162,11 @@ def _listener(runner: Any) -> StepListener | None:
 
 def _wrap_update_states(original: Callable[..., Any]) -> Callable[..., Any]:
     def _update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
         listener = _listener(self)
+        if listener is not None:
+            scheduled = scheduler_output.num_scheduled_tokens
+            listener.on_step_start(scheduler_output.total_num_scheduled_tokens, len(scheduled))
+        result = original(self, scheduler_output)
         if listener is not None and scheduler_output.finished_req_ids:
             listener.on_requests_finished(set(scheduler_output.finished_req_ids))
         if listener is not None and scheduler_output.scheduled_new_reqs:

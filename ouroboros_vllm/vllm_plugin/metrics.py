@@ -17,6 +17,7 @@ from dataclasses import fields, replace
 
 from prometheus_client import REGISTRY, Counter, Gauge
 
+from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.stats import DraftStats
 
@@ -52,7 +53,24 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "vllm:ouroboros_requests_tracked": ("Requests the proposer holds state for.", "livesum"),
 }
 
+# Adaptive speculation: rows by the tokens they proposed, the cost model's fit, and how well it predicts.
+_LENGTHS = "vllm:ouroboros_proposed_length_rows"
+_COST_GAUGES: dict[str, str] = {
+    "vllm:ouroboros_cost_target_step_seconds": "The target's step time the planner assumes, by part (the "
+    "intercept; per token computed).",
+    "vllm:ouroboros_cost_draft_forward_seconds": "One draft forward's time the planner assumes, by part (the "
+    "intercept; per token carried).",
+}
+_PREDICTION = "vllm:ouroboros_predicted_over_measured_step_time"
+
 _metrics: dict[str, Counter | Gauge] = {}
+# The metrics labelled by model name only.
+_UNLABELLED = [
+    *(name for name, _ in _STATS_COUNTERS.values()),
+    *(name for name, _ in _POOL_COUNTERS.values()),
+    *_GAUGES,
+    _PREDICTION,
+]
 
 
 def registered() -> dict[str, Counter | Gauge]:
@@ -66,6 +84,15 @@ def registered() -> dict[str, Counter | Gauge]:
             _metrics[name] = Counter(name, text, labelnames=_LABELS)
         for name, (text, mode) in _GAUGES.items():
             _metrics[name] = Gauge(name, text, labelnames=_LABELS, multiprocess_mode=mode)
+        _metrics[_LENGTHS] = Counter(_LENGTHS, "Rows by the tokens they proposed (adaptive).", [*_LABELS, "length"])
+        for name, text in _COST_GAUGES.items():
+            _metrics[name] = Gauge(name, text, [*_LABELS, "part"], multiprocess_mode="livemostrecent")
+        _metrics[_PREDICTION] = Gauge(
+            _PREDICTION,
+            "Predicted / measured step time, drafting included (adaptive).",
+            _LABELS,
+            multiprocess_mode="livemostrecent",
+        )
     for metric in _metrics.values():
         with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(metric)
@@ -77,9 +104,17 @@ class MetricsExporter:
 
     def __init__(self, model_name: str) -> None:
         # The labelled series, looked up once: push() runs at every engine step.
-        self._series = {name: metric.labels(model_name=model_name) for name, metric in registered().items()}
+        metrics = registered()
+        self._model_name = model_name
+        self._series = {name: metrics[name].labels(model_name=model_name) for name in _UNLABELLED}
+        self._costs = {
+            (name, part): metrics[name].labels(model_name=model_name, part=part)
+            for name in _COST_GAUGES
+            for part in ("intercept", "per_token")
+        }
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
+        self._pushed_lengths: dict[int, int] = {}
 
     def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
         for field in fields(DraftStats):
@@ -99,6 +134,23 @@ class MetricsExporter:
         self._series["vllm:ouroboros_pool_hit_rate"].set(pool.counters.hit_rate)
         self._series["vllm:ouroboros_pool_phrases"].set(len(pool))
         self._series["vllm:ouroboros_pool_keys"].set(pool.num_keys)
+
+    def push_adaptive(self, controller: AdaptiveController) -> None:
+        stats = controller.stats
+        for length, rows in stats.lengths.items():
+            pushed = self._pushed_lengths.get(length, 0)
+            if rows > pushed:
+                registered()[_LENGTHS].labels(model_name=self._model_name, length=str(length)).inc(rows - pushed)
+                self._pushed_lengths[length] = rows
+        for name, fit in (
+            ("vllm:ouroboros_cost_target_step_seconds", controller.costs.target.fit),
+            ("vllm:ouroboros_cost_draft_forward_seconds", controller.costs.draft.fit),
+        ):
+            if fit is not None:
+                self._costs[(name, "intercept")].set(fit.intercept)
+                self._costs[(name, "per_token")].set(fit.slope)
+        if stats.measured_seconds:
+            self._series[_PREDICTION].set(stats.predicted_seconds / stats.measured_seconds)
 
     def _add(self, counter: str, total: float, pushed: float) -> None:
         """Count what happened since the last push (counters only go up)."""

@@ -20,7 +20,9 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
+from ouroboros_vllm.algorithm.adaptive import AdaptiveController, full_plan
 from ouroboros_vllm.algorithm.drafting import DraftRound
+from ouroboros_vllm.algorithm.planner import RowOutlook, RowPlan
 from ouroboros_vllm.algorithm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
@@ -28,14 +30,10 @@ from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
 from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
 from ouroboros_vllm.runtime.loading import resolve_model_path, resolve_precision, tokenizer_vocab
 from ouroboros_vllm.vllm_plugin import hooks
-from ouroboros_vllm.vllm_plugin.config import OuroborosConfig
+from ouroboros_vllm.vllm_plugin.config import OuroborosConfig, wants_own_pool
 from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter
 
 logger = init_logger(__name__)
-
-# The per-request option, in SamplingParams(extra_args=...) or the OpenAI API's "vllm_xargs" (flat scalars only).
-POOL_OPTION = "ouroboros_pool"
-POOL_CHOICES = ("shared", "cold")
 
 
 class OuroborosProposer(hooks.StepListener):
@@ -83,13 +81,19 @@ class OuroborosProposer(hooks.StepListener):
         self._stats_logger = StatsLogger(self.config.stats_log_interval_s, logger)
         model_config = vllm_config.model_config
         self._metrics = MetricsExporter(str(getattr(model_config, "served_model_name", None) or model_config.model))
+        self.controller = AdaptiveController(self.num_speculative_tokens)
+        self._step: tuple[int, int, float] | None = None  # (tokens, requests, start) of the step under way
         self._batch_req_ids: list[str] | None = None
         self._skipped_out_of_vocab: set[str] = set()
 
     def summary(self) -> str:
         """The process-wide stats in one line (logged every ``stats_log_interval_s``, printed by the demo)."""
-        line = self.stats.summary()
-        return f"{line}; {self.pool.summary()}" if self.config.uses_pool else line
+        parts = [self.stats.summary()]
+        if self.config.uses_pool:
+            parts.append(self.pool.summary())
+        if self.config.adaptive:
+            parts.append(self.controller.summary())
+        return "; ".join(parts)
 
     def load_model(self, target_model: torch.nn.Module) -> None:
         if self.draft_path is None:  # pool_only: no draft model
@@ -101,6 +105,9 @@ class OuroborosProposer(hooks.StepListener):
         )
 
     # ---- reports from the runner hooks -------------------------------------------------------------------
+
+    def on_step_start(self, num_scheduled_tokens: int, num_requests: int) -> None:
+        self._step = (num_scheduled_tokens, num_requests, time.perf_counter())
 
     def on_requests_finished(self, req_ids: set[str]) -> None:
         for req_id in req_ids:
@@ -115,12 +122,19 @@ class OuroborosProposer(hooks.StepListener):
     def on_requests_added(self, sampling_params: dict[str, Any]) -> None:
         for req_id, params in sampling_params.items():
             if req_id not in self.requests:
-                self.requests[req_id] = self._new_request(cold=self._wants_own_pool(req_id, params))
+                self.requests[req_id] = self._new_request(cold=wants_own_pool(req_id, params, logger))
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
 
     def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
+        if self._step is not None:
+            tokens, requests, start = self._step
+            self._step = None
+            # Steps with a prompt chunk cost per token what a long prefill costs, not what a draft's verification
+            # does: only decoding steps teach the cost model.
+            if tokens <= requests * (self.num_speculative_tokens + 1):
+                self.controller.observe_target_step(tokens, time.perf_counter() - start)
         for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             state = self.requests.get(req_id)
             if state is not None:
@@ -138,25 +152,32 @@ class OuroborosProposer(hooks.StepListener):
         start = time.perf_counter()
         req_ids = self._take_batch_req_ids(len(sampled_token_ids))
         states = [self.requests.get(req_id) or self._adopt(req_id) for req_id in req_ids]
-        # (state, history, budget, the draft model's round) of every row that drafts in this step.
-        drafting: list[tuple[RequestState, np.ndarray, int, DraftRound | None]] = []
+        # (state, history, budget, the draft model if it can serve the row) of every row that may propose.
+        rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]] = []
         for row, (req_id, state, sampled) in enumerate(zip(req_ids, states, sampled_token_ids, strict=True)):
             num_tokens = int(num_tokens_no_spec[row])
-            history = token_ids_cpu[row, :num_tokens]
             # Near max_model_len, a draft must leave room for the target's own token.
             budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens - 1)
             self._record(state, state.count_accepted(sampled))
             # Rows still in (chunked) prefill sampled nothing: there is no next token to draft after yet.
             if sampled and budget > 0:
-                round_ = state.start_round(history, budget, self._draft_model_for(req_id, history))
-                drafting.append((state, history, budget, round_))
-        self._run_draft_model([(state, round_) for state, _, _, round_ in drafting if round_ is not None])
+                history = token_ids_cpu[row, :num_tokens]
+                rows.append((state, history, budget, self._draft_model_for(req_id, history)))
+        plans = self._plan(rows)
+        proposing = [
+            (state, history, row_plan, state.start_round(history, row_plan.trunk, info))
+            for (state, history, _, info), row_plan in zip(rows, plans, strict=True)
+            if row_plan.total
+        ]
+        forwards = self._run_draft_model([(state, round_) for state, _, _, round_ in proposing if round_])
         seconds = time.perf_counter() - start
-        for state, history, budget, round_ in drafting:
-            _, counts = state.finish_round(round_, history, budget)
-            counts.draft_seconds = seconds / len(drafting)  # the step's drafting, shared evenly
+        for state, history, row_plan, round_ in proposing:
+            _, counts = state.finish_round(round_, history, row_plan.total, trunk=row_plan.trunk)
+            counts.draft_seconds = seconds / len(proposing)  # the step's drafting, shared evenly
             self._record(state, counts)
-        if drafting:
+        if forwards:
+            self.controller.observe_draft(forwards, sum(len(r.drafted) for _, _, _, r in proposing if r))
+        if proposing:
             self.stats.steps += 1
         self._stats_logger.maybe_log(self.summary)
         self._push_metrics()
@@ -164,18 +185,34 @@ class OuroborosProposer(hooks.StepListener):
             self.pool_file.maybe_save(self.pool)
         return [state.proposal.tokens for state in states]
 
-    def _run_draft_model(self, rounds: list[tuple[RequestState, DraftRound]]) -> None:
-        """Every request's trunk in shared draft forwards. Cold requests draft alone: with int8 weights a
-        forward's numbers depend on every row in it, and a cold (e.g. seeded) request's drafts must not depend
-        on other traffic."""
+    def _plan(self, rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]]) -> list[RowPlan]:
+        """How many tokens each row proposes and how many of them the draft model drafts. Cold requests (seeded
+        sampling among them) get fixed lengths: vLLM's rejection sampler draws a random number per proposed
+        token, so a seeded output must not depend on a plan made from timings and other requests' acceptance."""
+        outlooks = []
+        for state, _, budget, info in rows:
+            trunk_rate, pool_rate, pool_hit = state.rates()
+            pool = self.config.uses_pool
+            outlooks.append(RowOutlook(budget, trunk_rate, pool_rate if pool else 0.0, pool_hit if pool else 0.0,
+                                       can_draft=info is not None))  # fmt: skip
+        plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows
+        planned = [i for i, (state, _, _, _) in enumerate(rows) if self.config.adaptive and not state.cold]
+        if planned:
+            step = self.controller.plan([outlooks[i] for i in planned], self.settings.gamma)
+            for i, row_plan in zip(planned, step.rows, strict=True):
+                plans[i] = row_plan
+        return plans
+
+    def _run_draft_model(self, rounds: list[tuple[RequestState, DraftRound]]) -> list[tuple[int, int, float]]:
+        """Every request's trunk in shared draft forwards; each forward's (rows, tokens, seconds). Cold requests
+        draft alone: with int8 weights a forward's numbers depend on every row in it, and a cold (e.g. seeded)
+        request's drafts must not depend on other traffic."""
         if self.drafter is None:
-            return
+            return []
         shared = [round_ for state, round_ in rounds if not state.cold]
         groups = [shared] if self.config.batch_draft else [[round_] for round_ in shared]
         groups += [[round_] for state, round_ in rounds if state.cold]
-        for group in groups:
-            if group:
-                self.drafter.draft(group)
+        return [timing for group in groups if group for timing in self.drafter.draft(group)]
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -189,33 +226,13 @@ class OuroborosProposer(hooks.StepListener):
 
     def _new_request(self, cold: bool) -> RequestState:
         own_pool = cold or not self.config.warm_start
-        return RequestState(self.settings, self._new_pool() if own_pool else self.pool, cold=cold)
+        pool = self._new_pool() if own_pool else self.pool
+        return RequestState(self.settings, pool, cold=cold, prior=self.controller.acceptance)
 
     def _adopt(self, req_id: str) -> RequestState:
         """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
         state = self.requests[req_id] = self._new_request(cold=False)
         return state
-
-    def _wants_own_pool(self, req_id: str, params: Any) -> bool:
-        """Cold when asked for; by default also for seeded sampling: vLLM's rejection sampler draws one random
-        number per draft token, so drafts that depended on other requests (the shared pool) would make a
-        seeded output depend on the traffic around it."""
-        extra_args = getattr(params, "extra_args", None) or {}
-        seeded_sampling = getattr(params, "seed", None) is not None and getattr(params, "temperature", 0.0) > 0
-        choice = extra_args.get(POOL_OPTION)
-        if choice is None:
-            return seeded_sampling
-        if choice not in POOL_CHOICES:
-            # The worker cannot reject a request without failing the whole batch: say so and go on.
-            logger.warning(
-                "ouroboros-vllm: request %s: extra_args %s=%r is not one of %s; using the default",
-                req_id,
-                POOL_OPTION,
-                choice,
-                ", ".join(repr(c) for c in POOL_CHOICES),
-            )
-            return seeded_sampling
-        return choice == "cold"
 
     def _draft_model_for(self, req_id: str, history: np.ndarray) -> DraftModelInfo | None:
         """The draft model's description for this request, or None when the draft model cannot serve it."""
@@ -245,6 +262,8 @@ class OuroborosProposer(hooks.StepListener):
 
     def _push_metrics(self) -> None:
         self._metrics.push(self.stats, self.pool if self.config.uses_pool else None, len(self.requests))
+        if self.config.adaptive:
+            self._metrics.push_adaptive(self.controller)
 
     def _take_batch_req_ids(self, num_rows: int) -> list[str]:
         req_ids, self._batch_req_ids = self._batch_req_ids, None

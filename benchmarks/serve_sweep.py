@@ -1,0 +1,186 @@
+"""A concurrency sweep through the real OpenAI server: plain decoding against our proposer, same prompts.
+
+For each server (plain, then ours with the default settings) the sweep starts ``ouroboros-vllm serve`` on
+127.0.0.1, sends a fixed mix of HumanEval and MT-Bench prompts at each concurrency (streaming, greedy), measures
+output tokens per second and the mean time per output token (TPOT), checks that every output equals plain's,
+and stops the server by its PID. Results: ``serving.json`` (raw per-request numbers), ``report.md``, and
+``serving.png``.
+
+  python -m benchmarks.serve_sweep --out docs/benchmarks/serving      # ~25 min on an idle 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import datasets as ds
+from benchmarks.environment import describe_machine, load_average
+from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
+from ouroboros_vllm.tools.server_process import ServerProcess, ouroboros_args
+
+
+@dataclass
+class RequestResult:
+    prompt: int
+    output_token_ids: list[int]
+    start_s: float
+    first_token_s: float | None
+    end_s: float
+
+    @property
+    def tpot_s(self) -> float | None:
+        n = len(self.output_token_ids)
+        return (self.end_s - self.first_token_s) / (n - 1) if self.first_token_s is not None and n > 1 else None
+
+
+def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int, index: int) -> RequestResult:
+    """One streamed greedy completion; the time of its first and last token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "return_token_ids": True}  # fmt: skip
+    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    start = time.perf_counter()
+    first, tokens = None, []
+    with urllib.request.urlopen(request, timeout=1800) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[len("data: ") :]).get("choices", []):
+                ids = choice.get("token_ids") or []
+                if ids and first is None:
+                    first = time.perf_counter()
+                tokens += ids
+    return RequestResult(index, tokens, start, first, time.perf_counter())
+
+
+def run_level(server: ServerProcess, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """Every prompt at this concurrency (a pool of ``concurrency`` clients); wall time from first send to last."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(stream_completion, server.url, server.model, p, max_tokens, i)
+                   for i, p in enumerate(prompts)]  # fmt: skip
+        results = [f.result() for f in futures]
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.output_token_ids) for r in results)
+    tpots = [r.tpot_s for r in results if r.tpot_s is not None]
+    return {
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "output_tokens": tokens,
+        "tokens_per_second": tokens / wall,
+        "mean_tpot_s": sum(tpots) / len(tpots) if tpots else None,
+        "requests": [asdict(r) for r in results],
+    }
+
+
+def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], levels: list[int], max_tokens: int,
+          out: Path) -> dict[str, Any]:  # fmt: skip
+    server = ServerProcess(target, out / f"server-{name}.log", args)
+    try:
+        stream_completion(server.url, server.model, prompts[0], 8, -1)  # warm-up
+        runs = []
+        for level in levels:
+            count = max(2 * level, 4)
+            batch = [prompts[i % len(prompts)] for i in range(count)]
+            print(f"{name}: concurrency {level}, {count} requests ...", flush=True)
+            runs.append(run_level(server, batch, level, max_tokens))
+            print(f"{name}: concurrency {level}: {runs[-1]['tokens_per_second']:.2f} tok/s", flush=True)
+        stats = {m: server.metric(m) for m in ("vllm:ouroboros_mean_acceptance_length",)}
+    finally:
+        server.stop()
+    return {"name": name, "args": args, "runs": runs, "metrics": stats}
+
+
+def report(data: dict[str, Any]) -> str:
+    plain = {r["concurrency"]: r for r in data["servers"][0]["runs"]}
+    header = ("concurrency", "plain tok/s", "ours tok/s", "ratio", "plain TPOT ms", "ours TPOT ms", "TPOT ratio",
+              "outputs = plain")  # fmt: skip
+    lines = ["# Serving: a concurrency sweep through the OpenAI server", "", *data["description"], "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for run in data["servers"][1]["runs"]:
+        base = plain[run["concurrency"]]
+        same = [a["output_token_ids"] == b["output_token_ids"] for a, b in zip(base["requests"], run["requests"],
+                                                                                 strict=True)]  # fmt: skip
+        tpot = run["mean_tpot_s"] and base["mean_tpot_s"] and base["mean_tpot_s"] / run["mean_tpot_s"]
+        lines.append(
+            f"| {run['concurrency']} | {base['tokens_per_second']:.2f} | {run['tokens_per_second']:.2f} | "
+            f"{run['tokens_per_second'] / base['tokens_per_second']:.2f}x | {1000 * (base['mean_tpot_s'] or 0):.0f} | "
+            f"{1000 * (run['mean_tpot_s'] or 0):.0f} | {tpot or 0:.2f}x | {sum(same)}/{len(same)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for server in data["servers"]:
+        levels = [r["concurrency"] for r in server["runs"]]
+        left.plot(levels, [r["tokens_per_second"] for r in server["runs"]], marker="o", label=server["name"])
+        right.plot(levels, [1000 * (r["mean_tpot_s"] or 0) for r in server["runs"]], marker="o", label=server["name"])
+    left.set(xlabel="concurrent requests", ylabel="output tokens/s", xscale="log", title="throughput")
+    right.set(xlabel="concurrent requests", ylabel="mean TPOT (ms)", xscale="log", title="time per output token")
+    for axis in (left, right):
+        axis.set_xticks([r["concurrency"] for r in data["servers"][0]["runs"]], minor=False)
+        axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--draft", default=DEFAULT_DRAFT)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--prompts", type=int, default=8, help="distinct prompts, half HumanEval, half MT-Bench")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=8)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    target, _ = resolve_model(args.target)
+    draft, _ = resolve_model(args.draft)
+    data_dir = ds.default_data_dir(REPO_ROOT)
+    items = ds.select_evenly(ds.DATASETS["humaneval"].load(data_dir), args.prompts // 2)
+    items += ds.select_evenly(ds.DATASETS["mt_bench"].load(data_dir), args.prompts - args.prompts // 2)
+    prompts = [render_prompt(_tokenizer(target), item) for item in items]
+    common = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
+    ours = ouroboros_args({"draft_model": draft, "stats_log_interval_s": 0}, args.num_speculative_tokens)
+    started = time.time()
+    load_start = load_average()
+    servers = [sweep(name, target, common + extra, prompts, args.concurrency, args.max_tokens, args.out)
+               for name, extra in (("plain", []), ("ouroboros", ours))]  # fmt: skip
+    data = {
+        "description": [
+            f"- target `{args.target}`, draft `{args.draft}`, K = {args.num_speculative_tokens}, greedy, streaming, "
+            f"{args.max_tokens} new tokens; {len(prompts)} prompts (HumanEval and MT-Bench), 2 x concurrency "
+            "requests (at least 4) per level",
+            f"- machine: {describe_machine()['cpu_count']} cores; load average at start {load_start}, at end "
+            f"{load_average()}; took {(time.time() - started) / 60:.1f} min",
+        ],
+        "servers": servers,
+    }
+    (args.out / "serving.json").write_text(json.dumps(data, indent=1))
+    (args.out / "report.md").write_text(report(data))
+    plot(data, args.out / "serving.png")
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Adaptive speculation: each step's plan from what the engine measured, and what the plans did.
+
+:class:`AdaptiveController` owns the cost model (:mod:`.cost_model`), the process-wide acceptance rates (the prior
+of every request, :mod:`.acceptance`) and how the draft has been drafting, and turns them into each step's
+:class:`~ouroboros_vllm.algorithm.planner.StepPlan`. It also keeps what a person needs to trust it: how many
+tokens the rows proposed (a histogram), the current fit, and the predicted against the measured step time.
+
+Two things keep the model honest:
+
+- until both costs have been measured, a step speculates fully (as the fixed modes do), which measures them;
+- the target's cost per token can only be learned from steps of different sizes: while the recent steps are
+  all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
+  everything, or everything instead of nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
+from ouroboros_vllm.algorithm.cost_model import CostModel
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_step
+
+PROBE_EVERY = 16
+SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
+
+
+@dataclass
+class AdaptiveStats:
+    """What the plans did, since the engine started."""
+
+    planned_steps: int = 0
+    probe_steps: int = 0
+    lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
+    predicted_seconds: float = 0.0  # of the steps whose time was then measured
+    measured_seconds: float = 0.0
+
+    def count_lengths(self, rows: Sequence[RowPlan]) -> None:
+        for row in rows:
+            self.lengths[row.total] = self.lengths.get(row.total, 0) + 1
+
+    def histogram(self) -> str:
+        return " ".join(f"{length}:{count}" for length, count in sorted(self.lengths.items()))
+
+
+class AdaptiveController:
+    """The step planner's memory: costs, acceptance priors, the draft's shape, and the last plan's prediction."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.costs = CostModel()
+        self.acceptance = ProcessAcceptance()
+        self.stats = AdaptiveStats()
+        self._tokens_per_forward = Rate()  # accepted = trunk tokens emitted, examined = forwards
+        self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
+        self._since_probe = 0
+        self._pending_prediction: float | None = None
+        self._pending_draft_seconds = 0.0
+
+    # ---- what was measured ----------------------------------------------------------------------------
+
+    def observe_target_step(self, tokens: int, seconds: float) -> None:
+        """The target's step just computed ``tokens`` tokens in ``seconds``; it verified the last plan."""
+        self.costs.target.add(tokens, seconds)
+        if self._pending_prediction is not None:
+            self.stats.predicted_seconds += self._pending_prediction
+            self.stats.measured_seconds += seconds + self._pending_draft_seconds
+            self._pending_prediction = None
+
+    def observe_draft(self, forwards: Sequence[tuple[int, int, float]], trunk_tokens: int) -> None:
+        """The step's draft forwards, each (rows, tokens carried, seconds), which emitted ``trunk_tokens``."""
+        for rows, tokens, seconds in forwards:
+            self.costs.draft.add(tokens, seconds)
+            self._width.add(tokens, rows, SHAPE_DECAY)
+            self._pending_draft_seconds += seconds
+        if forwards:
+            self._tokens_per_forward.add(trunk_tokens, len(forwards), SHAPE_DECAY)
+
+    # ---- the plan ---------------------------------------------------------------------------------------
+
+    def plan(self, rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
+        """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep."""
+        self._pending_draft_seconds = 0.0
+        self._pending_prediction = None
+        full = full_plan(rows, max_depth)
+        target, draft = self.costs.target.fit, self.costs.draft.fit
+        if target is None or draft is None:
+            plan = full  # measures both costs
+        else:
+            plan = plan_step(rows, target, draft, max_depth, shape=self.shape())
+            self._pending_prediction = plan.expected_seconds
+            self._since_probe += 1
+            if self._since_probe >= PROBE_EVERY and self._steps_look_alike():
+                self._since_probe = 0
+                self.stats.probe_steps += 1
+                self._pending_prediction = None
+                plan = _empty_plan(rows) if any(row.total for row in plan.rows) else full
+        self.stats.planned_steps += 1
+        self.stats.count_lengths(plan.rows)
+        return plan
+
+    def shape(self) -> DraftShape:
+        return DraftShape(
+            tokens_per_forward=max(self._tokens_per_forward.rate(1.0, prior_trials=1.0), 1.0),
+            width_per_row=max(self._width.rate(1.0, prior_trials=1.0), 1.0),
+        )
+
+    def _steps_look_alike(self) -> bool:
+        """Whether the recent target steps are too alike in size to tell what a token costs."""
+        sizes = [tokens for tokens, _ in self.costs.target.samples]
+        return not sizes or max(sizes) - min(sizes) < max(self.max_tokens // 2, 1)
+
+    def summary(self) -> str:
+        s = self.stats
+        ratio = ""
+        if s.measured_seconds:
+            ratio = f", predicted/measured step time {s.predicted_seconds / s.measured_seconds:.2f}"
+        return f"proposed lengths {s.histogram() or '-'}; {self.costs.summary()}{ratio}"
+
+
+def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
+    """Speculate as the fixed modes do: the whole trunk where the draft model serves, the rest from the pool."""
+    plans = [RowPlan(min(max_depth, row.budget) if row.can_draft else 0, row.budget) for row in rows]
+    depth = max((p.trunk for p in plans), default=0)
+    return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
+
+
+def _empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:
+    return StepPlan([RowPlan(0, 0) for _ in rows], depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)

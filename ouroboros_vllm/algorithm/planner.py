@@ -1,0 +1,151 @@
+"""The decision of each step: how many tokens each row proposes, and from where, to emit the most tokens per
+second of the whole step (the draft's forwards and the target's verification together).
+
+For every request in the step the planner weighs three kinds of proposal:
+
+- nothing: the row emits its one token, as in plain decoding;
+- a pool suffix only: tokens that cost the target's verification and nothing else;
+- the draft model's trunk of ``depth`` tokens, optionally followed by a pool suffix: the trunk also costs the
+  draft's forwards, which every drafting row shares.
+
+A token is worth the chance that it is emitted (every token before it accepted, and itself), from the request's
+acceptance estimates; it costs the target's per-token step time, and a trunk its share of the draft's forwards.
+The step's yield is (tokens emitted) / (seconds), a ratio of sums: Dinkelbach's method finds the plan that
+maximises it by choosing, at the current ratio R, each row's option with the most ``gain - R * cost``, then
+updating R, a few times. The shared parts (one depth for every drafting row, the draft's fixed cost per forward)
+are searched outright: every depth from 0 to gamma.
+
+A step in which no row proposes anything runs no draft forward: it costs what a plain step costs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ouroboros_vllm.algorithm.cost_model import LinearCost
+
+
+@dataclass(frozen=True)
+class RowOutlook:
+    """What the planner knows of one row."""
+
+    budget: int  # most tokens the row may propose
+    trunk_rate: float  # chance a trunk token is accepted, given the ones before it
+    pool_rate: float  # the same for a pool suffix token
+    pool_hit: float  # chance that the pool holds a suffix for the row's key
+    can_draft: bool  # the draft model can serve the row
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """How the draft model has been drafting: trunk tokens emitted per forward, tokens each row adds to a forward."""
+
+    tokens_per_forward: float = 1.0
+    width_per_row: float = 1.0
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    trunk: int  # draft-model tokens (0: the row is not in the draft's forwards)
+    total: int  # tokens proposed: the trunk, then a pool suffix
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    rows: list[RowPlan]
+    depth: int  # draft-model tokens the drafting rows draft
+    forwards: int  # draft forwards the plan expects
+    expected_tokens: float  # tokens the step is expected to emit
+    expected_seconds: float  # the step's expected time, drafting included
+
+
+def plan_step(
+    rows: Sequence[RowOutlook],
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    *,
+    shape: DraftShape = DraftShape(),
+    other_tokens: int = 0,
+) -> StepPlan:
+    """The best plan for these rows. ``target`` is the target's step time by tokens computed; ``draft`` one draft
+    forward's time by tokens carried; ``other_tokens`` are the step's tokens that are not these rows' (prefill
+    chunks)."""
+    options = _Options(rows)
+    base_tokens = float(len(rows))
+    base_seconds = target(len(rows) + other_tokens)
+    best: StepPlan | None = None
+    for depth in range(0, max_depth + 1):
+        plan = options.plan(depth, target.slope, draft, shape, base_tokens, base_seconds)
+        if best is None or plan.expected_tokens / plan.expected_seconds > best.expected_tokens / best.expected_seconds:
+            best = plan
+    assert best is not None
+    return best
+
+
+class _Options:
+    """Every proposal each row could make, as arrays over (row, trunk tokens proposed q, pool suffix tokens s):
+    q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
+
+    def __init__(self, rows: Sequence[RowOutlook]) -> None:
+        budgets = np.array([row.budget for row in rows], dtype=np.int64)
+        width = int(budgets.max(initial=0)) + 1
+        power = np.arange(width)
+        trunk = np.array([row.trunk_rate for row in rows])[:, None] ** power  # [rows, q]: rate^q
+        pool = np.array([row.pool_rate for row in rows])[:, None] ** power
+        hits = np.array([row.pool_hit for row in rows])[:, None]
+        trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
+        pool_gain = hits * (np.cumsum(pool, axis=1) - 1)
+        self.gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]  # [rows, q, s]
+        self.tokens = power[:, None] + power[None, :]  # [q, s]
+        self.q = np.broadcast_to(power[:, None], self.tokens.shape)
+        self.fits = self.tokens[None] <= budgets[:, None, None]
+        self.budgets = budgets
+        self.can_draft = np.array([row.can_draft for row in rows], dtype=bool)
+
+    def plan(
+        self,
+        depth: int,
+        token_seconds: float,
+        draft: LinearCost,
+        shape: DraftShape,
+        base_tokens: float,
+        base_seconds: float,
+    ) -> StepPlan:
+        rows = len(self.budgets)
+        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0)) if depth else 0
+        trunk = np.where(self.can_draft, np.minimum(depth, self.budgets), 0)  # tokens each row would draft
+        valid = self.fits & (self.q[None] <= trunk[:, None, None])
+        cost = self.tokens[None] * token_seconds + (self.q[None] > 0) * (forwards * draft.slope * shape.width_per_row)
+        gain = np.where(valid, self.gain, -np.inf).reshape(rows, -1)
+        cost = np.broadcast_to(cost, self.gain.shape).reshape(rows, -1)
+        drafts = (self.q > 0).reshape(-1)
+        fixed_draft = forwards * draft.intercept
+        index = np.arange(rows)
+
+        def totals(pick: np.ndarray) -> tuple[float, float]:
+            seconds = base_seconds + float(cost[index, pick].sum()) + (fixed_draft if drafts[pick].any() else 0.0)
+            return base_tokens + float(gain[index, pick].sum()), seconds
+
+        ratio = base_tokens / base_seconds
+        pick = np.zeros(rows, dtype=np.int64)
+        for _ in range(16):  # Dinkelbach's iteration; converges in a few steps
+            pick = np.argmax(gain - ratio * cost, axis=1)
+            tokens, seconds = totals(pick)
+            if abs(tokens / seconds - ratio) <= 1e-12 * ratio:
+                break
+            ratio = tokens / seconds
+        tokens, seconds = totals(pick)
+        q, s = np.unravel_index(pick, self.tokens.shape)
+        drafting = bool(drafts[pick].any())
+        return StepPlan(
+            rows=[RowPlan(int(trunk[r]) if q[r] else 0, int(q[r] + s[r])) for r in range(rows)],
+            depth=depth if drafting else 0,
+            forwards=forwards if drafting else 0,
+            expected_tokens=tokens,
+            expected_seconds=seconds,
+        )

@@ -1,0 +1,185 @@
+"""Adaptive speculation, pure parts: the cost model's fit, the acceptance estimates and the step planner."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
+from ouroboros_vllm.algorithm.adaptive import PROBE_EVERY, AdaptiveController
+from ouroboros_vllm.algorithm.cost_model import LinearCost, OnlineLinearFit
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, plan_step
+
+
+def row(budget=8, trunk=0.8, pool=0.3, hit=0.5, can_draft=True) -> RowOutlook:
+    return RowOutlook(budget=budget, trunk_rate=trunk, pool_rate=pool, pool_hit=hit, can_draft=can_draft)
+
+
+# A CPU like this project's: a plain step 300 ms, 20 ms more per token verified; a draft forward 30 ms.
+CPU_TARGET = LinearCost(0.28, 0.020)
+CPU_DRAFT = LinearCost(0.030, 0.001)
+
+
+# ------------------------------------------------------------------------------------------- the cost model
+
+
+def test_the_fit_recovers_a_line_from_noisy_steps_and_ignores_outliers():
+    rng = random.Random(0)
+    fit = OnlineLinearFit()
+    for _ in range(300):
+        tokens = rng.randint(1, 72)
+        seconds = 0.3 + 0.012 * tokens + rng.gauss(0, 0.005)
+        if rng.random() < 0.03:
+            seconds *= 6  # a preemption, a neighbour: far off the line
+        fit.add(tokens, seconds)
+    assert fit.fit is not None
+    assert fit.fit.intercept == pytest.approx(0.3, rel=0.05)
+    assert fit.fit.slope == pytest.approx(0.012, rel=0.08)
+
+
+def test_steps_of_one_size_give_a_sensible_answer_at_that_size():
+    fit = OnlineLinearFit()
+    for _ in range(40):
+        fit.add(9, 0.5)
+    assert fit.fit is not None
+    assert fit.fit(9) == pytest.approx(0.5, rel=0.01)
+    assert 0 < fit.fit.slope < fit.fit.intercept  # the prior's small slope, not nonsense
+
+
+def test_the_fit_follows_a_change_of_machine_speed():
+    fit = OnlineLinearFit(window=64)
+    for i in range(200):
+        fit.add(1 + i % 20, (0.3 + 0.01 * (1 + i % 20)) * (1 if i < 100 else 3))  # a neighbour arrives at 100
+    assert fit.fit is not None and fit.fit(10) == pytest.approx(3 * 0.4, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------- acceptance
+
+
+def test_a_request_learns_its_own_rate_from_a_process_prior():
+    prior = ProcessAcceptance()
+    for _ in range(50):
+        prior.record("trunk", 4, 3)  # the process accepts 3 of 4 (examined 4)
+    assert prior.prior("trunk") == pytest.approx(0.75, abs=0.01)
+    mine = AcceptanceModel()
+    assert mine.rate("trunk", prior.prior("trunk")) == pytest.approx(0.75, abs=0.01)
+    for _ in range(10):
+        mine.record("trunk", 4, 0)  # this request: the first token is always rejected
+    assert mine.rate("trunk", prior.prior("trunk")) < 0.3
+
+
+@given(st.floats(0, 1), st.integers(0, 16))
+def test_expected_accepted_is_the_sum_of_powers(rate, length):
+    assert expected_accepted(rate, length) == pytest.approx(sum(rate**i for i in range(1, length + 1)), abs=1e-9)
+
+
+# ------------------------------------------------------------------------------------------- the planner
+
+
+def test_it_proposes_nothing_when_drafting_cannot_pay():
+    plan = plan_step([row(trunk=0.05, pool=0.02)] * 4, CPU_TARGET, CPU_DRAFT, max_depth=8)
+    assert all(r.total == 0 for r in plan.rows) and plan.depth == 0 and plan.forwards == 0
+
+
+def test_it_proposes_everything_when_acceptance_is_near_one_and_verification_is_cheap():
+    gpu_target = LinearCost(0.005, 0.00002)  # nearly flat in tokens
+    plan = plan_step([row(trunk=0.98, pool=0.98, hit=1.0)] * 4, gpu_target, LinearCost(0.0005, 0.0), max_depth=8)
+    assert all(r.total == 8 for r in plan.rows)
+
+
+def test_rows_that_do_not_pay_leave_the_draft_forwards_to_those_that_do():
+    plan = plan_step([row(trunk=0.9), row(trunk=0.02, pool=0.02)], CPU_TARGET, CPU_DRAFT, max_depth=8)
+    good, bad = plan.rows
+    assert good.trunk > 0 and bad.total == 0
+
+
+def test_a_row_without_a_draft_model_can_still_take_pool_tokens():
+    plan = plan_step([row(trunk=0.9, pool=0.9, hit=1.0, can_draft=False)], CPU_TARGET, CPU_DRAFT, max_depth=8)
+    assert plan.rows[0].trunk == 0 and plan.rows[0].total > 0
+
+
+def test_phrase_drafting_that_emits_more_tokens_per_forward_makes_deeper_trunks_pay():
+    rows = [row(trunk=0.6, hit=0.0)]
+    slow = plan_step(rows, CPU_TARGET, LinearCost(0.12, 0.0), max_depth=8)
+    fast = plan_step(rows, CPU_TARGET, LinearCost(0.12, 0.0), max_depth=8, shape=DraftShape(tokens_per_forward=3))
+    assert fast.rows[0].trunk >= slow.rows[0].trunk and fast.expected_tokens / fast.expected_seconds > (
+        slow.expected_tokens / slow.expected_seconds
+    )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(
+        st.builds(
+            row,
+            budget=st.integers(1, 8),
+            trunk=st.floats(0, 1),
+            pool=st.floats(0, 1),
+            hit=st.floats(0, 1),
+            can_draft=st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    intercept=st.floats(0.001, 1.0),
+    slope=st.floats(0.0, 0.05),
+)
+def test_the_plan_is_never_worse_than_plain_decoding_by_its_own_model(rows, intercept, slope):
+    target = LinearCost(intercept, slope)
+    plan = plan_step(rows, target, CPU_DRAFT, max_depth=8)
+    plain = len(rows) / target(len(rows))
+    assert plan.expected_tokens / plan.expected_seconds >= plain * (1 - 1e-9)
+    for r, outlook in zip(plan.rows, rows, strict=True):
+        assert 0 <= r.trunk <= 8 and r.total <= outlook.budget
+        assert r.trunk == 0 or outlook.can_draft
+
+
+# ------------------------------------------------------------------------------------------- the controller
+
+
+def test_the_controller_speculates_fully_until_it_has_measured_then_plans():
+    controller = AdaptiveController(max_tokens=8)
+    rows = [row(trunk=0.02, pool=0.02)] * 2
+    assert [r.total for r in controller.plan(rows, 8).rows] == [8, 8]  # nothing measured yet
+    controller.observe_draft([(2, 2, 0.03)] * 8, trunk_tokens=16)
+    for tokens in (18, 2, 18, 2):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+    assert [r.total for r in controller.plan(rows, 8).rows] == [0, 0]  # measured: it does not pay
+    assert controller.stats.lengths == {8: 2, 0: 2}
+    assert "proposed lengths 0:2 8:2" in controller.summary()
+
+
+def test_the_controller_probes_when_every_step_looks_alike():
+    controller = AdaptiveController(max_tokens=8)
+    rows = [row(trunk=0.02, pool=0.02)]
+    controller.observe_draft([(1, 1, 0.03)], trunk_tokens=1)
+    controller.observe_target_step(1, 0.3)
+    totals = []
+    for _ in range(PROBE_EVERY * 2):
+        totals.append(controller.plan(rows, 8).rows[0].total)
+        controller.observe_target_step(1 + totals[-1], 0.3 + 0.02 * totals[-1])
+    assert totals.count(8) == 1 and totals.count(0) == 2 * PROBE_EVERY - 1  # one probe, then the slope is known
+
+
+def test_a_request_counts_acceptance_per_source():
+    from ouroboros_vllm.algorithm.pool import PhrasePool
+    from ouroboros_vllm.algorithm.proposal import Proposal
+    from ouroboros_vllm.algorithm.request import DraftSettings, RequestState
+
+    settings = DraftSettings(gamma=4, phrase_len=2, draft_phrases=0, lookahead_window=0, uses_pool=True,
+                             context_ngrams=False)  # fmt: skip
+    prior = ProcessAcceptance()
+    state = RequestState(settings, PhrasePool(2, 4, 100, 1000), prior=prior)
+    state.proposal = Proposal(tokens=[1, 2, 3, 4, 5, 6], trunk_len=4)
+    counts = state.count_accepted([1, 2, 3, 4, 5, 9])  # the trunk, one pool token, then the target's own
+    assert counts.accepted_tokens == 5 and counts.suffix_accepted_tokens == 1
+    trunk, pool = state.acceptance.rates["trunk"], state.acceptance.rates["pool"]
+    assert (trunk.accepted, trunk.examined) == (4, 4) and (pool.accepted, pool.examined) == (1, 2)
+    assert prior.rates["pool"].examined == 2
+    state.proposal = Proposal(tokens=[1, 2, 3, 4, 5, 6], trunk_len=4)
+    state.count_accepted([1, 7])  # rejected at the trunk's second token: the pool was never examined
+    assert (trunk.accepted, trunk.examined) == pytest.approx((4 * 0.9 + 1, 4 * 0.9 + 2))
+    assert state.acceptance.rates["pool"].examined == 2
