@@ -7,6 +7,7 @@ in ``ouroboros_vllm/config.py``) is picked up without any line here.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,15 @@ METHODS: tuple[Method, ...] = (
     # The default mode without the shared pool: each request starts from an empty pool of its own (the
     # other ouroboros-* methods share one pool across every request of the run: the paper's warm start).
     Method("ouroboros-cold", "ouroboros", {"drafting": DEFAULT_MODE, "warm_start": False}, uses_draft_model=True),
+    # What the plugin costs when it proposes nothing: no draft model, no context N-grams, so the pool stays
+    # empty and every row proposes 0 tokens (its speed against plain is the hooks' and the proposer's overhead).
+    Method(
+        "ouroboros-nothing",
+        "ouroboros",
+        {"drafting": "pool_only", "context_ngrams": False, "adaptive": False},
+        stateful=True,
+        default=False,
+    ),
     # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
     #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
     Method("oracle", "oracle"),
@@ -136,8 +146,9 @@ BASELINE = "plain"
 
 
 def select_methods(requested: Iterable[str] | None, methods: Iterable[Method] = METHODS) -> list[Method]:
-    """Methods by name or by kind (``ouroboros`` selects every ouroboros-* method), in registry order.
+    """Methods by name or shell-style pattern (``ouroboros*`` selects every ouroboros method), in registry order.
 
+    A name selects that method only (``ouroboros`` is the default mode's method, not every method of that kind).
     The baseline ``plain`` is always included: speedups and the lossless check are relative to it, and the oracle
     replays its outputs. ``None`` selects every default method.
     """
@@ -147,10 +158,10 @@ def select_methods(requested: Iterable[str] | None, methods: Iterable[Method] = 
     else:
         chosen = set()
         for token in requested:
-            matches = {m.name for m in methods if token in (m.name, m.kind)}
+            matches = {m.name for m in methods if fnmatch.fnmatchcase(m.name, token)}
             if not matches:
-                known = ", ".join(sorted({m.name for m in methods} | {m.kind for m in methods}))
-                raise ValueError(f"unknown method {token!r}; known: {known}")
+                known = ", ".join(m.name for m in methods)
+                raise ValueError(f"unknown method {token!r}; known: {known} (or a pattern such as 'ouroboros*')")
             chosen |= matches
     chosen.add(BASELINE)
     return [m for m in methods if m.name in chosen]

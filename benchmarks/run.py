@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         nargs="+",
         metavar="METHOD",
-        help=f"methods or method kinds (default: all of {method_names}); plain always runs",
+        help=f"method names or patterns, e.g. 'ouroboros*' (default: all of {method_names}); plain always runs",
     )
     parser.add_argument(
         "--datasets",

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
-from ouroboros_vllm.algorithm.adaptive import PROBE_EVERY, AdaptiveController
-from ouroboros_vllm.algorithm.cost_model import LinearCost, OnlineLinearFit
+from ouroboros_vllm.algorithm.adaptive import EXPLORE_SHARE, PROBE_EVERY, AdaptiveController
+from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, OnlineLinearFit
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, plan_step
 
 
@@ -144,7 +144,7 @@ def test_the_controller_speculates_fully_until_it_has_measured_then_plans():
     controller = AdaptiveController(max_tokens=8)
     rows = [row(trunk=0.02, pool=0.02)] * 2
     assert [r.total for r in controller.plan(rows, 8).rows] == [8, 8]  # nothing measured yet
-    controller.observe_draft([(2, 2, 0.03)] * 8, trunk_tokens=16)
+    controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)
     for tokens in (18, 2, 18, 2):
         controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
     assert [r.total for r in controller.plan(rows, 8).rows] == [0, 0]  # measured: it does not pay
@@ -155,13 +155,51 @@ def test_the_controller_speculates_fully_until_it_has_measured_then_plans():
 def test_the_controller_probes_when_every_step_looks_alike():
     controller = AdaptiveController(max_tokens=8)
     rows = [row(trunk=0.02, pool=0.02)]
-    controller.observe_draft([(1, 1, 0.03)], trunk_tokens=1)
+    controller.observe_draft([(1, 1, 0.03)], depth=1)
     controller.observe_target_step(1, 0.3)
     totals = []
     for _ in range(PROBE_EVERY * 2):
         totals.append(controller.plan(rows, 8).rows[0].total)
         controller.observe_target_step(1 + totals[-1], 0.3 + 0.02 * totals[-1])
     assert totals.count(8) == 1 and totals.count(0) == 2 * PROBE_EVERY - 1  # one probe, then the slope is known
+
+
+def test_a_controller_that_stopped_drafting_drafts_again_within_its_exploration_share():
+    controller = AdaptiveController(max_tokens=8)
+    rows = [row(trunk=0.02, pool=0.02, hit=0.5)] * 4  # the target-cost probes take pool suffixes: no draft
+    controller.observe_draft([(4, 4, 0.03)] * 8, depth=8)
+    for tokens in (36, 4, 36, 4):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+    drafted, seconds = 0, 0.0
+    for _ in range(400):
+        plan = controller.plan(rows, 8)
+        if plan.depth:
+            drafted += 1
+            controller.observe_draft([(4, 4, 0.03)] * plan.depth, depth=plan.depth)
+        tokens = 4 + sum(r.total for r in plan.rows)
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+        seconds += 0.28 + 0.02 * tokens + (8 * 0.03 if plan.depth else 0.0)
+    # It re-measures the draft now and then, never spending more than its share of the time on it.
+    extra = 8 * 4 * 0.02 + 8 * (0.03 + 0.001 * 4)  # verifying 32 more tokens, 8 forwards of 4 rows
+    assert drafted == controller.stats.explore_steps >= 2
+    assert drafted * extra <= EXPLORE_SHARE * seconds * 1.25  # the share is spent by the fit's estimate of extra
+
+
+def test_a_request_the_draft_never_drafted_for_gets_its_full_trunk_once():
+    controller = AdaptiveController(max_tokens=8)
+    controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)
+    for tokens in (18, 2, 18, 2):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+    known, new = row(trunk=0.02, pool=0.02), RowOutlook(8, 0.02, 0.02, 0.5, can_draft=True, untried=True)
+    plan = controller.plan([known, new, RowOutlook(8, 0.02, 0.02, 0.5, can_draft=False, untried=True)], 8)
+    assert [(r.trunk, r.total) for r in plan.rows] == [(0, 0), (8, 8), (0, 0)] and plan.depth == 8
+
+
+def test_the_width_a_plan_pays_per_forward_leaves_out_the_first_forwards_catch_up():
+    controller = AdaptiveController(max_tokens=4)
+    for _ in range(20):  # 8 rows that read their 200-token prompts, then draft 2 tokens a row per forward
+        controller.observe_draft([(8, 1600, 2.0), (8, 16, 0.05), (8, 16, 0.05)], depth=3)
+    assert controller.shape().width_per_row == pytest.approx(2.0, rel=0.05)
 
 
 def test_a_request_counts_acceptance_per_source():
@@ -183,3 +221,19 @@ def test_a_request_counts_acceptance_per_source():
     state.count_accepted([1, 7])  # rejected at the trunk's second token: the pool was never examined
     assert (trunk.accepted, trunk.examined) == pytest.approx((4 * 0.9 + 1, 4 * 0.9 + 2))
     assert state.acceptance.rates["pool"].examined == 2
+
+
+def test_the_target_fit_at_a_batch_size_shows_the_price_of_a_token_at_that_size():
+    # Steps of 8 rows cost 0.28 s + 10 ms a token; as requests finish, smaller steps cost less per row. A fit over
+    # every size mixes the two; the fit at 8 rows prices a token as the 8-row steps do.
+    costs = CostModel(min_spread=4)
+    rng = random.Random(1)
+    for _ in range(40):
+        draft_tokens = rng.randint(0, 32)
+        costs.add_target_step(8, 8 + draft_tokens, 0.28 + 0.01 * (8 + draft_tokens))
+    for rows in (3, 2, 1):
+        for _ in range(6):
+            costs.add_target_step(rows, rows, 0.08 + 0.01 * rows)
+    fit = costs.target_fit(8)
+    assert fit is not None and fit.slope == pytest.approx(0.01, rel=0.05)
+    assert costs.target.fit is not None and costs.target.fit.slope > 0.012  # the fit over every size

@@ -119,8 +119,9 @@ def test_every_drafting_mode_is_benchmarked():
     assert {"plain", "ngram", "suffix", "draft_model", "oracle"} <= names
 
 
-def test_method_selection_by_name_or_kind_keeps_plain():
-    chosen = [m.name for m in select_methods(["oracle", "ouroboros"])]
+def test_method_selection_by_name_or_pattern_keeps_plain():
+    assert [m.name for m in select_methods(["ouroboros"])] == ["plain", "ouroboros"]  # a name is that method only
+    chosen = [m.name for m in select_methods(["oracle", "ouroboros*"])]
     assert (
         chosen[0] == "plain"
         and "oracle" in chosen

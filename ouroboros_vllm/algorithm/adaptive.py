@@ -5,12 +5,16 @@ of every request, :mod:`.acceptance`) and how the draft has been drafting, and t
 :class:`~ouroboros_vllm.algorithm.planner.StepPlan`. It also keeps what a person needs to trust it: how many
 tokens the rows proposed (a histogram), the current fit, and the predicted against the measured step time.
 
-Two things keep the model honest:
+Four things keep the model honest:
 
 - until both costs have been measured, a step speculates fully (as the fixed modes do), which measures them;
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
   all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
-  everything, or everything instead of nothing).
+  what it planned, or the pool's suffixes, which cost no draft forward, instead of nothing);
+- a request is only known once the draft has drafted for it: its first proposal drafts its full trunk;
+- a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
+  its acceptance are only measured when it drafts): up to :data:`EXPLORE_SHARE` of the time measured since the
+  draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import CostModel
-from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_step
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_seconds, plan_step
 
 PROBE_EVERY = 16
+EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
 
 
@@ -31,7 +36,8 @@ class AdaptiveStats:
     """What the plans did, since the engine started."""
 
     planned_steps: int = 0
-    probe_steps: int = 0
+    probe_steps: int = 0  # steps that measured the target's cost per token
+    explore_steps: int = 0  # steps that drafted against the plan, to measure the draft again
     lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
     predicted_seconds: float = 0.0  # of the steps whose time was then measured
     measured_seconds: float = 0.0
@@ -49,33 +55,42 @@ class AdaptiveController:
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self.costs = CostModel()
+        self.costs = CostModel(min_spread=max(max_tokens // 2, 1))
         self.acceptance = ProcessAcceptance()
         self.stats = AdaptiveStats()
-        self._tokens_per_forward = Rate()  # accepted = trunk tokens emitted, examined = forwards
+        self._tokens_per_forward = Rate()  # accepted = tokens the deepest row drafted, examined = forwards
         self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
         self._since_probe = 0
         self._pending_prediction: float | None = None
         self._pending_draft_seconds = 0.0
+        self._explore_credit = 0.0  # seconds of exploration earned since the draft last ran
+        self._rows = 0  # rows of the last plan
 
     # ---- what was measured ----------------------------------------------------------------------------
 
-    def observe_target_step(self, tokens: int, seconds: float) -> None:
-        """The target's step just computed ``tokens`` tokens in ``seconds``; it verified the last plan."""
-        self.costs.target.add(tokens, seconds)
+    def observe_target_step(self, tokens: int, seconds: float, rows: int | None = None) -> None:
+        """The target's step of ``rows`` rows (default: the last plan's) just computed ``tokens`` tokens in
+        ``seconds``; it verified the last plan."""
+        self.costs.add_target_step(self._rows if rows is None else rows, tokens, seconds)
+        self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
         if self._pending_prediction is not None:
             self.stats.predicted_seconds += self._pending_prediction
             self.stats.measured_seconds += seconds + self._pending_draft_seconds
             self._pending_prediction = None
 
-    def observe_draft(self, forwards: Sequence[tuple[int, int, float]], trunk_tokens: int) -> None:
-        """The step's draft forwards, each (rows, tokens carried, seconds), which emitted ``trunk_tokens``."""
-        for rows, tokens, seconds in forwards:
+    def observe_draft(self, forwards: Sequence[tuple[int, int, float]], depth: int) -> None:
+        """The step's draft forwards, each (rows, tokens carried, seconds), which drafted ``depth`` tokens for the
+        deepest row (phrase drafting can emit several tokens a forward)."""
+        for i, (rows, tokens, seconds) in enumerate(forwards):
             self.costs.draft.add(tokens, seconds)
-            self._width.add(tokens, rows, SHAPE_DECAY)
             self._pending_draft_seconds += seconds
+            # The first forward also reads what the rows' caches lack (the prompt, the tokens accepted while a
+            # row did not draft): the width a plan pays per forward is the later forwards'.
+            if i > 0:
+                self._width.add(tokens, rows, SHAPE_DECAY)
         if forwards:
-            self._tokens_per_forward.add(trunk_tokens, len(forwards), SHAPE_DECAY)
+            self._explore_credit = 0.0
+            self._tokens_per_forward.add(depth, len(forwards), SHAPE_DECAY)
 
     # ---- the plan ---------------------------------------------------------------------------------------
 
@@ -84,18 +99,30 @@ class AdaptiveController:
         self._pending_draft_seconds = 0.0
         self._pending_prediction = None
         full = full_plan(rows, max_depth)
-        target, draft = self.costs.target.fit, self.costs.draft.fit
+        self._rows = len(rows)
+        target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
         if target is None or draft is None:
             plan = full  # measures both costs
         else:
-            plan = plan_step(rows, target, draft, max_depth, shape=self.shape())
+            shape = self.shape()
+            plan = plan_step(rows, target, draft, max_depth, shape=shape)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
-            if self._since_probe >= PROBE_EVERY and self._steps_look_alike():
+            extra = plan_seconds(rows, full, target, draft, shape) - plan.expected_seconds
+            if plan.depth == 0 and full.depth > 0 and self._explore_credit >= extra:
+                self._explore_credit -= extra
+                self.stats.explore_steps += 1
+                self._pending_prediction = None
+                plan = full
+            elif self._since_probe >= PROBE_EVERY and self._steps_look_alike():
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = _empty_plan(rows) if any(row.total for row in plan.rows) else full
+                plan = _empty_plan(rows) if any(row.total for row in plan.rows) else _pool_plan(rows, full)
+        tried = _try_new_rows(rows, plan, full)
+        if tried is not plan:
+            self._pending_prediction = None
+            plan = tried
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
         return plan
@@ -108,7 +135,8 @@ class AdaptiveController:
 
     def _steps_look_alike(self) -> bool:
         """Whether the recent target steps are too alike in size to tell what a token costs."""
-        sizes = [tokens for tokens, _ in self.costs.target.samples]
+        at_size = self.costs.target_by_rows.get(self._rows)
+        sizes = [tokens for tokens, _ in (at_size.samples if at_size is not None else [])]
         return not sizes or max(sizes) - min(sizes) < max(self.max_tokens // 2, 1)
 
     def summary(self) -> str:
@@ -124,6 +152,27 @@ def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
     plans = [RowPlan(min(max_depth, row.budget) if row.can_draft else 0, row.budget) for row in rows]
     depth = max((p.trunk for p in plans), default=0)
     return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
+
+
+def _try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:
+    """The plan with every untried row drafting its full trunk: a request's own acceptance is only learned by
+    drafting for it, and the process-wide rate it starts from may come from very different text."""
+    untried = [i for i, row in enumerate(rows) if row.untried and full.rows[i].trunk > plan.rows[i].trunk]
+    if not untried:
+        return plan
+    plans = list(plan.rows)
+    for i in untried:
+        plans[i] = full.rows[i]
+    depth = max(plan.depth, *(full.rows[i].trunk for i in untried))
+    return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
+
+
+def _pool_plan(rows: Sequence[RowOutlook], full: StepPlan) -> StepPlan:
+    """The pool's suffixes at every row's budget, no draft forward; the full plan where no row has a pool."""
+    if not any(row.pool_hit > 0 for row in rows):
+        return full
+    plans = [RowPlan(0, row.budget) for row in rows]
+    return StepPlan(plans, depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)
 
 
 def _empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:

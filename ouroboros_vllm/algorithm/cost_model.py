@@ -9,7 +9,7 @@ Two linear models, fitted online on the recent past:
 Each keeps a short window of recent samples (the machine's speed changes when a neighbour arrives) and refits
 by least squares with a weak ridge prior (so that a model that
 has only seen one size of step still answers, and answers sensibly: as if each token cost a small share of a
-step), dropping samples far from the fit (a step slowed by a preemption, the first step of a new shape). On a
+step), dropping samples far from the others of their size (a step slowed by a preemption). On a
 CPU a step costs more per token than on a GPU, where it is nearly flat until the batch is large; both are the
 same two numbers to this model.
 """
@@ -25,8 +25,11 @@ import numpy as np
 # there until the steps seen so far differ enough in size to show the real slope.
 PRIOR_SLOPE_FRACTION = 1 / 64
 PRIOR_WEIGHT = 0.25
-# Samples whose residual is over this many median absolute deviations are left out of the refit.
+# A sample over this many median absolute deviations (at least OUTLIER_FLOOR of the median) from the others of its
+# size, or, for a size seen once or twice, over OUTLIER_RATIO times off the first fit, is left out of the refit.
 OUTLIER_MADS = 5.0
+OUTLIER_FLOOR = 0.05
+OUTLIER_RATIO = 3.0
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,29 @@ class OnlineLinearFit:
     def _refit(self) -> LinearCost:
         data = np.asarray(self._samples)
         x, y = data[:, 0], data[:, 1]
-        keep = np.ones(len(y), dtype=bool)
         fit = _ridge(x, y)
-        for _ in range(2):  # drop outliers, refit
-            residual = y - fit(x)
-            deviation = np.abs(residual - np.median(residual))
-            mad = float(np.median(deviation)) or float(np.std(residual)) or 1e-12
-            keep = deviation <= OUTLIER_MADS * mad
-            if keep.all() or keep.sum() < 2:
-                break
-            fit = _ridge(x[keep], y[keep])
-        return fit
+        keep = _inliers(x, y, fit)
+        return fit if keep.all() or keep.sum() < 2 else _ridge(x[keep], y[keep])
+
+
+def _inliers(x: np.ndarray, y: np.ndarray, fit: LinearCost) -> np.ndarray:
+    """The samples to fit: a step slowed by a preemption or a neighbour is far from the others of its size.
+
+    Outliers are judged among samples of the same size where there are a few, not by their distance from the
+    first fit: the rare step of another size is what shows the slope, and a fit made mostly of one size would
+    call it an outlier. A size seen once or twice is only dropped when it is far off the first fit.
+    """
+    keep = np.ones(len(y), dtype=bool)
+    for size in np.unique(x):
+        group = x == size
+        if group.sum() >= 3:
+            median = float(np.median(y[group]))
+            spread = max(float(np.median(np.abs(y[group] - median))), OUTLIER_FLOOR * median)
+            keep[group] = np.abs(y[group] - median) <= OUTLIER_MADS * spread
+        else:
+            expected = max(fit(size), 1e-12)
+            keep[group] = (y[group] <= OUTLIER_RATIO * expected) & (y[group] >= expected / OUTLIER_RATIO)
+    return keep
 
 
 def _ridge(x: np.ndarray, y: np.ndarray) -> LinearCost:
@@ -100,26 +115,37 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> LinearCost:
 
 
 class CostModel:
-    """The target's step and the draft's forward, learned from the engine's steps."""
+    """The target's step and the draft's forward, learned from the engine's steps.
 
-    def __init__(self) -> None:
+    The target's step is also fitted per batch size (rows): what a planner needs is the price of one more
+    verified token at the step's own number of rows, and a fit across batch sizes mixes that with the price of a
+    row (when requests finish, the steps get smaller in rows and in tokens together). The per-size fit is used
+    once its steps differ enough in tokens to show the slope; until then, the fit over every size.
+    """
+
+    def __init__(self, min_spread: int = 2) -> None:
         # Short windows: a neighbour that starts competing for the cores must show in the plan within seconds.
         # A step gives one target sample and a few draft samples.
         self.target = OnlineLinearFit(window=64)
         self.draft = OnlineLinearFit(window=128)
+        self.target_by_rows: dict[int, OnlineLinearFit] = {}
+        self._min_spread = min_spread
+
+    def add_target_step(self, rows: int, tokens: int, seconds: float) -> None:
+        self.target.add(tokens, seconds)
+        self.target_by_rows.setdefault(rows, OnlineLinearFit(window=32)).add(tokens, seconds)
+
+    def target_fit(self, rows: int) -> LinearCost | None:
+        """The target's step time at ``rows`` rows, by tokens: the fit at that batch size once it shows a slope."""
+        at_size = self.target_by_rows.get(rows)
+        if at_size is not None and len(at_size) >= 8 and _spread(at_size.samples) >= self._min_spread:
+            return at_size.fit
+        return self.target.fit
 
     @property
     def ready(self) -> bool:
         """Whether both have been measured at least once (before that the planner proposes what it is told)."""
         return self.target.fit is not None and self.draft.fit is not None
-
-    def target_step(self, tokens: float) -> float:
-        assert self.target.fit is not None
-        return self.target.fit(tokens)
-
-    def draft_forward(self, tokens: float) -> float:
-        assert self.draft.fit is not None
-        return self.draft.fit(tokens)
 
     def summary(self) -> str:
         parts = []
@@ -128,3 +154,8 @@ class CostModel:
             if fit is not None:
                 parts.append(f"{name} {1000 * fit.intercept:.1f} + {1000 * fit.slope:.2f}/token ms")
         return ", ".join(parts) if parts else "not measured yet"
+
+
+def _spread(samples: list[tuple[float, float]]) -> float:
+    sizes = [tokens for tokens, _ in samples]
+    return max(sizes) - min(sizes) if sizes else 0.0

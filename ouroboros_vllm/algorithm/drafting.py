@@ -112,13 +112,13 @@ class DraftRound:
             self.state.window = LookaheadWindow.from_history(self.history.tolist(), levels, width)
         self.done = self.num_tokens <= 0
 
-    def plan(self, wide: bool = True) -> ForwardPlan:
+    def plan(self, wide: bool = True, tails: bool = True) -> ForwardPlan:
         """The next forward's inputs: the pending tokens, the lookahead window, then the phrases (or their tails,
-        see the class docstring; without tails and not ``wide``: none)."""
+        see the class docstring; without tails and not ``wide``: none; neither: one token per forward)."""
         pending = self._pending
         key = pending[-1]
         previous = pending[-2] if len(pending) > 1 else self.state.ids[-1] if self.state.ids else None
-        phrases = self._feedable(self.tails_for(previous, key)) if previous is not None else []
+        phrases = self._feedable(self.tails_for(previous, key)) if previous is not None and tails else []
         if not phrases and wide:
             phrases = self._feedable(self.phrases_for(key))
         phrase_len = len(phrases[0]) if phrases else 0

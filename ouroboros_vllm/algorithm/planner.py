@@ -38,6 +38,11 @@ class RowOutlook:
     pool_rate: float  # the same for a pool suffix token
     pool_hit: float  # chance that the pool holds a suffix for the row's key
     can_draft: bool  # the draft model can serve the row
+    # Tokens the draft's cache lacks before it can draft for the row (its prompt, or what was accepted while the
+    # row did not draft). Paid once, then the row drafts from a cache that keeps up: the per-step choice leaves it
+    # out (it would never start a row with a long prompt), the cost of a plan forced on the step counts it.
+    catch_up: int = 0
+    untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,20 @@ def plan_step(
             best = plan
     assert best is not None
     return best
+
+
+def plan_seconds(
+    rows: Sequence[RowOutlook], plan: StepPlan, target: LinearCost, draft: LinearCost, shape: DraftShape
+) -> float:
+    """The expected time of a given plan for ``rows`` (drafting included), by the same model as
+    :func:`plan_step`."""
+    seconds = target(len(rows) + sum(row.total for row in plan.rows))
+    drafting = sum(1 for row in plan.rows if row.trunk)
+    if drafting and plan.depth:
+        forwards = math.ceil(plan.depth / max(shape.tokens_per_forward, 1.0))
+        seconds += forwards * (draft.intercept + draft.slope * shape.width_per_row * drafting)
+        seconds += draft.slope * sum(row.catch_up for row, p in zip(rows, plan.rows, strict=True) if p.trunk)
+    return seconds
 
 
 class _Options:

@@ -59,6 +59,7 @@ class DraftRuntime:
         self._lm_head_cost = OnlineLinearFit(window=64)
         self._forward_cost = OnlineLinearFit(window=64)
         self._phrase_width = Rate()  # phrase tokens a row adds to a wide forward (decayed mean)
+        self._tail_width = Rate()  # the same for a forward that carries phrase tails only
 
     @classmethod
     def load(cls, path: str, *, target_tokenizer: str, device: torch.device, precision: str) -> DraftRuntime:
@@ -76,13 +77,14 @@ class DraftRuntime:
     def draft(self, rounds: Sequence[DraftRound], wide: bool | None = None) -> list[tuple[int, int, float]]:
         """Run forwards until every round is done; every unfinished round shares each forward. Returns each
         forward's (rows, tokens carried, seconds), the rounds' planning and bookkeeping included. ``wide``: whether
-        forwards may carry the pool's phrases, not only their tails (None: decided from this runtime's timings)."""
+        forwards carry the pool's phrases and their tails (None: each decided from this runtime's timings)."""
         timings = []
         active = [r for r in rounds if not r.done]
         while active:
             start = time.perf_counter()
-            carry_phrases = self._may_be_wide(len(active)) if wide is None else wide
-            plans = [r.plan(carry_phrases) for r in active]
+            carry_phrases = self._may_carry(len(active), self._phrase_width) if wide is None else wide
+            carry_tails = self._may_carry(len(active), self._tail_width) if wide is None else wide
+            plans = [r.plan(carry_phrases, carry_tails) for r in active]
             predicted = self.forward([(r.state, plan) for r, plan in zip(active, plans, strict=True)])
             for r, plan, argmax in zip(active, plans, predicted, strict=True):
                 kept = r.finish(plan, argmax)
@@ -91,21 +93,22 @@ class DraftRuntime:
             tokens = sum(plan.num_new for plan in plans)
             timings.append((len(plans), tokens, time.perf_counter() - start))
             self._forward_cost.add(tokens, timings[-1][2])
-            if carry_phrases:
+            if carry_tails or carry_phrases:
                 phrase_tokens = sum(len(plan.phrase_rows()) for plan in plans) / len(plans)
-                self._phrase_width.add(phrase_tokens, 1, 0.9)
+                (self._phrase_width if carry_phrases else self._tail_width).add(phrase_tokens, 1, 0.9)
             active = [r for r in active if not r.done]
         return timings
 
-    def _may_be_wide(self, rows: int) -> bool:
-        """Whether this forward may carry the pool's phrases (not only their context-checked tails). Most phrases
-        are rejected at their first token, and a forward shared by several rows only ends sooner if all of them
-        do: so they ride along only where they are nearly free, in a lone row's forward (bound by reading the
-        weights on any device), or while they add at most a quarter to the forward's measured cost."""
+    def _may_carry(self, rows: int, width: Rate) -> bool:
+        """Whether this forward may carry the pool's phrases (``width``: their tokens per row so far), or their
+        context-checked tails. Most phrases are rejected at their first token, and a forward shared by several
+        rows only ends sooner if all of them do: so they ride along only where they are nearly free, in a lone
+        row's forward (bound by reading the weights on any device), or while they add at most a quarter to the
+        forward's measured cost."""
         fit = self._forward_cost.fit
-        if rows == 1 or fit is None or self._phrase_width.examined == 0:
+        if rows == 1 or fit is None or width.examined == 0:
             return True
-        added = rows * self._phrase_width.rate(0.0, prior_trials=0.0)
+        added = rows * width.rate(0.0, prior_trials=0.0)
         return fit.slope * added <= fit.intercept / 4
 
     @torch.inference_mode()

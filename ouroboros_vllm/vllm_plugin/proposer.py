@@ -134,7 +134,7 @@ class OuroborosProposer(hooks.StepListener):
             # Steps with a prompt chunk cost per token what a long prefill costs, not what a draft's verification
             # does: only decoding steps teach the cost model.
             if tokens <= requests * (self.num_speculative_tokens + 1):
-                self.controller.observe_target_step(tokens, time.perf_counter() - start)
+                self.controller.observe_target_step(tokens, time.perf_counter() - start, rows=requests)
         for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             state = self.requests.get(req_id)
             if state is not None:
@@ -176,7 +176,7 @@ class OuroborosProposer(hooks.StepListener):
             counts.draft_seconds = seconds / len(proposing)  # the step's drafting, shared evenly
             self._record(state, counts)
         if forwards:
-            self.controller.observe_draft(forwards, sum(len(r.drafted) for _, _, _, r in proposing if r))
+            self.controller.observe_draft(forwards, max(len(r.drafted) for _, _, _, r in proposing if r))
         if proposing:
             self.stats.steps += 1
         self._stats_logger.maybe_log(self.summary)
@@ -190,11 +190,19 @@ class OuroborosProposer(hooks.StepListener):
         sampling among them) get fixed lengths: vLLM's rejection sampler draws a random number per proposed
         token, so a seeded output must not depend on a plan made from timings and other requests' acceptance."""
         outlooks = []
-        for state, _, budget, info in rows:
+        pool = self.config.uses_pool
+        for state, history, budget, info in rows:
             trunk_rate, pool_rate, pool_hit = state.rates()
-            pool = self.config.uses_pool
-            outlooks.append(RowOutlook(budget, trunk_rate, pool_rate if pool else 0.0, pool_hit if pool else 0.0,
-                                       can_draft=info is not None))  # fmt: skip
+            outlook = RowOutlook(
+                budget,
+                trunk_rate,
+                pool_rate if pool else 0.0,
+                pool_hit if pool else 0.0,
+                can_draft=info is not None,
+                catch_up=len(history) - len(state.draft.ids),
+                untried=state.acceptance.rates["trunk"].examined == 0,
+            )
+            outlooks.append(outlook)
         plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows
         planned = [i for i, (state, _, _, _) in enumerate(rows) if self.config.adaptive and not state.cold]
         if planned:
