@@ -113,7 +113,13 @@ def describe_run(meta: dict[str, Any]) -> list[str]:
         f"K = {', '.join(str(k) for k in meta['ks'])}, batch sizes {', '.join(str(b) for b in meta['batch_sizes'])}",
         f"- machine: {summary_line(meta['machine'])}; load average at start {meta['machine'].get('load_average')}, "
         f"at end {meta.get('load_average_end')}",
-        f"- started {meta['started']}, took {meta['elapsed_s'] / 60:.1f} min; command: `{meta['command']}`",
+        f"- started {meta['started']}, "
+        + (
+            f"took {meta['elapsed_s'] / 60:.1f} min"
+            if "elapsed_s" in meta
+            else "stopped before the end (the methods that finished are below)"
+        )
+        + f"; command: `{meta['command']}`",
     ]
     for name, info in meta.get("datasets", {}).items():
         prompts = f"{info['num_prompts']} prompt" + ("s" if info["num_prompts"] != 1 else "")

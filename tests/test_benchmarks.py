@@ -502,7 +502,7 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
             "--methods",
             "plain",
             "oracle",
-            "ouroboros",
+            "ouroboros*",
             "--datasets",
             "humaneval",
             "--num-prompts",

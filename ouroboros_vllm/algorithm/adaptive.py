@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
-from ouroboros_vllm.algorithm.cost_model import CostModel
+from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_seconds, plan_step
 
 PROBE_EVERY = 16
@@ -126,6 +126,10 @@ class AdaptiveController:
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
         return plan
+
+    def target_fit(self) -> LinearCost | None:
+        """The target's step time the last plan assumed (the fit at its batch size, see :class:`CostModel`)."""
+        return self.costs.target_fit(self._rows)
 
     def shape(self) -> DraftShape:
         return DraftShape(

@@ -143,7 +143,7 @@ class MetricsExporter:
                 registered()[_LENGTHS].labels(model_name=self._model_name, length=str(length)).inc(rows - pushed)
                 self._pushed_lengths[length] = rows
         for name, fit in (
-            ("vllm:ouroboros_cost_target_step_seconds", controller.costs.target.fit),
+            ("vllm:ouroboros_cost_target_step_seconds", controller.target_fit()),
             ("vllm:ouroboros_cost_draft_forward_seconds", controller.costs.draft.fit),
         ):
             if fit is not None:
