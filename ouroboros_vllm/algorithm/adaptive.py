@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
-from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost
+from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, spread
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_seconds, plan_step
 
 PROBE_EVERY = 16
@@ -108,8 +108,9 @@ class AdaptiveController:
             plan = plan_step(rows, target, draft, max_depth, shape=shape)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
-            extra = plan_seconds(rows, full, target, draft, shape) - plan.expected_seconds
-            if plan.depth == 0 and full.depth > 0 and self._explore_credit >= extra:
+            may_explore = plan.depth == 0 and full.depth > 0
+            extra = plan_seconds(rows, full, target, draft, shape) - plan.expected_seconds if may_explore else 0.0
+            if may_explore and self._explore_credit >= extra:
                 self._explore_credit -= extra
                 self.stats.explore_steps += 1
                 self._pending_prediction = None
@@ -140,8 +141,7 @@ class AdaptiveController:
     def _steps_look_alike(self) -> bool:
         """Whether the recent target steps are too alike in size to tell what a token costs."""
         at_size = self.costs.target_by_rows.get(self._rows)
-        sizes = [tokens for tokens, _ in (at_size.samples if at_size is not None else [])]
-        return not sizes or max(sizes) - min(sizes) < max(self.max_tokens // 2, 1)
+        return at_size is None or spread(at_size.samples) < self.costs.min_spread
 
     def summary(self) -> str:
         s = self.stats

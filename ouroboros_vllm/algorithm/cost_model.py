@@ -129,7 +129,7 @@ class CostModel:
         self.target = OnlineLinearFit(window=64)
         self.draft = OnlineLinearFit(window=128)
         self.target_by_rows: dict[int, OnlineLinearFit] = {}
-        self._min_spread = min_spread
+        self.min_spread = min_spread  # tokens between a batch size's smallest and largest steps to show a slope
 
     def add_target_step(self, rows: int, tokens: int, seconds: float) -> None:
         self.target.add(tokens, seconds)
@@ -138,7 +138,7 @@ class CostModel:
     def target_fit(self, rows: int) -> LinearCost | None:
         """The target's step time at ``rows`` rows, by tokens: the fit at that batch size once it shows a slope."""
         at_size = self.target_by_rows.get(rows)
-        if at_size is not None and len(at_size) >= 8 and _spread(at_size.samples) >= self._min_spread:
+        if at_size is not None and len(at_size) >= 8 and spread(at_size.samples) >= self.min_spread:
             return at_size.fit
         return self.target.fit
 
@@ -156,6 +156,7 @@ class CostModel:
         return ", ".join(parts) if parts else "not measured yet"
 
 
-def _spread(samples: list[tuple[float, float]]) -> float:
+def spread(samples: list[tuple[float, float]]) -> float:
+    """How far apart the sizes (tokens) of these samples are."""
     sizes = [tokens for tokens, _ in samples]
     return max(sizes) - min(sizes) if sizes else 0.0
