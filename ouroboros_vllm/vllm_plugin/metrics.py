@@ -112,6 +112,8 @@ class MetricsExporter:
             for name in _COST_GAUGES
             for part in ("intercept", "per_token")
         }
+        self._length_rows = metrics[_LENGTHS]
+        self._length_series: dict[int, Counter] = {}  # the labelled series of each length, made when first seen
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
         self._pushed_lengths: dict[int, int] = {}
@@ -140,7 +142,10 @@ class MetricsExporter:
         for length, rows in stats.lengths.items():
             pushed = self._pushed_lengths.get(length, 0)
             if rows > pushed:
-                registered()[_LENGTHS].labels(model_name=self._model_name, length=str(length)).inc(rows - pushed)
+                if length not in self._length_series:
+                    self._length_series[length] = self._length_rows.labels(model_name=self._model_name,
+                                                                           length=str(length))  # fmt: skip
+                self._length_series[length].inc(rows - pushed)
                 self._pushed_lengths[length] = rows
         for name, fit in (
             ("vllm:ouroboros_cost_target_step_seconds", controller.target_fit()),
