@@ -222,27 +222,31 @@ def test_finished_requests_leave_no_state(plain, tiny, engines):
     assert proposer.stats.rounds > 0
 
 
-def adaptive_engine(engines, tiny, draft_name: str):
-    """The default settings (drafting "auto", adaptive), float32 drafts."""
+def adaptive_engine(engines, tiny, draft_name: str, drafting: str = "auto"):
+    """Adaptive lengths (the default), float32 drafts; drafting "auto" (the default) unless told."""
     draft = {"self": tiny.target, "unrelated": tiny.draft}[draft_name]
-    settings = {"draft_model": str(draft), "draft_dtype": "float32", "stats_log_interval_s": 0}
+    settings = {"draft_model": str(draft), "draft_dtype": "float32", "drafting": drafting, "stats_log_interval_s": 0}
     return engines.get(
-        f"tiny-adaptive-{draft_name}",
+        f"tiny-adaptive-{draft_name}-{drafting}",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=K, kv_cache_gib=0.25),
     )
 
 
 def test_adaptive_speculation_stops_drafting_where_it_cannot_pay(plain, tiny, engines):
     """A draft the target never agrees with: after a few steps of measuring, the planner proposes no draft-model
-    tokens; a step without proposals runs no draft forward. Lossless throughout."""
-    spec = adaptive_engine(engines, tiny, "unrelated")
+    tokens; a step without proposals runs no draft forward. Lossless throughout.
+
+    Draft-model tokens only ("greedy"): with "auto" the second pass would also propose the pool's suffixes of the
+    first pass's outputs, which the target accepts, and whether the planner finds them worth proposing depends on
+    the measured costs; that is right, but it is not what this test is about."""
+    spec = adaptive_engine(engines, tiny, "unrelated", drafting="greedy")
     proposer = engine_proposer(spec)
     expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), 8)
     assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected  # learns here
     lengths, steps = dict(proposer.controller.stats.lengths), proposer.controller.stats.planned_steps
     assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected
     steps = proposer.controller.stats.planned_steps - steps
-    assert steps > 20
+    assert steps > 20, steps
     # Rows propose only where the planner measures: each new request's first trunk, the target-cost probes (one
     # step in PROBE_EVERY while the steps look alike), a rare exploration step. Nearly every row proposes 0.
     rows = {n: c - lengths.get(n, 0) for n, c in proposer.controller.stats.lengths.items()}
