@@ -98,9 +98,11 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         _generate(llm, dataset, batch_size)
     counters_before = _spec_counters(llm)
     drafter_before = _drafter_stats(llm, method)
+    plans_before = _plan_stats(llm, method)
     batches, prompts = _generate(llm, dataset, batch_size)
     counters_after = _spec_counters(llm)
     drafter_after = _drafter_stats(llm, method)
+    plans_after = _plan_stats(llm, method)
     wall_s = sum(batch["wall_s"] for batch in batches)
     spec = None
     if counters_before is not None and counters_after is not None:
@@ -120,6 +122,9 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         "drafter_stats": None
         if drafter_before is None
         else {key: drafter_after[key] - value for key, value in drafter_before.items()},
+        # The adaptive planner's choices over this run: rows per proposed length, probe, exploration and declined
+        # catch-up counts (None for a method without our planner).
+        "plan_stats": None if plans_before is None else _difference(plans_after, plans_before),
         "batches": batches,
         "prompts": prompts,
     }
@@ -197,6 +202,31 @@ def _drafter_stats(llm: Any, method: Method) -> dict[str, float] | None:
 
     stats = getattr(engine_proposer(llm), "stats", None)
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None
+
+
+def _plan_stats(llm: Any, method: Method) -> dict[str, Any] | None:
+    """Our adaptive planner's counters (an ``AdaptiveStats``) as a dict; None where the method has no planner."""
+    if not method.reports_draft_time:
+        return None
+    import dataclasses
+
+    from ouroboros_vllm.tools.offline import engine_proposer
+
+    controller = getattr(engine_proposer(llm), "controller", None)
+    stats = getattr(controller, "stats", None)
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else None
+
+
+def _difference(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """``after - before`` for counters, key by key for dicts of counters (keys that stayed at 0 left out)."""
+    difference: dict[str, Any] = {}
+    for key, value in after.items():
+        if isinstance(value, dict):
+            grown = {k: v - before[key].get(k, 0) for k, v in value.items()}
+            difference[key] = {k: v for k, v in grown.items() if v}
+        else:
+            difference[key] = value - before[key]
+    return difference
 
 
 def _unavailable_here(method: Method) -> str | None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
 from ouroboros_vllm.algorithm.adaptive import EXPLORE_SHARE, PROBE_EVERY, AdaptiveController
 from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, OnlineLinearFit
-from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, plan_step
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, catch_up_pays, plan_step
 
 
 def row(budget=8, trunk=0.8, pool=0.3, hit=0.5, can_draft=True) -> RowOutlook:
@@ -193,6 +193,51 @@ def test_a_request_the_draft_never_drafted_for_gets_its_full_trunk_once():
     known, new = row(trunk=0.02, pool=0.02), RowOutlook(8, 0.02, 0.02, 0.5, can_draft=True, untried=True)
     plan = controller.plan([known, new, RowOutlook(8, 0.02, 0.02, 0.5, can_draft=False, untried=True)], 8)
     assert [(r.trunk, r.total) for r in plan.rows] == [(0, 0), (8, 8), (0, 0)] and plan.depth == 8
+
+
+def catch_up_row(catch_up: int, remaining: int | None, trunk: float = 0.8, untried: bool = True) -> RowOutlook:
+    return RowOutlook(4, trunk, 0.0, 0.0, can_draft=True, catch_up=catch_up, untried=untried, remaining=remaining)
+
+
+def test_a_catch_up_pays_when_the_request_has_enough_tokens_left_to_win_it_back():
+    # Batch 1: a step emits about 3 tokens a second; a trunk of 4 at rate 0.8 gains about 1.2 tokens a step over
+    # its cost, for about 30 steps of a 100-token answer, against a 200-token catch-up of 0.2 s (0.6 tokens).
+    ratio = 1 / CPU_TARGET(1)
+    assert catch_up_pays(catch_up_row(200, 100), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+    # The same request with 2 tokens left cannot win back a 2000-token prompt (2 s, 7 tokens at that yield).
+    assert not catch_up_pays(catch_up_row(2000, 2), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+    # Unknown remaining tokens, or nothing to catch up: as before, the draft may serve the row.
+    assert catch_up_pays(catch_up_row(2000, None), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+    assert catch_up_pays(catch_up_row(0, 2), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+
+
+def test_a_catch_up_never_pays_where_drafting_itself_does_not():
+    ratio = 1 / CPU_TARGET(1)
+    assert not catch_up_pays(catch_up_row(10, 10_000, trunk=0.05), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+
+
+def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for():
+    """The batch-8 case that made the planner lose to plain decoding: every new request's first trunk made the
+    draft read its whole prompt (about 750 tokens of MBPP's 3-shot prompt, 1000-1500 for RAG), which 64-96
+    tokens of drafting at batch 8 never paid back, even at a high acceptance."""
+    controller = AdaptiveController(max_tokens=4)
+    draft = LinearCost(0.030, 0.0017)  # the int8 draft on this CPU: 1.7 ms a token of prompt
+    for tokens in (8, 40, 8, 40, 8, 40, 8, 40):
+        controller.observe_target_step(tokens, 0.25 + 0.02 * tokens, rows=8)
+    for _ in range(8):
+        controller.observe_draft([(8, 16, draft(16)), (8, 16, draft(16)), (8, 200, draft(200))], depth=3)
+    long_prompts = [catch_up_row(1500, 64, trunk=0.95)] * 8
+    plan = controller.plan(long_prompts, 4)
+    assert plan.depth == 0 and all(r.trunk == 0 for r in plan.rows)
+    assert controller.stats.catch_ups_declined == 8
+    assert "draft catch-ups declined 8" in controller.summary()
+    # Short prompts and long answers at the same costs and acceptance: each request's trunk is tried, as before.
+    plan = controller.plan([catch_up_row(20, 2000, trunk=0.95)] * 8, 4)
+    assert all(r.trunk == 4 for r in plan.rows)
+    # At a rate of 0.7 a trunk does not pay for its verification at batch 8 on this CPU: no request is tried
+    # (exploration, from its own share of the time, still measures the draft now and then).
+    plan = controller.plan([catch_up_row(20, 2000, trunk=0.7)] * 8, 4)
+    assert all(r.trunk == 0 for r in plan.rows)
 
 
 def test_the_width_a_plan_pays_per_forward_leaves_out_the_first_forwards_catch_up():

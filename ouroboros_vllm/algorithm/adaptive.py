@@ -11,7 +11,9 @@ Four things keep the model honest:
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
   all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
   what it planned, or the pool's suffixes, which cost no draft forward, instead of nothing);
-- a request is only known once the draft has drafted for it: its first proposal drafts its full trunk;
+- a request is only known once the draft has drafted for it: its first proposal drafts its full trunk, unless
+  the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
+  request has left (:func:`~ouroboros_vllm.algorithm.planner.catch_up_pays`);
 - a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
   its acceptance are only measured when it drafts): up to :data:`EXPLORE_SHARE` of the time measured since the
   draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost.
@@ -20,11 +22,19 @@ Four things keep the model honest:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, spread
-from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, plan_seconds, plan_step
+from ouroboros_vllm.algorithm.planner import (
+    DraftShape,
+    RowOutlook,
+    RowPlan,
+    StepPlan,
+    catch_up_pays,
+    plan_seconds,
+    plan_step,
+)
 
 PROBE_EVERY = 16
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
@@ -38,6 +48,7 @@ class AdaptiveStats:
     planned_steps: int = 0
     probe_steps: int = 0  # steps that measured the target's cost per token
     explore_steps: int = 0  # steps that drafted against the plan, to measure the draft again
+    catch_ups_declined: int = 0  # row-steps the draft model sat out because its catch-up would not pay
     lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
     predicted_seconds: float = 0.0  # of the steps whose time was then measured
     measured_seconds: float = 0.0
@@ -98,23 +109,30 @@ class AdaptiveController:
         """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep."""
         self._pending_draft_seconds = 0.0
         self._pending_prediction = None
-        full = full_plan(rows, max_depth)
         self._rows = len(rows)
         target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
         if target is None or draft is None:
-            plan = full  # measures both costs
+            plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
             shape = self.shape()
             plan = plan_step(rows, target, draft, max_depth, shape=shape)
+            # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
+            explore = full_plan(rows, max_depth)
+            extra = plan_seconds(rows, explore, target, draft, shape) - plan.expected_seconds
+            affordable = _affordable_rows(rows, plan, target, draft, max_depth, shape)
+            if affordable is not rows:
+                declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
+                self.stats.catch_ups_declined += declined
+                rows = affordable
+                plan = plan_step(rows, target, draft, max_depth, shape=shape)
+            full = full_plan(rows, max_depth)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
-            may_explore = plan.depth == 0 and full.depth > 0
-            extra = plan_seconds(rows, full, target, draft, shape) - plan.expected_seconds if may_explore else 0.0
-            if may_explore and self._explore_credit >= extra:
+            if plan.depth == 0 and explore.depth > 0 and self._explore_credit >= extra:
                 self._explore_credit -= extra
                 self.stats.explore_steps += 1
                 self._pending_prediction = None
-                plan = full
+                plan = explore
             elif self._since_probe >= PROBE_EVERY and self._steps_look_alike():
                 self._since_probe = 0
                 self.stats.probe_steps += 1
@@ -148,7 +166,8 @@ class AdaptiveController:
         ratio = ""
         if s.measured_seconds:
             ratio = f", predicted/measured step time {s.predicted_seconds / s.measured_seconds:.2f}"
-        return f"proposed lengths {s.histogram() or '-'}; {self.costs.summary()}{ratio}"
+        declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
+        return f"proposed lengths {s.histogram() or '-'}{declined}; {self.costs.summary()}{ratio}"
 
 
 def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
@@ -156,6 +175,27 @@ def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
     plans = [RowPlan(min(max_depth, row.budget) if row.can_draft else 0, row.budget) for row in rows]
     depth = max((p.trunk for p in plans), default=0)
     return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
+
+
+def _affordable_rows(
+    rows: Sequence[RowOutlook],
+    plan: StepPlan,
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    shape: DraftShape,
+) -> Sequence[RowOutlook]:
+    """``rows``, with the draft model taken from each row whose catch-up does not pay (``rows`` itself when every
+    one's does), priced at ``plan``'s yield with the rows it drafts for sharing the draft's forwards."""
+    ratio = plan.expected_tokens / plan.expected_seconds
+    drafting = sum(1 for row in plan.rows if row.trunk)
+    pays = [
+        catch_up_pays(row, ratio, drafting + (not planned.trunk), target, draft, max_depth, shape)
+        for row, planned in zip(rows, plan.rows, strict=True)
+    ]
+    if all(pays):
+        return rows
+    return [row if ok else replace(row, can_draft=False) for row, ok in zip(rows, pays, strict=True)]
 
 
 def _try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:

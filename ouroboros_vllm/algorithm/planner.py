@@ -39,10 +39,11 @@ class RowOutlook:
     pool_hit: float  # chance that the pool holds a suffix for the row's key
     can_draft: bool  # the draft model can serve the row
     # Tokens the draft's cache lacks before it can draft for the row (its prompt, or what was accepted while the
-    # row did not draft). Paid once, then the row drafts from a cache that keeps up: the per-step choice leaves it
-    # out (it would never start a row with a long prompt), the cost of a plan forced on the step counts it.
+    # row did not draft). Paid once, then the row drafts from a cache that keeps up: an investment, judged over
+    # the request's remaining tokens by :func:`catch_up_pays`; the per-step choice leaves it out.
     catch_up: int = 0
     untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
+    remaining: int | None = None  # tokens the request may still emit (None: not known)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,38 @@ def plan_seconds(
         seconds += forwards * (draft.intercept + draft.slope * shape.width_per_row * drafting)
         seconds += draft.slope * sum(row.catch_up for row, p in zip(rows, plan.rows, strict=True) if p.trunk)
     return seconds
+
+
+def catch_up_pays(
+    row: RowOutlook,
+    ratio: float,
+    sharers: int,
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    shape: DraftShape = DraftShape(),
+) -> bool:
+    """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
+    request has left, against the catch-up's time, both priced at the step's yield ``ratio`` (tokens per second).
+
+    A step's trunk of ``d`` tokens gains its expected accepted tokens less ``ratio`` times what it costs: its
+    verification and its part of the draft's forwards (their fixed cost split among ``sharers``, the rows that
+    would draft together). The best depth's gain, times the steps left at that depth, must cover the catch-up.
+    At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
+    spend on its prompt more than its drafts could ever save.
+    """
+    if not row.can_draft or row.catch_up <= 0 or row.remaining is None:
+        return True
+    per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
+    best_value, best_gain = 0.0, 0.0
+    for depth in range(1, min(max_depth, row.budget) + 1):
+        gain = sum(row.trunk_rate**i for i in range(1, depth + 1))
+        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0))
+        value = gain - ratio * (depth * target.slope + forwards * per_forward)
+        if value > best_value:
+            best_value, best_gain = value, gain
+    steps_left = row.remaining / (1.0 + best_gain)
+    return best_value * steps_left > ratio * draft.slope * row.catch_up
 
 
 class _Options:

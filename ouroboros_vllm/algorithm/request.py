@@ -61,10 +61,13 @@ class RequestState:
     pooled_upto: int = 0  # the request's tokens up to here have given their N-grams to the pool
     acceptance: AcceptanceModel = field(default_factory=AcceptanceModel)  # this request's, per source
     pool_hits: Rate = field(default_factory=Rate)  # lookups for a suffix that found one
+    max_tokens: int | None = None  # the most tokens the request may emit (its SamplingParams), None: not known
+    emitted: int = 0  # tokens the target has emitted for the request so far
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
         """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
         appended, the accepted prefix and one token of the target's). Returns the counts to add."""
+        self.emitted += len(sampled)
         proposal, self.proposal = self.proposal, Proposal()
         if not (proposal.tokens and sampled):
             return DraftStats()
@@ -79,6 +82,11 @@ class RequestState:
         self.acceptance.record(source, proposed, accepted)
         if self.prior is not None:
             self.prior.record(source, proposed, accepted)
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens the request may still emit (None: not known)."""
+        return None if self.max_tokens is None else max(self.max_tokens - self.emitted, 0)
 
     def rates(self) -> tuple[float, float, float]:
         """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""

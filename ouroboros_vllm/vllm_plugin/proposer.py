@@ -122,7 +122,8 @@ class OuroborosProposer(hooks.StepListener):
     def on_requests_added(self, sampling_params: dict[str, Any]) -> None:
         for req_id, params in sampling_params.items():
             if req_id not in self.requests:
-                self.requests[req_id] = self._new_request(cold=wants_own_pool(req_id, params, logger))
+                state = self.requests[req_id] = self._new_request(cold=wants_own_pool(req_id, params, logger))
+                state.max_tokens = getattr(params, "max_tokens", None)
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
@@ -201,6 +202,7 @@ class OuroborosProposer(hooks.StepListener):
                 can_draft=info is not None,
                 catch_up=len(history) - len(state.draft.ids),
                 untried=state.acceptance.rates["trunk"].examined == 0,
+                remaining=state.remaining,
             )
             outlooks.append(outlook)
         plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows
