@@ -213,7 +213,7 @@ def test_a_catch_up_pays_when_the_request_has_enough_tokens_left_to_win_it_back(
 
 def test_a_catch_up_never_pays_where_drafting_itself_does_not():
     ratio = 1 / CPU_TARGET(1)
-    assert not catch_up_pays(catch_up_row(10, 10_000, trunk=0.05), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
+    assert not catch_up_pays(catch_up_row(10, 10_000, trunk=0.05, untried=False), ratio, 1, CPU_TARGET, CPU_DRAFT, 4)
 
 
 def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for():
@@ -234,10 +234,22 @@ def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for()
     # Short prompts and long answers at the same costs and acceptance: each request's trunk is tried, as before.
     plan = controller.plan([catch_up_row(20, 2000, trunk=0.95)] * 8, 4)
     assert all(r.trunk == 4 for r in plan.rows)
-    # At a rate of 0.7 a trunk does not pay for its verification at batch 8 on this CPU: no request is tried
-    # (exploration, from its own share of the time, still measures the draft now and then).
-    plan = controller.plan([catch_up_row(20, 2000, trunk=0.7)] * 8, 4)
+    # Requests known to accept 0.6 of a trunk, behind by a few tokens: at batch 8 on this CPU a trunk at that
+    # rate does not pay for its verification, so the draft does not catch up on them.
+    plan = controller.plan([catch_up_row(5, 2000, trunk=0.6, untried=False)] * 8, 4)
     assert all(r.trunk == 0 for r in plan.rows)
+
+
+def test_a_new_request_is_tried_even_when_the_process_rate_is_low():
+    """The process-wide rate may come from other text (a warm-up, another dataset): a new request is judged as if
+    the draft suited it (TRY_RATE), so a low prior cannot stop the draft from ever being tried again."""
+    controller = AdaptiveController(max_tokens=4)
+    for tokens in (1, 5, 1, 5, 1, 5, 1, 5):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens, rows=1)
+    controller.observe_draft([(1, 200, CPU_DRAFT(200))] + [(1, 1, CPU_DRAFT(1))] * 3, depth=4)
+    plan = controller.plan([catch_up_row(150, 96, trunk=0.05)], 4)
+    assert plan.rows[0].trunk == 4
+    assert not catch_up_pays(catch_up_row(150, 96, trunk=0.05, untried=False), 3.0, 1, CPU_TARGET, CPU_DRAFT, 4)
 
 
 def test_the_width_a_plan_pays_per_forward_leaves_out_the_first_forwards_catch_up():

@@ -28,6 +28,11 @@ import numpy as np
 
 from ouroboros_vllm.algorithm.cost_model import LinearCost
 
+# A request the draft has not drafted for yet is judged as if it were this draftable (about what code or a
+# repeated text reaches): the process-wide rate it would otherwise start from may come from other text, and a
+# request that is never tried never shows what it is worth. A catch-up that would not pay even then is declined.
+TRY_RATE = 0.8
+
 
 @dataclass(frozen=True)
 class RowOutlook:
@@ -119,18 +124,20 @@ def catch_up_pays(
     """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
     request has left, against the catch-up's time, both priced at the step's yield ``ratio`` (tokens per second).
 
-    A step's trunk of ``d`` tokens gains its expected accepted tokens less ``ratio`` times what it costs: its
-    verification and its part of the draft's forwards (their fixed cost split among ``sharers``, the rows that
-    would draft together). The best depth's gain, times the steps left at that depth, must cover the catch-up.
+    A step's trunk of ``d`` tokens gains its expected accepted tokens (an untried row's at :data:`TRY_RATE` at
+    least) less ``ratio`` times what it costs: its verification and its part of the draft's forwards (their
+    fixed cost split among ``sharers``, the rows that would draft together). The best depth's gain, times the
+    steps left at that depth, must cover the catch-up.
     At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
     spend on its prompt more than its drafts could ever save.
     """
     if not row.can_draft or row.catch_up <= 0 or row.remaining is None:
         return True
+    rate = max(row.trunk_rate, TRY_RATE) if row.untried else row.trunk_rate
     per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
     best_value, best_gain = 0.0, 0.0
     for depth in range(1, min(max_depth, row.budget) + 1):
-        gain = sum(row.trunk_rate**i for i in range(1, depth + 1))
+        gain = sum(rate**i for i in range(1, depth + 1))
         forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0))
         value = gain - ratio * (depth * target.slope + forwards * per_forward)
         if value > best_value:

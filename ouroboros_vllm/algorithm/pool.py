@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 Phrase = tuple[int, ...]
@@ -123,6 +123,29 @@ class PhrasePool:
             self.counters.hits += 1
             self._pool.move_to_end(key)
             return list(phrases)
+
+    def match(self, context: Sequence[int]) -> tuple[int, Phrase, int] | None:
+        """The phrase that continues ``context`` on the most evidence: ``(key, phrase, matched)`` where ``phrase``
+        is stored under ``key = context[-matched - 1]`` and starts with ``context``'s last ``matched`` tokens, so
+        that ``phrase[matched:]`` is the continuation. A phrase under a key holds the tokens that followed the
+        key, so a match on more tokens is a longer stretch of text seen before (suffix decoding's longest match
+        over a one-token-keyed pool); the newest wins among equals, and ``matched = 0`` is the reference's
+        choice, the newest phrase under the last token. At most ``phrase_len - 1`` so that something is left to
+        propose. None when not even the last token is a key. One counted lookup."""
+        with self._lock:
+            self.counters.lookups += 1
+            for matched in range(min(self.phrase_len, len(context)) - 1, -1, -1):
+                key = context[-matched - 1]
+                phrases = self._pool.get(key)
+                if not phrases:
+                    continue
+                wanted = tuple(context[len(context) - matched :])
+                for phrase in reversed(phrases):  # newest first
+                    if phrase[:matched] == wanted:
+                        self.counters.hits += 1
+                        self._pool.move_to_end(key)
+                        return key, phrase, matched
+            return None
 
     def newest(self, key: int, count: int) -> list[Phrase]:
         """Up to ``count`` newest phrases under ``key``, newest first (a counted lookup)."""

@@ -23,7 +23,7 @@ import numpy as np
 from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.pool import PhrasePool
-from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen
+from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen, suffix_acceptance
 from ouroboros_vllm.algorithm.stats import DraftStats
 
 
@@ -76,7 +76,13 @@ class RequestState:
         self._record_acceptance("trunk", proposal.trunk_len, accepted - from_suffix)
         if accepted >= proposal.trunk_len:  # the target reached the suffix
             self._record_acceptance("pool", len(proposal.tokens) - proposal.trunk_len, from_suffix)
-        return DraftStats(accepted_tokens=accepted, suffix_accepted_tokens=from_suffix)
+        matched, matched_accepted = suffix_acceptance(proposal, accepted)
+        return DraftStats(
+            accepted_tokens=accepted,
+            suffix_accepted_tokens=from_suffix,
+            matched_suffix_tokens=matched,
+            matched_suffix_accepted_tokens=matched_accepted,
+        )
 
     def _record_acceptance(self, source: str, proposed: int, accepted: int) -> None:
         self.acceptance.record(source, proposed, accepted)
@@ -124,7 +130,7 @@ class RequestState:
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
         if self.settings.uses_pool and not ends_sequence and len(drafted) < budget:  # nothing follows an EOS
-            lengthen(self.pool, proposal, int(history[-1]), budget)
+            lengthen(self.pool, proposal, history, budget)
             found = int(len(proposal.tokens) > len(drafted))
             self.pool_hits.add(found, 1, DECAY)
             if self.prior is not None:

@@ -22,6 +22,10 @@ class DraftStats:
     verified_tokens: int = 0  # draft tokens the target verified (vLLM may schedule fewer than proposed)
     accepted_tokens: int = 0  # draft tokens the target accepted
     suffix_accepted_tokens: int = 0  # of which from pool phrases
+    # Pool suffix tokens from phrases that matched the chain on more than their key (proposed and reached by the
+    # target's verification, and accepted): how much the longer match is worth against the key-only fallback.
+    matched_suffix_tokens: int = 0
+    matched_suffix_accepted_tokens: int = 0
     draft_forwards: int = 0
     draft_seconds: float = 0.0  # wall time of the steps' drafting (a step's time is shared among its rounds)
 
@@ -53,7 +57,8 @@ class DraftStats:
             f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
             f"({self.accepted_tokens}/{self.verified_tokens} draft tokens), "
             f"{self.suffix_tokens / max(self.proposed_tokens, 1):.1%} of proposed tokens from the pool "
-            f"({self.suffix_accepted_tokens} accepted), "
+            f"({self.suffix_accepted_tokens} accepted; context-matched {self.matched_suffix_accepted_tokens}/"
+            f"{self.matched_suffix_tokens}), "
             f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
             + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")

@@ -33,6 +33,14 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
     "verified_tokens": ("vllm:ouroboros_verified_tokens", "Proposed tokens the target verified."),
     "accepted_tokens": ("vllm:ouroboros_accepted_tokens", "Proposed tokens the target accepted."),
     "suffix_accepted_tokens": ("vllm:ouroboros_suffix_accepted_tokens", "Accepted tokens from pool phrases."),
+    "matched_suffix_tokens": (
+        "vllm:ouroboros_matched_suffix_tokens",
+        "Verified tokens from pool phrases that matched more context than their key.",
+    ),
+    "matched_suffix_accepted_tokens": (
+        "vllm:ouroboros_matched_suffix_accepted_tokens",
+        "Accepted tokens from pool phrases that matched more context than their key.",
+    ),
     "draft_forwards": ("vllm:ouroboros_draft_forwards", "Forwards of the draft model."),
     "draft_seconds": ("vllm:ouroboros_draft_seconds", "Seconds spent drafting (draft model and pool)."),
 }
