@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
-from ouroboros_vllm.algorithm.adaptive import EXPLORE_SHARE, PROBE_EVERY, AdaptiveController
+from ouroboros_vllm.algorithm.adaptive import EXPLORE_SHARE, PROBE_EVERY, TRUSTED_DRAFT_SAMPLES, AdaptiveController
 from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, OnlineLinearFit
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, catch_up_pays, plan_step
 
@@ -224,7 +224,7 @@ def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for()
     draft = LinearCost(0.030, 0.0017)  # the int8 draft on this CPU: 1.7 ms a token of prompt
     for tokens in (8, 40, 8, 40, 8, 40, 8, 40):
         controller.observe_target_step(tokens, 0.25 + 0.02 * tokens, rows=8)
-    for _ in range(8):
+    for _ in range(TRUSTED_DRAFT_SAMPLES // 3 + 1):
         controller.observe_draft([(8, 16, draft(16)), (8, 16, draft(16)), (8, 200, draft(200))], depth=3)
     long_prompts = [catch_up_row(1500, 64, trunk=0.95)] * 8
     plan = controller.plan(long_prompts, 4)
@@ -240,13 +240,25 @@ def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for()
     assert all(r.trunk == 0 for r in plan.rows)
 
 
+def test_catch_ups_are_not_declined_on_a_draft_fit_of_a_few_forwards():
+    """The first forwards pay one-time costs; a fit of them alone must not lock the draft out (a declined row runs
+    no forward, so the fit would never be corrected)."""
+    controller = AdaptiveController(max_tokens=4)
+    for tokens in (8, 40, 8, 40, 8, 40, 8, 40):
+        controller.observe_target_step(tokens, 0.25 + 0.02 * tokens, rows=8)
+    controller.observe_draft([(8, 16, 1.5)] * 4, depth=4)  # slow first forwards
+    plan = controller.plan([catch_up_row(1500, 64, trunk=0.95)] * 8, 4)
+    assert all(r.trunk == 4 for r in plan.rows) and controller.stats.catch_ups_declined == 0
+
+
 def test_a_new_request_is_tried_even_when_the_process_rate_is_low():
     """The process-wide rate may come from other text (a warm-up, another dataset): a new request is judged as if
     the draft suited it (TRY_RATE), so a low prior cannot stop the draft from ever being tried again."""
     controller = AdaptiveController(max_tokens=4)
     for tokens in (1, 5, 1, 5, 1, 5, 1, 5):
         controller.observe_target_step(tokens, 0.28 + 0.02 * tokens, rows=1)
-    controller.observe_draft([(1, 200, CPU_DRAFT(200))] + [(1, 1, CPU_DRAFT(1))] * 3, depth=4)
+    for _ in range(TRUSTED_DRAFT_SAMPLES // 4):
+        controller.observe_draft([(1, 200, CPU_DRAFT(200))] + [(1, 1, CPU_DRAFT(1))] * 3, depth=4)
     plan = controller.plan([catch_up_row(150, 96, trunk=0.05)], 4)
     assert plan.rows[0].trunk == 4
     assert not catch_up_pays(catch_up_row(150, 96, trunk=0.05, untried=False), 3.0, 1, CPU_TARGET, CPU_DRAFT, 4)

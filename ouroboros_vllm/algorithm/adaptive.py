@@ -37,6 +37,7 @@ from ouroboros_vllm.algorithm.planner import (
 )
 
 PROBE_EVERY = 16
+TRUSTED_DRAFT_SAMPLES = 32  # draft forwards measured before the planner may decline a row's catch-up
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
 
@@ -119,7 +120,10 @@ class AdaptiveController:
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             explore = full_plan(rows, max_depth)
             extra = plan_seconds(rows, explore, target, draft, shape) - plan.expected_seconds
-            affordable = _affordable_rows(rows, plan, target, draft, max_depth, shape)
+            # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
+            # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
+            trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
+            affordable = _affordable_rows(rows, plan, target, draft, max_depth, shape) if trusted else rows
             if affordable is not rows:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
