@@ -118,8 +118,7 @@ class AdaptiveController:
             shape = self.shape()
             plan = plan_step(rows, target, draft, max_depth, shape=shape)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
-            explore = full_plan(rows, max_depth)
-            extra = plan_seconds(rows, explore, target, draft, shape) - plan.expected_seconds
+            all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
             # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
@@ -129,10 +128,12 @@ class AdaptiveController:
                 self.stats.catch_ups_declined += declined
                 rows = affordable
                 plan = plan_step(rows, target, draft, max_depth, shape=shape)
-            full = full_plan(rows, max_depth)
+            full = explore if rows is all_rows else full_plan(rows, max_depth)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
-            if plan.depth == 0 and explore.depth > 0 and self._explore_credit >= extra:
+            may_explore = plan.depth == 0 and explore.depth > 0
+            extra = plan_seconds(all_rows, explore, target, draft, shape) - planned_seconds if may_explore else 0.0
+            if may_explore and self._explore_credit >= extra:
                 self._explore_credit -= extra
                 self.stats.explore_steps += 1
                 self._pending_prediction = None

@@ -22,8 +22,9 @@ class DraftStats:
     verified_tokens: int = 0  # draft tokens the target verified (vLLM may schedule fewer than proposed)
     accepted_tokens: int = 0  # draft tokens the target accepted
     suffix_accepted_tokens: int = 0  # of which from pool phrases
-    # Pool suffix tokens from phrases that matched the chain on more than their key (proposed and reached by the
-    # target's verification, and accepted): how much the longer match is worth against the key-only fallback.
+    # Pool suffix tokens from phrases that matched the chain on more than their key (proposed, counted once the
+    # target has answered the proposal, and accepted): how much the longer match is worth against the key-only
+    # fallback.
     matched_suffix_tokens: int = 0
     matched_suffix_accepted_tokens: int = 0
     draft_forwards: int = 0

@@ -35,7 +35,7 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
     "suffix_accepted_tokens": ("vllm:ouroboros_suffix_accepted_tokens", "Accepted tokens from pool phrases."),
     "matched_suffix_tokens": (
         "vllm:ouroboros_matched_suffix_tokens",
-        "Verified tokens from pool phrases that matched more context than their key.",
+        "Proposed tokens from pool phrases that matched more context than their key.",
     ),
     "matched_suffix_accepted_tokens": (
         "vllm:ouroboros_matched_suffix_accepted_tokens",
