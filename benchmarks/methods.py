@@ -137,6 +137,22 @@ METHODS: tuple[Method, ...] = (
         stateful=True,
         default=False,
     ),
+    # Tree verification (the pool's runners-up as branches, verified in the same forward), next to the chain.
+    *(
+        Method(
+            f"{name}-tree",
+            "ouroboros",
+            {**settings, "verification": "tree"},
+            stateful=True,
+            uses_draft_model=drafts,
+            default=False,
+        )
+        for name, settings, drafts in (
+            ("ouroboros", {"drafting": DEFAULT_MODE}, True),
+            ("ouroboros-fixed", {"drafting": "ouroboros", "adaptive": False}, True),
+            ("ouroboros-pool_only", {"drafting": "pool_only", "adaptive": False}, False),
+        )
+    ),
     # Variants are one line each, e.g. a phrase pool warmed on each dataset before timing:
     #   Method("ouroboros-pool-warm", "ouroboros", {"drafting": "ouroboros"}, warm=True, stateful=True),
     Method("oracle", "oracle"),

@@ -46,6 +46,7 @@ class Summary:
     decode_speedup: float | None = None
     mismatched: list[str] = field(default_factory=list)  # prompt ids whose output differs from plain's
     compared: int = 0  # prompts checked against plain
+    drafter: dict[str, Any] = field(default_factory=dict)  # our drafter's counters (DraftStats), summed over runs
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -101,6 +102,13 @@ class Summary:
         steps = (run.get("drafter_stats") or {}).get("steps")
         if steps:
             self.draft_steps = (self.draft_steps or 0) + int(steps)
+        for key, value in (run.get("drafter_stats") or {}).items():
+            if isinstance(value, dict):  # a histogram (JSON turns its keys into strings: so do we)
+                histogram = self.drafter.setdefault(key, {})
+                for bucket, count in value.items():
+                    histogram[str(bucket)] = histogram.get(str(bucket), 0) + count
+            else:
+                self.drafter[key] = self.drafter.get(key, 0) + value
 
 
 def reference_outputs(results: Iterable[dict[str, Any]]) -> dict[tuple[str, int, str], list[int]]:

@@ -60,6 +60,45 @@ def row_cells(row: Summary) -> list[str]:
     ]
 
 
+POOL_COLUMNS = (
+    "method",
+    "batch",
+    "τ",
+    "pool tokens",
+    "pool accepted",
+    "context-matched accepted",
+    "trees",
+    "branch tokens / tree",
+    "branch tokens accepted",
+    "alternative taken",
+    "accepted candidate by rank",
+)
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part:.0f}/{whole:.0f} ({100 * part / whole:.0f}%)" if whole else "—"
+
+
+def pool_cells(row: Summary) -> list[str]:
+    """Where our accepted tokens came from: pool suffixes (all, and context-matched), and draft trees."""
+    d = row.drafter
+    trees = d.get("tree_rounds", 0)
+    ranks = d.get("accepted_rank") or {}
+    return [
+        row.method,
+        str(row.batch_size),
+        _num(row.tau, ".2f"),
+        str(d.get("suffix_tokens", 0)),
+        _share(d.get("suffix_accepted_tokens", 0), d.get("suffix_tokens", 0)),
+        _share(d.get("matched_suffix_accepted_tokens", 0), d.get("matched_suffix_tokens", 0)),
+        str(trees),
+        _num(d.get("branch_tokens", 0) / trees if trees else None, ".2f"),
+        _share(d.get("branch_accepted_tokens", 0), d.get("branch_tokens", 0)),
+        _share(d.get("branch_rounds", 0), trees),
+        ", ".join(f"{rank}: {ranks[rank]}" for rank in sorted(ranks, key=int)) or "—",
+    ]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -98,6 +137,17 @@ def render(
     per_dataset = sort_rows([s for s in summaries if s.dataset != ALL_DATASETS], method_order, dataset_order)
     per_dataset_rows = [[r.dataset, *row_cells(r)] for r in per_dataset]
     out += ["## Per dataset", "", markdown_table(("dataset", *COLUMNS), per_dataset_rows), ""]
+    ours = [r for r in pooled if r.drafter.get("suffix_tokens")]
+    if ours:
+        out += [
+            "## Pool suffixes and draft trees (all datasets pooled)",
+            "",
+            "Pool tokens: proposed from the phrase pool (a tree's alternative branches included); context-matched: "
+            "from phrases that matched more of the chain's end than their key; rank 0 is the first path's suffix.",
+            "",
+            markdown_table(POOL_COLUMNS, [pool_cells(r) for r in ours]),
+            "",
+        ]
     if plots:
         out += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     return "\n".join(out)

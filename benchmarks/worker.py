@@ -119,9 +119,7 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         if drafter_before is None
         else drafter_after["draft_seconds"] - drafter_before["draft_seconds"],
         # The drafter's own counters over this run (ours: DraftStats, e.g. steps, draft_forwards, suffix tokens).
-        "drafter_stats": None
-        if drafter_before is None
-        else {key: drafter_after[key] - value for key, value in drafter_before.items()},
+        "drafter_stats": None if drafter_before is None else _difference(drafter_after, drafter_before),
         # The adaptive planner's choices over this run: rows per proposed length, probe, exploration and declined
         # catch-up counts (None for a method without our planner).
         "plan_stats": None if plans_before is None else _difference(plans_after, plans_before),

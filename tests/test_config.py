@@ -37,8 +37,8 @@ def test_other_sections_of_additional_config_are_ignored():
             {"draft_model": "d", "gama": 3},
             'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, '
             "adaptive, gamma, ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, "
-            "pool_max_keys, pool_memory_mib, warm_start, pool_path, pool_save_interval_s, context_ngrams, batch_draft, "
-            "draft_dtype, stats_log_interval_s",
+            "verification, pool_max_keys, pool_memory_mib, warm_start, pool_path, pool_save_interval_s, "
+            "context_ngrams, batch_draft, draft_dtype, stats_log_interval_s",
         ),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         (

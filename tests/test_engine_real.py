@@ -41,6 +41,7 @@ def smollm(engines, tmp_path_factory):
     return {
         "plain": engines.get("smollm-plain", build),
         "derived": engines.get("smollm-derived", lambda: build(derived)),  # the defaults: ouroboros, int8 draft
+        "tree": engines.get("smollm-derived-tree", lambda: build(derived, verification="tree")),
         # Always right only as the plain draft-model mode in float32 (pool suffixes and int8 can miss).
         "self": engines.get("smollm-self", lambda: build(target, drafting="greedy", draft_dtype="float32")),
     }
@@ -54,6 +55,16 @@ def test_smollm_with_derived_draft_is_lossless_and_rejects_some_drafts(smollm, b
     assert actual == expected, first_difference(expected, actual)
     stats = engine_proposer(smollm["derived"]).stats
     assert 0 < stats.accepted_tokens < stats.verified_tokens, stats.summary()
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_smollm_with_tree_verification_is_lossless(smollm, batch_size):
+    prompts = (CHAT_PROMPTS + CODE_PROMPTS)[:8]
+    expected = generate_ids(smollm["plain"], prompts, greedy(48), batch_size)
+    actual = generate_ids(smollm["tree"], prompts, greedy(48), batch_size)
+    assert actual == expected, first_difference(expected, actual)
+    stats = engine_proposer(smollm["tree"]).stats
+    assert stats.tree_rounds > 0 and stats.accepted_tokens > 0, stats.summary()
 
 
 def test_smollm_drafting_for_itself_accepts_every_draft(smollm):

@@ -18,10 +18,10 @@ def plain(tiny, engines):
     return engines.get("tiny-plain", lambda: make_llm(str(tiny.target), kv_cache_gib=0.25))
 
 
-def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy", k: int = K):
+def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy", k: int = K, verification="chain"):
     # Fixed lengths: these tests check what verification does with every draft, so every draft must be proposed
     # (the adaptive planner would stop proposing an unrelated draft's tokens; see test_adaptive_*).
-    settings = {"drafting": drafting, "adaptive": False, "stats_log_interval_s": 0}
+    settings = {"drafting": drafting, "adaptive": False, "stats_log_interval_s": 0, "verification": verification}
     if draft_name is not None:
         draft = {"self": tiny.target, "unrelated": tiny.draft, "similar": tiny.draft_similar}[draft_name]
         settings["draft_model"] = str(draft)
@@ -29,31 +29,36 @@ def spec_engine(engines, tiny, draft_name: str | None, drafting: str = "greedy",
         # The self-draft must be the target itself to be always right; the default int8 draft is not.
         settings["draft_dtype"] = "float32"
     return engines.get(
-        f"tiny-ouroboros-{draft_name}-{drafting}-k{k}",
+        f"tiny-ouroboros-{draft_name}-{drafting}-k{k}" + ("-tree" if verification == "tree" else ""),
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=k, kv_cache_gib=0.25),
     )
 
 
 @pytest.mark.parametrize(
-    ("draft_name", "drafting"),
+    ("draft_name", "drafting", "verification"),
     [
-        ("unrelated", "greedy"),
-        ("similar", "greedy"),
-        ("self", "greedy"),
-        ("similar", "greedy_pool"),
-        ("similar", "ouroboros"),
-        (None, "pool_only"),
+        ("unrelated", "greedy", "chain"),
+        ("similar", "greedy", "chain"),
+        ("self", "greedy", "chain"),
+        ("similar", "greedy_pool", "chain"),
+        ("similar", "ouroboros", "chain"),
+        (None, "pool_only", "chain"),
+        ("similar", "ouroboros", "tree"),
+        (None, "pool_only", "tree"),
     ],
 )
 @pytest.mark.parametrize("batch_size", [1, 8])
-def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, batch_size):
-    spec = spec_engine(engines, tiny, draft_name, drafting)
+def test_greedy_outputs_equal_plain_decoding(plain, tiny, engines, draft_name, drafting, verification, batch_size):
+    spec = spec_engine(engines, tiny, draft_name, drafting, verification=verification)
     proposer = engine_proposer(spec)
-    before = proposer.stats.verified_tokens
+    before, trees_before = proposer.stats.verified_tokens, proposer.stats.tree_rounds
     expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
     actual = generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
     assert actual == expected, first_difference(expected, actual)
     assert proposer.stats.verified_tokens > before, "the proposer drafted nothing: the test compared plain with plain"
+    if verification == "tree" and drafting == "pool_only" and batch_size == 1:
+        # A cold pool's suffixes are doubtful, so trees must happen (the batch-8 pass repeats the prompts: sure).
+        assert proposer.stats.tree_rounds > trees_before, "no tree was verified"
 
 
 def test_acceptance_follows_the_draft(plain, tiny, engines):
@@ -86,12 +91,12 @@ def test_hooks_report_request_ids_argmax_and_finished_requests(plain, tiny, engi
             proposals[req_id] = (token_ids[row, : num_tokens[row]].tolist(), draft)
         return drafts
 
-    def on_verified(req_ids, drafts, target_argmax):
+    def on_verified(req_ids, drafts, target_argmax, **kwargs):
         for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             if draft:
                 history, proposed = proposals[req_id]
                 verifications.append((req_id, history, proposed, draft, argmax))
-        original_on_verified(req_ids, drafts, target_argmax)
+        original_on_verified(req_ids, drafts, target_argmax, **kwargs)
 
     monkeypatch.setattr(proposer, "on_batch", on_batch)
     monkeypatch.setattr(proposer, "propose", propose)

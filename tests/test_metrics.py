@@ -42,10 +42,16 @@ def test_counters_add_what_happened_since_the_last_push_and_gauges_hold_the_rati
     assert sample("vllm:ouroboros_draft_forwards_per_round", "metrics-test") == 1.5
     assert sample("vllm:ouroboros_pool_phrases", "metrics-test") == 1
     assert sample("vllm:ouroboros_requests_tracked", "metrics-test") == 3
-    stats.add(DraftStats(rounds=1, accepted_tokens=3))
+    stats.add(DraftStats(rounds=1, accepted_tokens=3, tree_rounds=1, accepted_rank={1: 1}))
+    exporter.push(stats, None, 0)
+    stats.add(DraftStats(accepted_rank={0: 2, 1: 1}))
     exporter.push(stats, None, 0)
     assert sample("vllm:ouroboros_accepted_tokens_total", "metrics-test") == 9
     assert sample("vllm:ouroboros_draft_rounds_total", "metrics-test") == 3
+    assert sample("vllm:ouroboros_tree_rounds_total", "metrics-test") == 1
+    for rank, rounds in ((0, 2), (1, 2)):
+        labels = {"model_name": "metrics-test", "rank": str(rank)}
+        assert REGISTRY.get_sample_value("vllm:ouroboros_accepted_candidate_rounds_total", labels) == rounds
 
 
 def test_metrics_come_back_after_an_engine_unregistered_them():

@@ -1,6 +1,7 @@
 """How likely the target is to accept a proposed token, learned from verification.
 
-Per source (the draft model's trunk, the pool's suffix) the model keeps one number: the chance that the next
+Per source (the draft model's trunk, the pool's suffix on the first path, an alternative branch's first token
+in a draft tree) the model keeps one number: the chance that the next
 proposed token is accepted given that every token before it was, as counts of (accepted, examined) tokens. A
 verified proposal of ``m`` tokens from one source of which ``a`` were accepted examined ``min(a + 1, m)`` of
 them (the target stops at the first rejection). Each request has its own counts, which start from the
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOURCES = ("trunk", "pool")
+SOURCES = ("trunk", "pool", "branch")
 PRIOR_TRIALS = 4.0  # a new request's estimate starts as the process-wide rate, worth this many examined tokens
 DECAY = 0.9  # per verified proposal: older evidence counts for less
 # Before anything was verified: a neutral guess, so that speculation is tried and measured.
@@ -44,6 +45,11 @@ class AcceptanceModel:
         if proposed:
             self.rates[source].add(accepted, min(accepted + 1, proposed), DECAY)
 
+    def record_trials(self, source: str, trials: int, successes: int) -> None:
+        """Independent trials (alternative branches at one node: at most one of them is right)."""
+        if trials:
+            self.rates[source].add(successes, trials, DECAY)
+
     def rate(self, source: str, prior: float) -> float:
         return self.rates[source].rate(prior)
 
@@ -58,6 +64,10 @@ class ProcessAcceptance:
     def record(self, source: str, proposed: int, accepted: int) -> None:
         if proposed:
             self.rates[source].add(accepted, min(accepted + 1, proposed))
+
+    def record_trials(self, source: str, trials: int, successes: int) -> None:
+        if trials:
+            self.rates[source].add(successes, trials)
 
     def prior(self, source: str) -> float:
         return self.rates[source].rate(INITIAL_RATE, prior_trials=1.0)

@@ -132,6 +132,14 @@ class PhrasePool:
         over a one-token-keyed pool); the newest wins among equals, and ``matched = 0`` is the reference's
         choice, the newest phrase under the last token. At most ``phrase_len - 1`` so that something is left to
         propose. None when not even the last token is a key. One counted lookup."""
+        found = self.matches(context, 1)
+        return found[0] if found else None
+
+    def matches(self, context: Sequence[int], count: int) -> list[tuple[int, Phrase, int]]:
+        """Up to ``count`` continuations of ``context`` as :meth:`match` ranks them, each starting with a different
+        token (candidates for the branches of a draft tree). One counted lookup."""
+        found: list[tuple[int, Phrase, int]] = []
+        first_tokens: set[int] = set()
         with self._lock:
             self.counters.lookups += 1
             for matched in range(min(self.phrase_len, len(context)) - 1, -1, -1):
@@ -140,12 +148,19 @@ class PhrasePool:
                 if not phrases:
                     continue
                 wanted = tuple(context[len(context) - matched :])
+                before = len(found)
                 for phrase in reversed(phrases):  # newest first
-                    if phrase[:matched] == wanted:
-                        self.counters.hits += 1
-                        self._pool.move_to_end(key)
-                        return key, phrase, matched
-            return None
+                    if phrase[:matched] == wanted and phrase[matched] not in first_tokens:
+                        first_tokens.add(phrase[matched])
+                        found.append((key, phrase, matched))
+                        if len(found) == count:
+                            break
+                if len(found) > before:
+                    self._pool.move_to_end(key)
+                if len(found) == count:
+                    break
+            self.counters.hits += bool(found)
+            return found
 
     def newest(self, key: int, count: int) -> list[Phrase]:
         """Up to ``count`` newest phrases under ``key``, newest first (a counted lookup)."""

@@ -23,8 +23,16 @@ import numpy as np
 from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.pool import PhrasePool
-from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen, suffix_acceptance
+from ouroboros_vllm.algorithm.proposal import (
+    Proposal,
+    apply_feedback,
+    context_ngrams,
+    lengthen,
+    lengthen_tree,
+    suffix_acceptance,
+)
 from ouroboros_vllm.algorithm.stats import DraftStats
+from ouroboros_vllm.algorithm.tree import accepted_path
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class DraftSettings:
     lookahead_window: int  # W (0: no window)
     uses_pool: bool  # lengthen with pool suffixes and feed the pool back
     context_ngrams: bool  # feed the pool the request's own N-grams
+    num_candidates: int = 1  # pool candidates at the trunk's end: the first, and the rest as tree branches
 
 
 @dataclass(frozen=True)
@@ -63,26 +72,44 @@ class RequestState:
     pool_hits: Rate = field(default_factory=Rate)  # lookups for a suffix that found one
     max_tokens: int | None = None  # the most tokens the request may emit (its SamplingParams), None: not known
     emitted: int = 0  # tokens the target has emitted for the request so far
+    tree: bool = False  # may propose a draft tree (tree verification on, and the request's sampling allows it)
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
         """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
-        appended, the accepted prefix and one token of the target's). Returns the counts to add."""
+        appended, the accepted path and one token of the target's). Returns the counts to add."""
         self.emitted += len(sampled)
         proposal, self.proposal = self.proposal, Proposal()
         if not (proposal.tokens and sampled):
             return DraftStats()
-        accepted = min(len(sampled) - 1, len(proposal.tokens))
-        from_suffix = max(0, accepted - proposal.trunk_len)  # the suffix follows the trunk
-        self._record_acceptance("trunk", proposal.trunk_len, accepted - from_suffix)
-        if accepted >= proposal.trunk_len:  # the target reached the suffix
-            self._record_acceptance("pool", len(proposal.tokens) - proposal.trunk_len, from_suffix)
-        matched, matched_accepted = suffix_acceptance(proposal, accepted)
-        return DraftStats(
-            accepted_tokens=accepted,
-            suffix_accepted_tokens=from_suffix,
-            matched_suffix_tokens=matched,
-            matched_suffix_accepted_tokens=matched_accepted,
-        )
+        if proposal.verified_as_tree:
+            path = accepted_path(proposal.tree(), sampled)
+        else:
+            path = list(range(min(len(sampled) - 1, len(proposal.tokens))))
+        first_path = proposal.tree().first_path_len() if proposal.verified_as_tree else len(proposal.tokens)
+        trunk = proposal.trunk_len
+        accepted_trunk = sum(node < trunk for node in path)
+        self._record_acceptance("trunk", trunk, accepted_trunk)
+        counts = DraftStats(accepted_tokens=len(path), suffix_accepted_tokens=len(path) - accepted_trunk)
+        if accepted_trunk == trunk:  # the target reached the suffixes
+            self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
+            if proposal.verified_as_tree:
+                taken = [node for node in path if node >= first_path]
+                self._record_trials("branch", proposal.alternatives, int(bool(taken)))
+                counts.branch_rounds = int(bool(taken))
+                counts.branch_accepted_tokens = len(taken)
+            if len(path) > trunk:
+                rank = next(use.rank for use in reversed(proposal.suffixes) if use.offset <= path[trunk])
+                counts.accepted_rank[rank] = 1
+        if proposal.verified_as_tree:
+            counts.tree_rounds = 1
+            counts.branch_tokens = len(proposal.tokens) - first_path
+        counts.matched_suffix_tokens, counts.matched_suffix_accepted_tokens = suffix_acceptance(proposal, path)
+        return counts
+
+    def _record_trials(self, source: str, trials: int, successes: int) -> None:
+        self.acceptance.record_trials(source, trials, successes)
+        if self.prior is not None:
+            self.prior.record_trials(source, trials, successes)
 
     def _record_acceptance(self, source: str, proposed: int, accepted: int) -> None:
         self.acceptance.record(source, proposed, accepted)
@@ -93,6 +120,11 @@ class RequestState:
     def remaining(self) -> int | None:
         """Tokens the request may still emit (None: not known)."""
         return None if self.max_tokens is None else max(self.max_tokens - self.emitted, 0)
+
+    def branch_rate(self) -> float:
+        """The chance that an alternative branch's first token is the target's."""
+        prior = self.prior or ProcessAcceptance()
+        return self.acceptance.rate("branch", prior.prior("branch"))
 
     def rates(self) -> tuple[float, float, float]:
         """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""
@@ -130,7 +162,12 @@ class RequestState:
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
         if self.settings.uses_pool and not ends_sequence and len(drafted) < budget:  # nothing follows an EOS
-            lengthen(self.pool, proposal, history, budget)
+            if self.tree and self.settings.num_candidates > 1:
+                _, pool_rate, _ = self.rates()
+                candidates = self.settings.num_candidates
+                lengthen_tree(self.pool, proposal, history, budget, candidates, pool_rate, self.branch_rate())
+            else:
+                lengthen(self.pool, proposal, history, budget)
             found = int(len(proposal.tokens) > len(drafted))
             self.pool_hits.add(found, 1, DECAY)
             if self.prior is not None:
@@ -144,11 +181,15 @@ class RequestState:
         )
         return proposal.tokens, counts
 
-    def after_verification(self, verified: Sequence[int], target_argmax: Sequence[int]) -> DraftStats:
-        """The target verified ``verified`` (the proposal, or the part vLLM scheduled); ``target_argmax`` is its
-        argmax at each of those positions and the next one. Feeds the pool back; returns the counts to add."""
+    def after_verification(
+        self, verified: Sequence[int], target_argmax: Sequence[int], as_tree: bool = False
+    ) -> DraftStats:
+        """The target verified ``verified`` (the proposal, or the part vLLM scheduled), as the proposal's tree or
+        as a chain; ``target_argmax`` is its argmax at each row of that forward (the root's, then one per token).
+        Feeds the pool back; returns the counts to add."""
         if not verified:
             return DraftStats()
+        self.proposal.verified_as_tree = as_tree and self.proposal.parents is not None
         if self.settings.uses_pool:
             apply_feedback(self.pool, self.proposal, verified, target_argmax)
         return DraftStats(verified_rounds=1, verified_tokens=len(verified))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,26 @@ class DraftStats:
     # fallback.
     matched_suffix_tokens: int = 0
     matched_suffix_accepted_tokens: int = 0
+    # Tree verification: proposals verified as trees (with alternative branches), their alternative-branch
+    # tokens, the rounds whose accepted path took an alternative, and the tokens accepted on one.
+    tree_rounds: int = 0
+    branch_tokens: int = 0
+    branch_rounds: int = 0
+    branch_accepted_tokens: int = 0
+    # Rounds whose accepted path took a pool candidate at the trunk's end, by the candidate's rank (0: the first
+    # path's suffix, k: the k-th alternative branch).
+    accepted_rank: dict[int, int] = field(default_factory=dict)
     draft_forwards: int = 0
     draft_seconds: float = 0.0  # wall time of the steps' drafting (a step's time is shared among its rounds)
 
     def add(self, other: DraftStats) -> None:
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+            else:
+                setattr(self, f.name, mine + theirs)
 
     @property
     def acceptance_rate(self) -> float:
@@ -53,6 +67,15 @@ class DraftStats:
         trunk = self.proposed_tokens - self.suffix_tokens
         return trunk / self.draft_forwards if self.draft_forwards else 0.0
 
+    def _tree_summary(self) -> str:
+        if not self.tree_rounds:
+            return ""
+        return (
+            f"{self.tree_rounds} trees, an alternative branch taken {self.branch_rounds} times "
+            f"({self.branch_accepted_tokens}/{self.branch_tokens} branch tokens accepted; accepted candidate by "
+            f"rank {dict(sorted(self.accepted_rank.items()))}), "
+        )
+
     def summary(self) -> str:
         return (
             f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
@@ -60,7 +83,8 @@ class DraftStats:
             f"{self.suffix_tokens / max(self.proposed_tokens, 1):.1%} of proposed tokens from the pool "
             f"({self.suffix_accepted_tokens} accepted; context-matched {self.matched_suffix_accepted_tokens}/"
             f"{self.matched_suffix_tokens}), "
-            f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
+            + self._tree_summary()
+            + f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
             + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")
         )

@@ -79,8 +79,15 @@ class OuroborosConfig(pydantic.BaseModel):
         default=3,
         ge=1,
         le=64,
-        description="K of the paper: candidate suffixes after each draft. vLLM verifies one "
-        "chain, so only the newest is proposed today.",
+        description="K of the paper: candidate suffixes from the pool at the trunk's end. With verification='tree' "
+        "the runners-up are alternative branches (within the same num_speculative_tokens nodes); a chain "
+        "proposes only the first.",
+    )
+    verification: Literal["chain", "tree"] = Field(
+        default="chain",
+        description="'tree': the target verifies each proposal's alternative branches in the same forward "
+        "(vLLM's CPU build; other rows, other builds and requests whose sampling a tree cannot serve fall back "
+        "to the chain); 'chain': one chain per request, as vLLM verifies any proposer's drafts.",
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
     pool_memory_mib: float = Field(
@@ -150,8 +157,8 @@ class OuroborosConfig(pydantic.BaseModel):
         # Leave room for one suffix when K allows it, but never give the draft model less than half of K.
         return max(num_speculative_tokens - self.phrase_len, (num_speculative_tokens + 1) // 2)
 
-    def draft_settings(self, num_speculative_tokens: int) -> DraftSettings:
-        """What the algorithm needs of these settings at this K."""
+    def draft_settings(self, num_speculative_tokens: int, trees: bool = False) -> DraftSettings:
+        """What the algorithm needs of these settings at this K (``trees``: the engine verifies draft trees)."""
         return DraftSettings(
             gamma=self.gamma_for(num_speculative_tokens),
             phrase_len=self.phrase_len,
@@ -159,6 +166,7 @@ class OuroborosConfig(pydantic.BaseModel):
             lookahead_window=self.lookahead_window if self.drafts_phrases else 0,
             uses_pool=self.uses_pool,
             context_ngrams=self.context_ngrams,
+            num_candidates=self.num_candidates if trees else 1,
         )
 
     def check_against(self, num_speculative_tokens: int) -> None:

@@ -15,6 +15,10 @@ drafter is a :class:`StepListener`; for any other drafter (ngram, EAGLE, ...) it
   take the argmax at every draft position and at the bonus position before delegating (the sampler may
   change the logits in place).
 
+Tree verification adds ``_prepare_inputs`` (where the step's tree rows are chosen and their positions set) and,
+on vLLM's CPU build, the attention forward and ``rejection_sample``: all of it in :mod:`.tree_scorer`, which is
+a pass-through for any step without a tree.
+
 One more, on vLLM's CPU build only, is a fix rather than a hook: its C++ stand-in for the rejection sampler's
 ``expand_kernel`` handles int64 tensors only and never writes float32 or int32 results back, so
 ``expand_batch_to_tokens`` returns uninitialised memory for the per-token temperatures (and top-k/top-p).
@@ -23,21 +27,25 @@ temperature > 0, and, since those logits are scaled in place before the greedy a
 such a batch lose their exactness too. We replace that function with the same semantics in torch.
 
 The three hooks, written as an upstream pull request would be, are in ``patches/0001-*``; the CPU fix in
-``patches/0002-*``. ``install()`` is idempotent: vLLM loads general plugins in every process, sometimes more
-than once.
+``patches/0002-*``; tree verification in ``patches/0003-*``. ``install()`` is idempotent: vLLM loads general
+plugins in every process, sometimes more than once.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from ouroboros_vllm.vllm_plugin import tree_scorer
+
 if TYPE_CHECKING:
     import torch
+
+    from ouroboros_vllm.algorithm.tree import DraftTree
 
 # The vLLM releases whose runner internals the wrappers below were written and tested against.
 SUPPORTED_VLLM = SpecifierSet(">=0.32,<0.34")
@@ -66,9 +74,21 @@ class StepListener:
     def on_batch(self, req_ids: list[str]) -> None:
         """The request id of each row of the coming ``propose`` call, in row order."""
 
-    def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
+    def on_verified(
+        self,
+        req_ids: list[str],
+        drafts: list[list[int]],
+        target_argmax: list[list[int]],
+        trees: Set[str] = frozenset(),
+    ) -> None:
         """The target verified ``drafts[i]`` for ``req_ids[i]``; ``target_argmax[i]`` holds the target's argmax at
-        each draft position followed by the bonus position (``len(drafts[i]) + 1`` ids)."""
+        each row of its forward: the root's, then one per draft token (``len(drafts[i]) + 1`` ids). The requests
+        in ``trees`` were verified as the trees their proposer registered, the others as chains."""
+
+    def take_trees(self) -> dict[str, DraftTree]:
+        """The draft trees of the proposals just made (request id -> tree; chains are left out), taken once by
+        the step that verifies them."""
+        return {}
 
 
 def installed_vllm_version() -> str:
@@ -98,7 +118,9 @@ def install() -> None:
     _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
     _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose_draft_token_ids)
     _wrap(GPUModelRunner, "_sample", _wrap_sample)
+    _wrap(GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs)
     _fix_cpu_expand_batch_to_tokens()
+    tree_scorer.install()
 
 
 def _fix_cpu_expand_batch_to_tokens() -> None:
@@ -140,7 +162,7 @@ def is_installed() -> bool:
 
     return all(
         getattr(getattr(GPUModelRunner, name), _WRAPPED_MARK, False)
-        for name in ("_update_states", "propose_draft_token_ids", "_sample")
+        for name in ("_update_states", "propose_draft_token_ids", "_sample", "_prepare_inputs")
     )
 
 
@@ -186,14 +208,31 @@ def _wrap_propose_draft_token_ids(original: Callable[..., Any]) -> Callable[...,
     return propose_draft_token_ids
 
 
+def _wrap_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any):
+        tree_scorer.deactivate()  # a step that never reached _sample must not leave its plan behind
+        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        listener = _listener(self)
+        if listener is not None:
+            trees = listener.take_trees()
+            if trees:
+                tree_scorer.plan_step(self, scheduler_output, num_scheduled_tokens, trees)
+        return result
+
+    return _prepare_inputs
+
+
 def _wrap_sample(original: Callable[..., Any]) -> Callable[..., Any]:
     def _sample(self: Any, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
         listener = _listener(self)
         if listener is not None and logits is not None and spec_decode_metadata is not None:
             req_ids = list(self.input_batch.req_ids[: self.input_batch.num_reqs])
             drafts, argmax = split_verification(logits, spec_decode_metadata)
-            listener.on_verified(req_ids, drafts, argmax)
-        return original(self, logits, spec_decode_metadata)
+            step = tree_scorer.active()
+            listener.on_verified(req_ids, drafts, argmax, trees=step.req_ids() if step is not None else set())
+        output = original(self, logits, spec_decode_metadata)
+        tree_scorer.compact(self)
+        return output
 
     return _sample
 

@@ -41,6 +41,10 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
         "vllm:ouroboros_matched_suffix_accepted_tokens",
         "Accepted tokens from pool phrases that matched more context than their key.",
     ),
+    "tree_rounds": ("vllm:ouroboros_tree_rounds", "Proposals verified as trees with alternative branches."),
+    "branch_tokens": ("vllm:ouroboros_branch_tokens", "Tokens on alternative branches of verified trees."),
+    "branch_rounds": ("vllm:ouroboros_branch_rounds", "Verified trees whose accepted path took an alternative branch."),
+    "branch_accepted_tokens": ("vllm:ouroboros_branch_accepted_tokens", "Accepted tokens on alternative branches."),
     "draft_forwards": ("vllm:ouroboros_draft_forwards", "Forwards of the draft model."),
     "draft_seconds": ("vllm:ouroboros_draft_seconds", "Seconds spent drafting (draft model and pool)."),
 }
@@ -63,6 +67,8 @@ _GAUGES: dict[str, tuple[str, str]] = {
 
 # Adaptive speculation: rows by the tokens they proposed, the cost model's fit, and how well it predicts.
 _LENGTHS = "vllm:ouroboros_proposed_length_rows"
+# Tree verification: rounds by the rank of the pool candidate their accepted path took.
+_ACCEPTED_RANK = "vllm:ouroboros_accepted_candidate_rounds"
 _COST_GAUGES: dict[str, str] = {
     "vllm:ouroboros_cost_target_step_seconds": "The target's step time the planner assumes, by part (the "
     "intercept; per token computed).",
@@ -93,6 +99,10 @@ def registered() -> dict[str, Counter | Gauge]:
         for name, (text, mode) in _GAUGES.items():
             _metrics[name] = Gauge(name, text, labelnames=_LABELS, multiprocess_mode=mode)
         _metrics[_LENGTHS] = Counter(_LENGTHS, "Rows by the tokens they proposed (adaptive).", [*_LABELS, "length"])
+        _metrics[_ACCEPTED_RANK] = Counter(
+            _ACCEPTED_RANK, "Rounds whose accepted path took the pool candidate of this rank (0: the first path's).",
+            [*_LABELS, "rank"],
+        )  # fmt: skip
         for name, text in _COST_GAUGES.items():
             _metrics[name] = Gauge(name, text, [*_LABELS, "part"], multiprocess_mode="livemostrecent")
         _metrics[_PREDICTION] = Gauge(
@@ -120,16 +130,18 @@ class MetricsExporter:
             for name in _COST_GAUGES
             for part in ("intercept", "per_token")
         }
-        self._length_rows = metrics[_LENGTHS]
-        self._length_series: dict[int, Counter] = {}  # the labelled series of each length, made when first seen
+        self._labelled: dict[tuple[str, int], Counter] = {}  # a histogram's series per bucket, made when first seen
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
         self._pushed_lengths: dict[int, int] = {}
 
     def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
         for field in fields(DraftStats):
-            self._add(_STATS_COUNTERS[field.name][0], getattr(stats, field.name), getattr(self._pushed, field.name))
-        self._pushed = replace(stats)
+            if field.name in _STATS_COUNTERS:
+                self._add(_STATS_COUNTERS[field.name][0], getattr(stats, field.name), getattr(self._pushed, field.name))
+        for rank, rounds in stats.accepted_rank.items():
+            self._inc_labelled(_ACCEPTED_RANK, "rank", rank, rounds - self._pushed.accepted_rank.get(rank, 0))
+        self._pushed = replace(stats, accepted_rank=dict(stats.accepted_rank))
         self._series["vllm:ouroboros_mean_acceptance_length"].set(stats.tau)
         self._series["vllm:ouroboros_acceptance_rate"].set(stats.acceptance_rate)
         self._series["vllm:ouroboros_draft_forwards_per_round"].set(stats.draft_forwards_per_round)
@@ -145,16 +157,18 @@ class MetricsExporter:
         self._series["vllm:ouroboros_pool_phrases"].set(len(pool))
         self._series["vllm:ouroboros_pool_keys"].set(pool.num_keys)
 
+    def _inc_labelled(self, name: str, label: str, bucket: int, increment: int) -> None:
+        if increment > 0:
+            if (name, bucket) not in self._labelled:
+                labels = {"model_name": self._model_name, label: str(bucket)}
+                self._labelled[(name, bucket)] = registered()[name].labels(**labels)
+            self._labelled[(name, bucket)].inc(increment)
+
     def push_adaptive(self, controller: AdaptiveController) -> None:
         stats = controller.stats
         for length, rows in stats.lengths.items():
-            pushed = self._pushed_lengths.get(length, 0)
-            if rows > pushed:
-                if length not in self._length_series:
-                    self._length_series[length] = self._length_rows.labels(model_name=self._model_name,
-                                                                           length=str(length))  # fmt: skip
-                self._length_series[length].inc(rows - pushed)
-                self._pushed_lengths[length] = rows
+            self._inc_labelled(_LENGTHS, "length", length, rows - self._pushed_lengths.get(length, 0))
+            self._pushed_lengths[length] = rows
         for name, fit in (
             ("vllm:ouroboros_cost_target_step_seconds", controller.target_fit()),
             ("vllm:ouroboros_cost_draft_forward_seconds", controller.costs.draft.fit),

