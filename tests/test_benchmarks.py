@@ -537,3 +537,31 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
     assert (out / "speedup_k4_bs1.png").stat().st_size > 0 and (out / "speedup_k4_bs2.png").stat().st_size > 0
     (out / "report.md").unlink()
     assert main(["--report-only", str(out)]) == 0 and (out / "report.md").read_text() == table
+
+
+def test_the_pool_and_tree_table_sums_our_counters_over_runs():
+    row = metrics.Summary("ouroboros-tree", 4, "all", 1)
+    runs = (
+        {"suffix_tokens": 10, "suffix_accepted_tokens": 4, "tree_rounds": 2, "branch_tokens": 3,
+         "branch_accepted_tokens": 1, "branch_rounds": 1, "accepted_rank": {0: 2, 1: 1}},
+        {"suffix_tokens": 6, "suffix_accepted_tokens": 2, "tree_rounds": 2, "branch_tokens": 5,
+         "branch_accepted_tokens": 2, "branch_rounds": 1, "accepted_rank": {"1": 2}},  # as read back from JSON
+    )  # fmt: skip
+    for stats in runs:
+        row.add_run({"prompts": [], "num_output_tokens": 0, "wall_s": 1.0, "drafter_stats": stats})
+    cells = dict(zip(report.POOL_COLUMNS, report.pool_cells(row), strict=True))
+    assert cells["pool accepted"] == "6/16 (38%)" and cells["trees"] == "4"
+    assert cells["branch tokens / tree"] == "2.00" and cells["branch tokens accepted"] == "3/8 (38%)"
+    assert cells["alternative taken"] == "2/4 (50%)" and cells["accepted candidate by rank"] == "0: 2, 1: 3"
+
+
+def test_the_overlay_benchmark_writes_its_figures(tmp_path):
+    from benchmarks import tree_overlay
+
+    small = ["--contexts", "40", "--rows", "1", "2", "--nodes", "4", "--layers", "2", "--heads", "4",
+             "--kv-heads", "2", "--head-dim", "64", "--block-size", "32", "--repeats", "1"]  # fmt: skip
+    tree_overlay.main([*small, "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "overlay.json").read_text())["results"]
+    assert [(r["context"], r["rows"]) for r in results] == [(40, 1), (40, 2)]
+    assert all(r["overlay_ms"] > 0 and r["compaction_ms"] > 0 and r["kernel_ms"] > 0 for r in results)
+    assert "| 40 | 2 |" in (tmp_path / "overlay.md").read_text()

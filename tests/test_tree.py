@@ -188,3 +188,16 @@ def test_feedback_refines_a_branch_from_its_own_rows():
     apply_feedback(pool, proposal, tree.tokens, row_argmax)
     # refined from the branch's own rows: the target's token at its position (10: the key's), then after it
     assert (10, 25, 26) in pool.phrases(3)
+
+
+def test_the_planner_values_a_tree_suffix_as_lengthen_tree_fills_it():
+    from dataclasses import replace
+
+    from ouroboros_vllm.algorithm.planner import RowOutlook, pool_gains
+
+    chain = RowOutlook(budget=6, trunk_rate=0.9, pool_rate=0.3, pool_hit=1.0, can_draft=True)
+    tree = replace(chain, alternatives=2, branch_len=3, branch_rate=0.25)
+    assert pool_gains(chain, 4) == pytest.approx([0, 0.3, 0.39, 0.417])  # 0.3 + 0.3^2 + 0.3^3
+    assert _allocate(4, [4, 3, 3], 0.3, 0.25) == [2, 1, 1]  # nodes worth 0.3, 0.25, 0.25, 0.09
+    assert pool_gains(tree, 5) == pytest.approx([0, 0.3, 0.55, 0.8, 0.89])
+    assert pool_gains(replace(tree, branch_rate=0.0), 5) == pytest.approx(pool_gains(chain, 5))

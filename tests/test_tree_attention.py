@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ouroboros_vllm.vllm_plugin import tree_attention
 
@@ -19,6 +20,14 @@ def test_the_layout_round_trips_with_vllms_writer(isa, dtype):
 
 def test_a_packed_layout_is_refused():
     assert not tree_attention.layout_round_trip("amx", torch.bfloat16, HEAD_DIM, 32)
+
+
+def sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The reference: torch's SDPA over contiguous K/V ``[kv_heads, length, head_dim]``."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys, values, attn_mask=mask, scale=HEAD_DIM**-0.5, enable_gqa=True
+    )
+    return out.transpose(0, 1)
 
 
 def paged_request(context: int, query: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,16 +79,32 @@ def test_branch_rows_see_their_ancestors_and_first_path_rows_match_the_kernel():
     keys, values = tree_attention.gather(kv_cache, blocks, length)
     assert torch.equal(keys.transpose(0, 1), k) and torch.equal(values.transpose(0, 1), v)
     mask = tree_attention.ancestor_mask(parents, context, first_row=0)
-    tree = tree_attention.branch_attention(query, keys, values, mask, HEAD_DIM**-0.5)
+    tree = tree_attention.branch_attention(query, kv_cache, blocks, mask, HEAD_DIM**-0.5)
+    torch.testing.assert_close(tree, sdpa(query, keys, values, mask), atol=1e-5, rtol=1e-5)
     kernel = cpp_attention(kv_cache, blocks, query, length)
     torch.testing.assert_close(tree[:4], kernel[:4], atol=1e-5, rtol=1e-5)  # the root and the first path
     # Node 4's row equals a chain over the context, the root and its ancestors 0, 1, 3 and itself.
     visible = [*range(context), context, context + 1, context + 2, context + 4, context + 5]
-    alone = tree_attention.branch_attention(
-        query[5:6], keys[:, visible], values[:, visible], torch.ones(1, len(visible), dtype=torch.bool), HEAD_DIM**-0.5
-    )
+    alone = sdpa(query[5:6], keys[:, visible], values[:, visible], torch.ones(1, len(visible), dtype=torch.bool))
     torch.testing.assert_close(tree[5:6], alone, atol=1e-5, rtol=1e-5)
     assert (tree[5] - kernel[5]).abs().max() > 1e-3  # the kernel's causal row saw node 2: the overlay is needed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_branch_rows_from_the_last_rows_of_a_tree_in_any_dtype(dtype):
+    context, parents = 40, [-1, 0, 0, 2]
+    kv_cache, blocks, _, _ = paged_request(context, len(parents) + 1)
+    kv_cache = kv_cache.to(dtype)
+    length = context + len(parents) + 1
+    query = torch.randn(2, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(2)).to(dtype)
+    mask = tree_attention.ancestor_mask(parents, context, first_row=3)  # nodes 2 and 3: off the first path
+    keys, values = tree_attention.gather(kv_cache, blocks, length)
+    expected = sdpa(query.float(), keys.float(), values.float(), mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(
+        tree_attention.branch_attention(query, kv_cache, blocks, mask, HEAD_DIM**-0.5).float(),
+        expected, atol=tolerance, rtol=tolerance,
+    )  # fmt: skip
 
 
 def test_move_copies_before_it_writes():

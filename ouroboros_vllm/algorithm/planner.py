@@ -49,6 +49,11 @@ class RowOutlook:
     catch_up: int = 0
     untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
     remaining: int | None = None  # tokens the request may still emit (None: not known)
+    # Tree verification: alternative branches the pool may offer at the trunk's end (each up to ``branch_len``
+    # tokens), and the chance that an alternative's first token is the target's. 0: the row proposes a chain.
+    alternatives: int = 0
+    branch_len: int = 0
+    branch_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,19 @@ def catch_up_pays(
     return best_value * steps_left > ratio * draft.slope * row.catch_up
 
 
+def pool_gains(row: RowOutlook, width: int) -> np.ndarray:
+    """Expected accepted pool tokens of a suffix of s = 0..width-1 nodes hung at the trunk's end: the s likeliest
+    nodes. A chain's j-th token is worth ``pool_rate^(j+1)``; with trees, an alternative branch's j-th token
+    ``branch_rate * pool_rate^j`` (as :func:`~ouroboros_vllm.algorithm.proposal.lengthen_tree` places them)."""
+    power = np.arange(1, width)
+    values = [row.pool_rate**power]
+    if row.alternatives and row.branch_len:
+        branch = row.branch_rate * row.pool_rate ** np.arange(min(row.branch_len, width - 1))
+        values += [branch] * row.alternatives
+    best = np.sort(np.concatenate(values))[::-1][: width - 1]
+    return np.concatenate([[0.0], np.cumsum(best)])
+
+
 class _Options:
     """Every proposal each row could make, as arrays over (row, trunk tokens proposed q, pool suffix tokens s):
     q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
@@ -155,10 +173,9 @@ class _Options:
         width = int(budgets.max(initial=0)) + 1
         power = np.arange(width)
         trunk = np.array([row.trunk_rate for row in rows])[:, None] ** power  # [rows, q]: rate^q
-        pool = np.array([row.pool_rate for row in rows])[:, None] ** power
         hits = np.array([row.pool_hit for row in rows])[:, None]
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
-        pool_gain = hits * (np.cumsum(pool, axis=1) - 1)
+        pool_gain = hits * np.stack([pool_gains(row, width) for row in rows]) if rows else np.zeros((0, width))
         self.gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]  # [rows, q, s]
         self.tokens = power[:, None] + power[None, :]  # [q, s]
         self.q = np.broadcast_to(power[:, None], self.tokens.shape)

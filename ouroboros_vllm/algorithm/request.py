@@ -98,7 +98,7 @@ class RequestState:
                 counts.branch_rounds = int(bool(taken))
                 counts.branch_accepted_tokens = len(taken)
             if len(path) > trunk:
-                rank = next(use.rank for use in reversed(proposal.suffixes) if use.offset <= path[trunk])
+                rank = next((use.rank for use in reversed(proposal.suffixes) if use.offset <= path[trunk]), 0)
                 counts.accepted_rank[rank] = 1
         if proposal.verified_as_tree:
             counts.tree_rounds = 1

@@ -214,6 +214,9 @@ class OuroborosProposer(hooks.StepListener):
                 catch_up=len(history) - len(state.draft.ids),
                 untried=state.acceptance.rates["trunk"].examined == 0,
                 remaining=state.remaining,
+                alternatives=self.settings.num_candidates - 1 if pool and state.tree else 0,
+                branch_len=self.settings.phrase_len,
+                branch_rate=state.branch_rate(),
             )
             outlooks.append(outlook)
         plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows

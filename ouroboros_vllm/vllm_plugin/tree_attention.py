@@ -2,8 +2,8 @@
 
 vLLM's CPU attention (``_C.cpu_attention_with_kv_cache``) takes no mask: a request's query rows attend causally
 in slot order, which is right for a chain and for the first depth-first path of a tree, wrong for every node
-after it (it would see its earlier siblings' subtrees). So the overlay recomputes only those rows, with torch's
-SDPA over the request's context gathered from the paged cache and an ancestor mask over the tree part. After
+after it (it would see its earlier siblings' subtrees). So the overlay recomputes only those rows, over the
+request's paged K/V block by block, with an ancestor mask over the tree part. After
 acceptance, the accepted nodes' K/V move to the contiguous slots the scheduler will treat as computed.
 
 The cache layout is vLLM's for the ``vec``/``vec16`` attention ISAs (each layer ``[blocks, kv_heads,
@@ -71,14 +71,31 @@ def ancestor_mask(parents: Sequence[int], context: int, first_row: int) -> torch
 
 
 def branch_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention of ``query`` ``[rows, q_heads, head_dim]`` over ``keys``/``values`` ``[kv_heads, length,
-    head_dim]`` under ``mask`` ``[rows, length]``: ``[rows, q_heads, head_dim]``."""
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=keys.shape[0] != query.shape[1]
-    )
-    return out.transpose(0, 1)
+    """Attention of ``query`` ``[rows, q_heads, head_dim]`` over a request's paged K/V (its ``block_ids``, the
+    first ``mask.shape[1]`` positions) under ``mask`` ``[rows, length]``: ``[rows, q_heads, head_dim]``.
+
+    Computed block by block where the cache keeps them (K is stored transposed, ready for ``q @ K``): gathering
+    the context into one contiguous tensor first, and a boolean-masked SDPA over it, cost 5-15x more (measured
+    by ``benchmarks.tree_overlay``)."""
+    keys, values = split_cache(kv_cache)
+    blocks = block_ids.to(torch.long)
+    k = keys.index_select(0, blocks)  # [blocks, kv_heads, head_dim, block_size]
+    v = values.index_select(0, blocks)  # [blocks, kv_heads, block_size, head_dim]
+    num_blocks, kv_heads, head_dim, block_size = k.shape
+    rows, q_heads, _ = query.shape
+    group = q_heads // kv_heads  # query heads per KV head (GQA)
+    length = mask.shape[1]
+    q = query.view(rows, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, kv_heads, group * rows, head_dim)
+    scores = torch.matmul(q, k).float() * scale  # [blocks, kv_heads, group * rows, block_size]
+    scores = scores.permute(1, 2, 0, 3).reshape(kv_heads, group * rows, num_blocks * block_size)[..., :length]
+    scores = scores.masked_fill(~mask.repeat(group, 1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    weights = F.pad(weights, (0, num_blocks * block_size - length))
+    weights = weights.view(kv_heads, group * rows, num_blocks, block_size).permute(2, 0, 1, 3)
+    out = torch.matmul(weights, v).sum(0)  # [kv_heads, group * rows, head_dim]
+    return out.view(kv_heads, group, rows, head_dim).permute(2, 0, 1, 3).reshape(rows, q_heads, head_dim)
 
 
 def layout_round_trip(isa: str, dtype: torch.dtype, head_dim: int, block_size: int) -> bool:

@@ -196,9 +196,10 @@ def overlay(impl: Any, query: torch.Tensor, kv_cache: torch.Tensor, metadata: An
     for tree_row in step.rows:
         length = tree_row.mask.shape[1]
         blocks = metadata.block_table[tree_row.row, : math.ceil(length / block_size)]
-        keys, values = tree_attention.gather(kv_cache, blocks, length)
         first, last = tree_row.start + tree_row.first_row, tree_row.start + len(tree_row.tree) + 1
-        out[first:last] = tree_attention.branch_attention(query[first:last], keys, values, tree_row.mask, impl.scale)
+        out[first:last] = tree_attention.branch_attention(
+            query[first:last], kv_cache, blocks, tree_row.mask, impl.scale
+        )
 
 
 def accept(output_token_ids: torch.Tensor, arguments: inspect.BoundArguments) -> None:
