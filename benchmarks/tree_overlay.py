@@ -35,11 +35,39 @@ def _median_ms(run: Callable[[], Any], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def kernel_attention(
+    query: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor, length: int, scale: float
+) -> Callable[[], torch.Tensor]:
+    """vLLM-CPU's own causal attention of one request's query rows (the last of its ``length`` positions) over
+    its paged cache (``vec`` ISA), ready to call: the scheduler metadata is made once."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, kv_heads, block_size, twice_head_dim = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, twice_head_dim // 2).chunk(2, dim=2)
+    query_start = torch.tensor([0, query.shape[0]], dtype=torch.int32)
+    seq_lens = torch.tensor([length], dtype=torch.int32)
+    block_table = block_ids.view(1, -1).to(torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=query.shape[1], num_kv_heads=kv_heads, head_dim=twice_head_dim // 2,
+        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=query_start, causal=True, sliding_window_size=-1,
+        isa="vec", enable_kv_split=False,
+    )  # fmt: skip
+    out = torch.empty_like(query)
+
+    def run() -> torch.Tensor:
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start,
+            seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+        )  # fmt: skip
+        return out
+
+    return run
+
+
 def measure(context: int, rows: int, nodes: int, shape: argparse.Namespace) -> dict[str, float]:
     """Milliseconds per engine step (all layers) for one tree row: the overlay, the compaction, and vLLM's kernel
     on the row's ``nodes + 1`` query tokens."""
-    from vllm import _custom_ops as ops
-
     heads, kv_heads, head_dim, block_size = shape.heads, shape.kv_heads, shape.head_dim, shape.block_size
     length = context + nodes + 1
     num_blocks = -(-length // block_size) + 1
@@ -63,24 +91,11 @@ def measure(context: int, rows: int, nodes: int, shape: argparse.Namespace) -> d
         for _ in range(shape.layers):
             tree_attention.move(kv_cache, source[: len(target)], target)
 
-    key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
-    query_start = torch.tensor([0, nodes + 1], dtype=torch.int32)
-    seq_lens = torch.tensor([length], dtype=torch.int32)
-    block_table = block_ids.view(1, -1)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=seq_lens,
-        dtype=torch.float32, query_start_loc=query_start, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False,
-    )  # fmt: skip
-    out = torch.empty_like(query)
+    run_kernel = kernel_attention(query, kv_cache, block_ids, length, scale)
 
     def kernel() -> None:
         for _ in range(shape.layers):
-            ops.cpu_attention_with_kv_cache(
-                query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start,
-                seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-                block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
-            )  # fmt: skip
+            run_kernel()
 
     return {
         "overlay_ms": _median_ms(overlay, shape.repeats),

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from engine_utils import CODE_PROMPTS
 from vllm import SamplingParams
 
 from ouroboros_vllm.tools.offline import engine_proposer, make_llm
@@ -34,14 +35,17 @@ def chi_square_p_value(first: Counter, second: Counter) -> float:
     return float(1 - torch.special.gammainc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-def token_counts(llm, temperature: float, first_seed: int) -> dict[int, Counter]:
+def token_counts(llm, temperature: float, first_seed: int, neighbours: list[str] = ()) -> dict[int, Counter]:
+    """Next-token counts at ``POSITIONS`` over ``SAMPLES`` seeded samples; ``neighbours``: greedy prompts sent in
+    the same batch, first (their rows run beside the sampled ones)."""
     params = [
         SamplingParams(temperature=temperature, max_tokens=max(POSITIONS) + 1, seed=first_seed + i)
         for i in range(SAMPLES)
     ]
-    outputs = llm.generate([PROMPT] * SAMPLES, params, use_tqdm=False)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=48)] * len(neighbours)
+    outputs = llm.generate([*neighbours, *[PROMPT] * SAMPLES], [*greedy, *params], use_tqdm=False)
     counts = {p: Counter() for p in POSITIONS}
-    for output in outputs:
+    for output in outputs[len(neighbours) :]:
         ids = output.outputs[0].token_ids
         for p in POSITIONS:
             if len(ids) > p:
@@ -61,14 +65,28 @@ def sampled(tiny, engines):
             kv_cache_gib=0.25,
         ),
     )
-    proposer = engine_proposer(ours)
+    # Sampled requests are verified as chains; greedy neighbours in the same batch as trees (pool-only drafting
+    # with a doubtful pool: the runners-up get branches), which must not disturb the sampled rows.
+    tree = engines.get(
+        "tiny-sampling-tree",
+        lambda: make_llm(
+            str(tiny.target),
+            ouroboros={"drafting": "pool_only", "adaptive": False, "verification": "tree", "stats_log_interval_s": 0},
+            num_speculative_tokens=4,
+            kv_cache_gib=0.25,
+        ),
+    )
+    proposer, tree_proposer = engine_proposer(ours), engine_proposer(tree)
     accepted_before = proposer.stats.accepted_tokens
+    trees_before = tree_proposer.stats.tree_rounds
     result = {
         "plain": token_counts(plain, 1.0, first_seed=0),
         "ours": token_counts(ours, 1.0, first_seed=SAMPLES),
+        "tree": token_counts(tree, 1.0, first_seed=3 * SAMPLES, neighbours=CODE_PROMPTS),
         "plain-cooler": token_counts(plain, 0.7, first_seed=2 * SAMPLES),
     }
     result["accepted"] = proposer.stats.accepted_tokens - accepted_before
+    result["trees"] = tree_proposer.stats.tree_rounds - trees_before
     return result
 
 
@@ -78,9 +96,14 @@ def test_drafts_were_accepted_while_sampling(sampled):
 
 
 @pytest.mark.parametrize("position", POSITIONS)
-def test_sampled_tokens_follow_plain_decodings_distribution(sampled, position):
-    p_value = chi_square_p_value(sampled["plain"][position], sampled["ours"][position])
-    assert p_value > 1e-3, f"position {position}: p = {p_value:.2g}"
+@pytest.mark.parametrize("engine", ["ours", "tree"])
+def test_sampled_tokens_follow_plain_decodings_distribution(sampled, engine, position):
+    p_value = chi_square_p_value(sampled["plain"][position], sampled[engine][position])
+    assert p_value > 1e-3, f"{engine}, position {position}: p = {p_value:.2g}"
+
+
+def test_greedy_neighbours_of_the_sampled_requests_were_verified_as_trees(sampled):
+    assert sampled["trees"] > 0
 
 
 def test_the_chi_square_test_tells_another_temperature_apart(sampled):

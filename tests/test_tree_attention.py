@@ -3,11 +3,17 @@ rows against the C++ attention kernel."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ouroboros_vllm.vllm_plugin import tree_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
+from benchmarks.tree_overlay import kernel_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 32
 
@@ -47,29 +53,6 @@ def paged_request(context: int, query: int) -> tuple[torch.Tensor, torch.Tensor,
     return kv_cache, blocks, k, v
 
 
-def cpp_attention(kv_cache: torch.Tensor, blocks: torch.Tensor, query: torch.Tensor, length: int) -> torch.Tensor:
-    """vLLM-CPU's causal attention over the paged cache for one request."""
-    from vllm import _custom_ops as ops
-
-    key_cache, value_cache = kv_cache.view(8, KV_HEADS, 2 * BLOCK, HEAD_DIM).chunk(2, dim=2)
-    query_start = torch.tensor([0, query.shape[0]], dtype=torch.int32)
-    seq_lens = torch.tensor([length], dtype=torch.int32)
-    block_table = torch.zeros(1, 8, dtype=torch.int32)
-    block_table[0, : len(blocks)] = blocks
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, seq_lens=seq_lens,
-        dtype=torch.float32, query_start_loc=query_start, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False,
-    )  # fmt: skip
-    out = torch.empty_like(query)
-    ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start,
-        seq_lens=seq_lens, scale=HEAD_DIM**-0.5, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
-    )  # fmt: skip
-    return out
-
-
 def test_branch_rows_see_their_ancestors_and_first_path_rows_match_the_kernel():
     context, parents = 71, [-1, 0, 1, 1, 3, -1]  # a path 0-1-2, a sibling 3 under 1 with child 4, and 5 under the root
     query_len = len(parents) + 1
@@ -81,7 +64,7 @@ def test_branch_rows_see_their_ancestors_and_first_path_rows_match_the_kernel():
     mask = tree_attention.ancestor_mask(parents, context, first_row=0)
     tree = tree_attention.branch_attention(query, kv_cache, blocks, mask, HEAD_DIM**-0.5)
     torch.testing.assert_close(tree, sdpa(query, keys, values, mask), atol=1e-5, rtol=1e-5)
-    kernel = cpp_attention(kv_cache, blocks, query, length)
+    kernel = kernel_attention(query, kv_cache, blocks, length, HEAD_DIM**-0.5)()
     torch.testing.assert_close(tree[:4], kernel[:4], atol=1e-5, rtol=1e-5)  # the root and the first path
     # Node 4's row equals a chain over the context, the root and its ancestors 0, 1, 3 and itself.
     visible = [*range(context), context, context + 1, context + 2, context + 4, context + 5]
