@@ -185,6 +185,12 @@ def test_phrase_drafting_equals_plain_greedy_over_rounds(runtime, phrase_source,
         )
         assert round_.drafted == truth[:8]
         assert_cache_equals_prefill(runtime, state)
+        # Where a forward emitted its first token, the round also kept the draft's second choice there.
+        assert 0 in round_.runner_ups and set(round_.runner_ups) <= set(range(8))
+        for index, token in round_.runner_ups.items():
+            logits = plain_logits(runtime, history + truth[:index])[-1].clone()
+            logits[truth[index]] = float("-inf")
+            assert token == int(logits.argmax())
         total_forwards += round_.forwards
         total_tokens += len(round_.drafted)
         keep = rng.randrange(0, 8)

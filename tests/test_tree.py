@@ -7,7 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.pool import PhrasePool
-from ouroboros_vllm.algorithm.proposal import Proposal, _allocate, apply_feedback, lengthen, lengthen_tree
+from ouroboros_vllm.algorithm.proposal import (
+    Proposal,
+    TreeRates,
+    _allocate,
+    apply_feedback,
+    lengthen,
+    lengthen_tree,
+)
 from ouroboros_vllm.algorithm.request import DraftSettings, RequestState
 from ouroboros_vllm.algorithm.tree import ROOT, DraftTree, accepted_path, predictions_along, walk
 
@@ -93,11 +100,21 @@ def test_add_branch_merges_identical_siblings():
     assert tree.tokens == [5, 6, 7] and tree.parents == [ROOT, 0, 1]
 
 
+def suffix_values(room: int, caps: list[int], pool: float, branch: float) -> list[list[float]]:
+    """The first path's and the runners-up's node values, as lengthen_tree computes them after an empty trunk."""
+    return [[pool ** (j + 1) for j in range(room)]] + [[branch * pool**j for j in range(cap)] for cap in caps]
+
+
 def test_allocation_goes_where_acceptance_is_likeliest():
     # A sure first path keeps every node; a doubtful one gives its tail to the runners-up.
-    assert _allocate(4, [4, 3, 3], 0.9, 0.1) == [4, 0, 0]
-    assert _allocate(4, [4, 3, 3], 0.3, 0.25) == [2, 1, 1]
-    assert _allocate(6, [6, 1, 1], 0.2, 0.5) == [4, 1, 1]  # the runners-up have one token each
+    assert _allocate(4, suffix_values(4, [3, 3], 0.9, 0.1)) == [4, 0, 0]
+    assert _allocate(4, suffix_values(4, [3, 3], 0.3, 0.25)) == [2, 1, 1]
+    assert _allocate(6, suffix_values(6, [1, 1], 0.2, 0.5)) == [4, 1, 1]  # the runners-up have one token each
+    assert _allocate(3, [[0.5], [0.4, 0.3], []]) == [1, 2, 0]
+
+
+def rates(pool: float, branch: float, trunk: float = 1.0, runner_up: float = 0.0) -> TreeRates:
+    return TreeRates(trunk=trunk, pool=pool, branch=branch, runner_up=runner_up)
 
 
 def pool_with(*phrases: tuple[int, tuple[int, ...]]) -> PhrasePool:
@@ -118,7 +135,7 @@ def test_matches_ranks_longer_matches_first_with_distinct_first_tokens():
 def test_a_tree_proposal_puts_the_runners_up_under_the_trunk_end():
     pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (3, (30, 31, 32)))
     proposal = Proposal(tokens=[2, 3], trunk_len=2)
-    lengthen_tree(pool, proposal, [1], 6, 3, first_path_rate=0.3, alternative_rate=0.25)
+    lengthen_tree(pool, proposal, [1], 6, 3, rates(0.3, 0.25))
     tree = proposal.tree()
     tree.check()
     assert tree.tokens[:2] == [2, 3] and len(tree) == 6
@@ -130,7 +147,7 @@ def test_a_sure_first_path_makes_the_same_proposal_as_a_chain():
     pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (12, (13, 14, 15)))
     chain, tree = Proposal(tokens=[3], trunk_len=1), Proposal(tokens=[3], trunk_len=1)
     lengthen(pool, chain, [1], 6)
-    lengthen_tree(pool, tree, [1], 6, 3, first_path_rate=0.95, alternative_rate=0.05)
+    lengthen_tree(pool, tree, [1], 6, 3, rates(0.95, 0.05))
     assert tree.parents is None and tree.tokens == chain.tokens and tree.suffixes == chain.suffixes
 
 
@@ -145,7 +162,7 @@ def test_a_request_counts_what_a_tree_verification_accepted_per_source():
     pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
     state = RequestState(settings(), pool, tree=True)
     state.proposal = Proposal(tokens=[2, 3], trunk_len=2)
-    lengthen_tree(pool, state.proposal, [1], 6, 3, first_path_rate=0.3, alternative_rate=0.3)
+    lengthen_tree(pool, state.proposal, [1], 6, 3, rates(0.3, 0.3))
     tree = state.proposal.tree()
     first_alternative = tree.children(1)[1]
     assert tree.tokens[first_alternative:] == [10, 11]  # the older phrase is the runner-up
@@ -162,7 +179,7 @@ def test_a_request_counts_what_a_tree_verification_accepted_per_source():
 def test_a_tree_verified_as_a_chain_is_counted_and_refined_as_a_chain():
     pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
     proposal = Proposal(tokens=[2, 3], trunk_len=2)
-    lengthen_tree(pool, proposal, [1], 5, 2, first_path_rate=0.3, alternative_rate=0.3)
+    lengthen_tree(pool, proposal, [1], 5, 2, rates(0.3, 0.3))
     assert proposal.parents is not None
     state = RequestState(settings(2), pool, tree=True)
     state.proposal = proposal
@@ -177,7 +194,7 @@ def test_a_tree_verified_as_a_chain_is_counted_and_refined_as_a_chain():
 def test_feedback_refines_a_branch_from_its_own_rows():
     pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)))
     proposal = Proposal(tokens=[3], trunk_len=1)
-    lengthen_tree(pool, proposal, [1], 7, 2, first_path_rate=0.3, alternative_rate=0.3)
+    lengthen_tree(pool, proposal, [1], 7, 2, rates(0.3, 0.3))
     tree = proposal.tree()
     proposal.verified_as_tree = True
     alternative = tree.children(0)[1]
@@ -198,6 +215,28 @@ def test_the_planner_values_a_tree_suffix_as_lengthen_tree_fills_it():
     chain = RowOutlook(budget=6, trunk_rate=0.9, pool_rate=0.3, pool_hit=1.0, can_draft=True)
     tree = replace(chain, alternatives=2, branch_len=3, branch_rate=0.25)
     assert pool_gains(chain, 4) == pytest.approx([0, 0.3, 0.39, 0.417])  # 0.3 + 0.3^2 + 0.3^3
-    assert _allocate(4, [4, 3, 3], 0.3, 0.25) == [2, 1, 1]  # nodes worth 0.3, 0.25, 0.25, 0.09
+    assert _allocate(4, suffix_values(4, [3, 3], 0.3, 0.25)) == [2, 1, 1]  # nodes worth 0.3, 0.25, 0.25, 0.09
     assert pool_gains(tree, 5) == pytest.approx([0, 0.3, 0.55, 0.8, 0.89])
     assert pool_gains(replace(tree, branch_rate=0.0), 5) == pytest.approx(pool_gains(chain, 5))
+
+
+def test_the_drafts_second_choices_hang_beside_the_trunk_deepest_first():
+    pool = pool_with((3, (10, 11, 12)))
+    proposal = Proposal(tokens=[2, 3], trunk_len=2)
+    # Trunk acceptance 0.5: the first path's pool tokens are worth 0.25 * 0.3, 0.25 * 0.09; second choices
+    # 0.4 at position 0 and 0.5 * 0.4 at position 1: both beat the pool's second token.
+    lengthen_tree(pool, proposal, [1], 5, 3, rates(0.3, 0.0, trunk=0.5, runner_up=0.4), {0: 7, 1: 8})
+    tree = proposal.tree()
+    tree.check()
+    assert tree.tokens == [2, 3, 10, 8, 7] and tree.parents == [ROOT, 0, 1, 0, ROOT]
+    assert proposal.runner_ups == [3, 4] and proposal.suffix_ends() == [3]
+    state = RequestState(settings(), pool, tree=True)
+    state.proposal = proposal
+    row_argmax = [2, 8, 0, 0, 0, 0]  # trunk[0] accepted, then the target says 8: the second choice at position 1
+    state.after_verification(tree.tokens, row_argmax, as_tree=True)
+    path, next_token = walk(tree, row_argmax)
+    assert path == [0, 3]
+    counts = state.count_accepted([tree.tokens[i] for i in path] + [next_token])
+    assert counts.accepted_tokens == 2 and counts.suffix_accepted_tokens == 0 and counts.branch_rounds == 1
+    runner_up = state.acceptance.rates["runner_up"]
+    assert (runner_up.accepted, runner_up.examined) == (1, 2)  # both second choices were reached

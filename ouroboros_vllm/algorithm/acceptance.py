@@ -1,7 +1,7 @@
 """How likely the target is to accept a proposed token, learned from verification.
 
-Per source (the draft model's trunk, the pool's suffix on the first path, an alternative branch's first token
-in a draft tree) the model keeps one number: the chance that the next
+Per source (the draft model's trunk, the pool's suffix on the first path, and in a draft tree an alternative
+branch's first token and the draft model's second choice) the model keeps one number: the chance that the next
 proposed token is accepted given that every token before it was, as counts of (accepted, examined) tokens. A
 verified proposal of ``m`` tokens from one source of which ``a`` were accepted examined ``min(a + 1, m)`` of
 them (the target stops at the first rejection). Each request has its own counts, which start from the
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOURCES = ("trunk", "pool", "branch")
+SOURCES = ("trunk", "pool", "branch", "runner_up")
 PRIOR_TRIALS = 4.0  # a new request's estimate starts as the process-wide rate, worth this many examined tokens
 DECAY = 0.9  # per verified proposal: older evidence counts for less
 # Before anything was verified: a neutral guess, so that speculation is tried and measured.

@@ -45,6 +45,11 @@ class DraftState:
         return history[keep:].tolist()
 
 
+# The key under which a forward's argmax mapping also holds the draft's second choice after the last pending token
+# (the runtime adds it; no new token has this index).
+RUNNER_UP_ROW = -1
+
+
 @dataclass(frozen=True, eq=False)
 class ForwardPlan:
     """One request's part of a draft forward: its new tokens after ``cached`` context tokens."""
@@ -101,6 +106,7 @@ class DraftRound:
     window_shape: tuple[int, int] = (0, 0)
     add_ngrams: Callable[[list[Ngram]], None] | None = None
     drafted: list[int] = field(default_factory=list)
+    runner_ups: dict[int, int] = field(default_factory=dict)  # drafted index -> the draft's second choice there
     forwards: int = 0
     done: bool = False
     _pending: list[int] = field(default_factory=list)
@@ -151,6 +157,8 @@ class DraftRound:
         (indices among the plan's new tokens; the cache then holds ``len(ids)``)."""
         emitted, kept = self._accept(plan, argmax)
         self.forwards += 1
+        if RUNNER_UP_ROW in argmax:  # the forward's first token is its argmax after the last pending token
+            self.runner_ups[len(self.drafted)] = argmax[RUNNER_UP_ROW]
         for token in emitted:
             self.drafted.append(token)
             if token in self.eos_token_ids:

@@ -10,7 +10,7 @@ be refined by identity and the trunk's rejected tail can inspire new phrases.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm import feedback
@@ -37,14 +37,16 @@ class Proposal:
     trunk_len: int = 0  # tokens[:trunk_len] came from the draft model
     suffixes: list[SuffixUse] = field(default_factory=list)
     parents: list[int] | None = None  # a tree's parent per node (depth-first); None: a chain
+    runner_ups: list[int] = field(default_factory=list)  # nodes holding the draft model's second choice
     verified_as_tree: bool = False  # the target verified the tree as one (not as the chain of its tokens)
 
     def tree(self) -> DraftTree:
         return DraftTree(list(self.tokens), list(self.parents)) if self.parents else DraftTree.chain(self.tokens)
 
     def suffix_ends(self) -> list[int]:
-        """Where each suffix's nodes end."""
-        return [use.offset for use in self.suffixes[1:]] + [len(self.tokens)] * bool(self.suffixes)
+        """Where each suffix's nodes end (the draft's second choices come after every suffix)."""
+        last = self.runner_ups[0] if self.runner_ups else len(self.tokens)
+        return [use.offset for use in self.suffixes[1:]] + [last] * bool(self.suffixes)
 
     @property
     def alternatives(self) -> int:
@@ -67,60 +69,84 @@ def lengthen(pool: PhrasePool, proposal: Proposal, context: Sequence[int], budge
         proposal.suffixes.append(SuffixUse(key, phrase, offset, matched))
 
 
+@dataclass(frozen=True)
+class TreeRates:
+    """What a tree's nodes are worth: the chance that the next token is accepted, given the ones before it, for
+    a trunk token, a pool suffix token on the first path, an alternative branch's first token, and the draft
+    model's runner-up at a trunk position."""
+
+    trunk: float
+    pool: float
+    branch: float
+    runner_up: float
+
+
 def lengthen_tree(
     pool: PhrasePool,
     proposal: Proposal,
     context: Sequence[int],
     budget: int,
     candidates: int,
-    first_path_rate: float,
-    alternative_rate: float,
+    rates: TreeRates,
+    runner_ups: Mapping[int, int] | None = None,
 ) -> None:
-    """:func:`lengthen`, with up to ``candidates - 1`` runners-up of the first suffix as alternative branches at
-    the trunk's end, within the same ``budget`` of nodes. Nodes go where they are likeliest to be accepted: the
-    first path's j-th pool token is worth ``first_path_rate ** (j + 1)``, an alternative's j-th token
-    ``alternative_rate * first_path_rate ** j`` (siblings exclude each other: at most one is accepted)."""
+    """:func:`lengthen` as a tree, within the same ``budget`` of nodes. The nodes after the trunk go where they are
+    likeliest to be accepted (:func:`_allocate`) among: the first path's pool suffix (its j-th token worth
+    ``trunk^m * pool^(j+1)`` after an m-token trunk), up to ``candidates - 1`` runners-up of that suffix hung
+    at the trunk's end (``trunk^m * branch * pool^j``: siblings exclude each other), and the draft model's
+    second choice at trunk position i (``runner_ups[i]``, worth ``trunk^i * runner_up``), hung beside trunk
+    token i. Laid out depth-first: the first path, the runners-up, then the draft's second choices, deepest
+    first."""
+    trunk_len = len(proposal.tokens)
+    room = budget - trunk_len
+    if room <= 0:
+        return
     tail = pool.phrase_len
     chain = [int(token) for token in [*context[-tail:], *proposal.tokens][-tail:]]
     found = pool.matches(chain, candidates)
-    room = budget - len(proposal.tokens)
-    if not found or room <= 0:
-        return
-    continuations = [phrase[matched:] for _, phrase, matched in found]
-    shares = _allocate(room, [room] + [len(c) for c in continuations[1:]], first_path_rate, alternative_rate)
-    branch_point = len(proposal.tokens) - 1  # the trunk's last node, or the root
-    key, phrase, matched = found[0]
-    proposal.tokens.extend(continuations[0][: shares[0]])
-    proposal.suffixes.append(SuffixUse(key, phrase, branch_point + 1, matched))
-    if shares[0] > len(continuations[0]):  # the first path goes on past its phrase, as a chain would
-        lengthen(pool, proposal, context, len(proposal.tokens) + shares[0] - len(continuations[0]))
+    reach = rates.trunk**trunk_len
+    seconds = sorted(
+        ((i, token) for i, token in (runner_ups or {}).items() if i < trunk_len and token != proposal.tokens[i]),
+        reverse=True,
+    )
+    values = []
+    if found:
+        key, phrase, matched = found[0]
+        values.append([reach * rates.pool ** (j + 1) for j in range(room)])
+        values += [[reach * rates.branch * rates.pool**j for j in range(len(p) - m)] for _, p, m in found[1:]]
+    values += [[rates.trunk**i * rates.runner_up] for i, _ in seconds]
+    shares = _allocate(room, values)
+    if found and shares[0]:
+        continuation = phrase[matched:]
+        proposal.tokens.extend(continuation[: shares[0]])
+        proposal.suffixes.append(SuffixUse(key, phrase, trunk_len, matched))
+        if shares[0] > len(continuation):  # the first path goes on past its phrase, as a chain would
+            lengthen(pool, proposal, context, trunk_len + shares[0])
     parents = proposal.parents = list(range(-1, len(proposal.tokens) - 1))
-    for rank, ((key, phrase, matched), continuation, share) in enumerate(
-        zip(found[1:], continuations[1:], shares[1:], strict=True), start=1
-    ):
+    for rank, ((key, phrase, matched), share) in enumerate(zip(found[1:], shares[1 : len(found)], strict=True), 1):
         if share:
             offset = len(proposal.tokens)
-            proposal.tokens.extend(continuation[:share])
-            parents.extend([branch_point] + list(range(offset, offset + share - 1)))
+            proposal.tokens.extend(phrase[matched:][:share])
+            parents.extend([trunk_len - 1, *range(offset, offset + share - 1)])
             proposal.suffixes.append(SuffixUse(key, phrase, offset, matched, rank))
-    if not proposal.alternatives:
+    for (i, token), share in zip(seconds, shares[len(found) :], strict=True):
+        if share:
+            proposal.runner_ups.append(len(proposal.tokens))
+            proposal.tokens.append(token)
+            parents.append(i - 1)
+    if not (proposal.alternatives or proposal.runner_ups):
         proposal.parents = None
 
 
-def _allocate(room: int, caps: Sequence[int], first_path_rate: float, alternative_rate: float) -> list[int]:
-    """Nodes per candidate (``caps`` each at most), each next node to the candidate whose next token is the
-    likeliest to be accepted; the first path wins ties."""
-    shares = [0] * len(caps)
+def _allocate(room: int, values: Sequence[Sequence[float]]) -> list[int]:
+    """Nodes per candidate: each next node to the candidate whose next node is worth the most (``values[c][j]``:
+    candidate c's j-th node, not increasing in j); the earlier candidate wins ties."""
+    shares = [0] * len(values)
     for _ in range(room):
-        best, best_value = None, -1.0
-        for rank, cap in enumerate(caps):
-            if shares[rank] < cap:
-                first = first_path_rate if rank == 0 else alternative_rate
-                value = first * first_path_rate ** shares[rank]
-                if value > best_value:
-                    best, best_value = rank, value
-        if best is None:
+        open_ = [c for c, worth in enumerate(values) if shares[c] < len(worth)]
+        if not open_:
             break
+        best = max(open_, key=lambda c: (values[c][shares[c]], -c))
         shares[best] += 1
     return shares
 

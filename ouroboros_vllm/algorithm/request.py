@@ -25,6 +25,7 @@ from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import (
     Proposal,
+    TreeRates,
     apply_feedback,
     context_ngrams,
     lengthen,
@@ -32,7 +33,7 @@ from ouroboros_vllm.algorithm.proposal import (
     suffix_acceptance,
 )
 from ouroboros_vllm.algorithm.stats import DraftStats
-from ouroboros_vllm.algorithm.tree import accepted_path
+from ouroboros_vllm.algorithm.tree import ROOT, accepted_path
 
 
 @dataclass(frozen=True)
@@ -90,19 +91,22 @@ class RequestState:
         accepted_trunk = sum(node < trunk for node in path)
         self._record_acceptance("trunk", trunk, accepted_trunk)
         counts = DraftStats(accepted_tokens=len(path), suffix_accepted_tokens=len(path) - accepted_trunk)
+        if proposal.verified_as_tree:
+            taken = [node for node in path if node >= first_path]
+            counts.tree_rounds, counts.branch_tokens = 1, len(proposal.tokens) - first_path
+            counts.branch_rounds, counts.branch_accepted_tokens = int(bool(taken)), len(taken)
+            # The draft's second choices that the target reached (their parent accepted), and whether one was taken.
+            reached = [node for node in proposal.runner_ups if proposal.tree().parents[node] in (ROOT, *path)]
+            self._record_trials("runner_up", len(reached), sum(node in path for node in reached))
+            counts.suffix_accepted_tokens -= sum(node in path for node in reached)
         if accepted_trunk == trunk:  # the target reached the suffixes
             self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
             if proposal.verified_as_tree:
-                taken = [node for node in path if node >= first_path]
-                self._record_trials("branch", proposal.alternatives, int(bool(taken)))
-                counts.branch_rounds = int(bool(taken))
-                counts.branch_accepted_tokens = len(taken)
+                pool_taken = any(node >= first_path and node not in proposal.runner_ups for node in path)
+                self._record_trials("branch", proposal.alternatives, int(pool_taken))
             if len(path) > trunk:
                 rank = next((use.rank for use in reversed(proposal.suffixes) if use.offset <= path[trunk]), 0)
                 counts.accepted_rank[rank] = 1
-        if proposal.verified_as_tree:
-            counts.tree_rounds = 1
-            counts.branch_tokens = len(proposal.tokens) - first_path
         counts.matched_suffix_tokens, counts.matched_suffix_accepted_tokens = suffix_acceptance(proposal, path)
         return counts
 
@@ -125,6 +129,11 @@ class RequestState:
         """The chance that an alternative branch's first token is the target's."""
         prior = self.prior or ProcessAcceptance()
         return self.acceptance.rate("branch", prior.prior("branch"))
+
+    def tree_rates(self) -> TreeRates:
+        prior = self.prior or ProcessAcceptance()
+        trunk, pool, _ = self.rates()
+        return TreeRates(trunk, pool, self.branch_rate(), self.acceptance.rate("runner_up", prior.prior("runner_up")))
 
     def rates(self) -> tuple[float, float, float]:
         """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""
@@ -163,9 +172,9 @@ class RequestState:
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
         if self.settings.uses_pool and not ends_sequence and len(drafted) < budget:  # nothing follows an EOS
             if self.tree and self.settings.num_candidates > 1:
-                _, pool_rate, _ = self.rates()
+                runner_ups = round_.runner_ups if round_ is not None else None
                 candidates = self.settings.num_candidates
-                lengthen_tree(self.pool, proposal, history, budget, candidates, pool_rate, self.branch_rate())
+                lengthen_tree(self.pool, proposal, history, budget, candidates, self.tree_rates(), runner_ups)
             else:
                 lengthen(self.pool, proposal, history, budget)
             found = int(len(proposal.tokens) > len(drafted))
@@ -176,7 +185,7 @@ class RequestState:
         counts = DraftStats(
             rounds=1,
             proposed_tokens=len(proposal.tokens),
-            suffix_tokens=len(proposal.tokens) - proposal.trunk_len,
+            suffix_tokens=len(proposal.tokens) - proposal.trunk_len - len(proposal.runner_ups),
             draft_forwards=round_.forwards if round_ is not None else 0,
         )
         return proposal.tokens, counts

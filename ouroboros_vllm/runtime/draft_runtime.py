@@ -28,7 +28,7 @@ import torch
 
 from ouroboros_vllm.algorithm.acceptance import Rate
 from ouroboros_vllm.algorithm.cost_model import OnlineLinearFit
-from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState, ForwardPlan
+from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftState, ForwardPlan
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec
@@ -139,15 +139,22 @@ class DraftRuntime:
         plans = [plan for _, plan in rows]
         if not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
             wanted = [plan.logit_rows + plan.phrase_rows() for plan in plans]
-            found = self._argmax(hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)])
-            return [dict(zip(rows, values, strict=True)) for rows, values in zip(wanted, found, strict=True)]
+            found, seconds = self._argmax(
+                hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)]
+            )
+            return [
+                {**dict(zip(rows, values, strict=True)), RUNNER_UP_ROW: second[0]}
+                for rows, values, second in zip(wanted, found, seconds, strict=True)
+            ]
         # The argmax where a plan always reads it, then only at the phrase tokens that can matter given the first.
-        argmax = self._argmax(hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)])
+        argmax, seconds = self._argmax(
+            hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)]
+        )
         phrase_rows = [plan.phrase_rows(found[0]) for found, plan in zip(argmax, plans, strict=True)]
-        more = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
+        more, _ = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
         return [
-            dict(zip(plan.logit_rows + extra, first + second, strict=True))
-            for (_, plan), extra, first, second in zip(rows, phrase_rows, argmax, more, strict=True)
+            {**dict(zip(plan.logit_rows + extra, first + again, strict=True)), RUNNER_UP_ROW: second[0]}
+            for (_, plan), extra, first, again, second in zip(rows, phrase_rows, argmax, more, seconds, strict=True)
         ]
 
     def _two_lm_head_calls(self, phrase_rows: int) -> bool:
@@ -162,17 +169,22 @@ class DraftRuntime:
             return True  # measure at every size first: both calls' sizes vary
         return fit.intercept < fit.slope * phrase_rows
 
-    def _argmax(self, hidden: torch.Tensor, rows: list[list[int]]) -> list[list[int]]:
-        """The draft's argmax at these packed rows (one lm_head call, timed), in the same nesting."""
+    def _argmax(self, hidden: torch.Tensor, rows: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """The draft's argmax and second choice at these packed rows (one lm_head call, timed), in the same
+        nesting."""
         flat = [row for part in rows for row in part]
         if not flat:
-            return [[] for _ in rows]
+            return [[] for _ in rows], [[] for _ in rows]
         start = time.perf_counter()
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
-        found = self.model.get_output_embeddings()(hidden[index]).argmax(dim=-1).tolist()  # .tolist() syncs
+        logits = self.model.get_output_embeddings()(hidden[index])
+        best = logits.argmax(dim=-1)  # argmax, not topk: the same token on ties as the draft's greedy loop
+        runner_up = logits.scatter(-1, best[:, None], float("-inf")).argmax(dim=-1)
+        best_ids, runner_up_ids = best.tolist(), runner_up.tolist()  # .tolist() syncs
         self._lm_head_cost.add(len(flat), time.perf_counter() - start)
-        out, at = [], 0
+        firsts, seconds, at = [], [], 0
         for part in rows:
-            out.append(found[at : at + len(part)])
+            firsts.append(best_ids[at : at + len(part)])
+            seconds.append(runner_up_ids[at : at + len(part)])
             at += len(part)
-        return out
+        return firsts, seconds
