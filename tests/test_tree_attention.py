@@ -99,3 +99,13 @@ def test_move_copies_before_it_writes():
     assert torch.equal(values.transpose(0, 1)[[41, 42, 43]], v[[42, 55, 56]])
     untouched = [i for i in range(64) if i not in (41, 42, 43)]
     assert torch.equal(keys.transpose(0, 1)[untouched], k[untouched])
+
+
+def test_a_runner_whose_internals_moved_verifies_chains():
+    from types import SimpleNamespace
+
+    from ouroboros_vllm.vllm_plugin import tree_scorer
+
+    runner = SimpleNamespace(uses_mrope=False)  # no input_batch, no compilation_config
+    assert tree_scorer.supports_trees(runner) is False
+    assert runner._ouroboros_supports_trees is False  # decided once

@@ -142,7 +142,14 @@ def supports_trees(runner: Any) -> bool:
     Checked once per runner."""
     verdict = getattr(runner, "_ouroboros_supports_trees", None)
     if verdict is None:
-        verdict = runner._ouroboros_supports_trees = _check_runner(runner)
+        try:
+            verdict = _check_runner(runner)
+        except (ImportError, AttributeError) as error:  # a vLLM whose internals moved: chains, said once
+            verdict = False
+            logger.warning("ouroboros-vllm: tree verification is off on this vLLM (%s); verifying chains", error)
+        if not verdict:
+            logger.info("ouroboros-vllm: this engine cannot verify draft trees; every row is verified as a chain")
+        runner._ouroboros_supports_trees = verdict
     return verdict
 
 
