@@ -120,7 +120,21 @@ def install() -> None:
     _wrap(GPUModelRunner, "_sample", _wrap_sample)
     _wrap(GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs)
     _fix_cpu_expand_batch_to_tokens()
-    tree_scorer.install()
+    _wrap_cpu_tree_verification()
+
+
+def _wrap_cpu_tree_verification() -> None:
+    """Tree verification's hooks in vLLM's CPU attention and rejection sampler (:mod:`.tree_scorer`)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import vllm.v1.sample.rejection_sampler as rejection_sampler
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    _wrap(CPUAttentionBackendImpl, "forward", tree_scorer.wrap_attention_forward)
+    # RejectionSampler.forward looks the name up at call time, so rebinding it in the module reaches the call.
+    _wrap(rejection_sampler, "rejection_sample", tree_scorer.wrap_rejection_sample)
 
 
 def _fix_cpu_expand_batch_to_tokens() -> None:
@@ -166,15 +180,16 @@ def is_installed() -> bool:
     )
 
 
-def _wrap(cls: type, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    original = getattr(cls, name, None)
+def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace ``owner.name`` (a class's method or a module's function) by ``make_wrapper(original)``, once."""
+    original = getattr(owner, name, None)
     if original is None:
-        raise UnsupportedVllmError(f"{cls.__name__}.{name} is missing: this vLLM's model runner is not supported")
+        raise UnsupportedVllmError(f"{owner.__name__}.{name} is missing: this vLLM is not supported")
     if getattr(original, _WRAPPED_MARK, False):
         return
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, _WRAPPED_MARK, True)
-    setattr(cls, name, wrapper)
+    setattr(owner, name, wrapper)
 
 
 def _listener(runner: Any) -> StepListener | None:

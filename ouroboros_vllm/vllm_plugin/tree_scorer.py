@@ -22,7 +22,6 @@ everything here is a pass-through elsewhere.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -37,7 +36,6 @@ from ouroboros_vllm.vllm_plugin import tree_attention
 
 logger = init_logger(__name__)
 
-_WRAPPED_MARK = "__ouroboros_wrapped__"
 PLACEHOLDER = -1  # vLLM's PLACEHOLDER_TOKEN_ID: an unused slot of a row's output
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily
 
@@ -107,9 +105,9 @@ def takes_tree(params: Any) -> bool:
 
 
 def plan_step(runner: Any, scheduler_output: Any, num_scheduled: Any, trees: dict[str, DraftTree]) -> None:
-    """Step 1: choose the tree rows and rewrite their nodes' positions; the plan becomes :func:`active`."""
+    """Step 1: choose the tree rows and rewrite their nodes' positions; the plan becomes :func:`active` (the
+    caller has ended the previous step's with :func:`deactivate`)."""
     global _active
-    _active = None
     if not trees or not supports_trees(runner):
         return
     batch = runner.input_batch
@@ -254,30 +252,9 @@ def compact(runner: Any) -> None:
             tree_attention.move(kv_cache, source_slots, target_slots)
 
 
-def install() -> None:
-    """Wrap the CPU attention's forward and the rejection sampler's ``rejection_sample`` (idempotent)."""
-    from vllm.platforms import current_platform
+def wrap_attention_forward(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Step 2's hook on ``CPUAttentionBackendImpl.forward`` (installed by :func:`.hooks.install`)."""
 
-    if not current_platform.is_cpu():
-        return
-    import vllm.v1.sample.rejection_sampler as rejection_sampler
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
-
-    forward = CPUAttentionBackendImpl.forward
-    if not getattr(forward, _WRAPPED_MARK, False):
-        CPUAttentionBackendImpl.forward = _marked(functools.wraps(forward)(_wrap_forward(forward)))
-    sample = rejection_sampler.rejection_sample
-    if not getattr(sample, _WRAPPED_MARK, False):
-        # RejectionSampler.forward looks the name up at call time, so rebinding it reaches the call.
-        rejection_sampler.rejection_sample = _marked(functools.wraps(sample)(_wrap_rejection_sample(sample)))
-
-
-def _marked(function: Callable[..., Any]) -> Callable[..., Any]:
-    setattr(function, _WRAPPED_MARK, True)
-    return function
-
-
-def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self: Any, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any, attn_metadata: Any, output: Any,
                 *args: Any, **kwargs: Any) -> Any:  # fmt: skip
         result = original(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
@@ -288,7 +265,8 @@ def _wrap_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     return forward
 
 
-def _wrap_rejection_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+def wrap_rejection_sample(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Step 3's hook on ``rejection_sampler.rejection_sample`` (installed by :func:`.hooks.install`)."""
     signature = inspect.signature(original)
 
     def rejection_sample(*args: Any, **kwargs: Any) -> torch.Tensor:
