@@ -82,26 +82,26 @@ class RequestState:
         proposal, self.proposal = self.proposal, Proposal()
         if not (proposal.tokens and sampled):
             return DraftStats()
-        if proposal.verified_as_tree:
-            path = accepted_path(proposal.tree(), sampled)
+        tree = proposal.tree() if proposal.verified_as_tree else None
+        if tree is not None:
+            path, first_path = accepted_path(tree, sampled), tree.first_path_len()
         else:
-            path = list(range(min(len(sampled) - 1, len(proposal.tokens))))
-        first_path = proposal.tree().first_path_len() if proposal.verified_as_tree else len(proposal.tokens)
+            path, first_path = list(range(min(len(sampled) - 1, len(proposal.tokens)))), len(proposal.tokens)
         trunk = proposal.trunk_len
         accepted_trunk = sum(node < trunk for node in path)
         self._record_acceptance("trunk", trunk, accepted_trunk)
         counts = DraftStats(accepted_tokens=len(path), suffix_accepted_tokens=len(path) - accepted_trunk)
-        if proposal.verified_as_tree:
+        if tree is not None:
             taken = [node for node in path if node >= first_path]
             counts.tree_rounds, counts.branch_tokens = 1, len(proposal.tokens) - first_path
             counts.branch_rounds, counts.branch_accepted_tokens = int(bool(taken)), len(taken)
             # The draft's second choices that the target reached (their parent accepted), and whether one was taken.
-            reached = [node for node in proposal.runner_ups if proposal.tree().parents[node] in (ROOT, *path)]
+            reached = [node for node in proposal.runner_ups if tree.parents[node] in (ROOT, *path)]
             self._record_trials("runner_up", len(reached), sum(node in path for node in reached))
             counts.suffix_accepted_tokens -= sum(node in path for node in reached)
         if accepted_trunk == trunk:  # the target reached the suffixes
             self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
-            if proposal.verified_as_tree:
+            if tree is not None:
                 pool_taken = any(node >= first_path and node not in proposal.runner_ups for node in path)
                 self._record_trials("branch", proposal.alternatives, int(pool_taken))
             if len(path) > trunk:
