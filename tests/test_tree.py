@@ -35,7 +35,8 @@ def trees(draw: st.DrawFn, max_nodes: int = 12, vocab: int = 5) -> DraftTree:
             continue
         free = [t for t in range(vocab) if tree.child_with(parent, t) is None]
         if free:
-            tree.add_branch(parent, [draw(st.sampled_from(free))])
+            tree.tokens.append(draw(st.sampled_from(free)))
+            tree.parents.append(parent)
     return tree
 
 
@@ -51,7 +52,7 @@ def chain_walk(tokens: list[int], argmax: list[int]) -> tuple[list[int], int]:
 def test_on_a_chain_the_walk_is_vllm_chain_acceptance(tokens, data):
     argmax = data.draw(st.lists(st.integers(0, 4), min_size=len(tokens) + 1, max_size=len(tokens) + 1))
     tree = DraftTree.chain(tokens)
-    assert tree.is_chain() and tree.first_path_len() == len(tokens)
+    assert tree.first_path_len() == len(tokens)
     assert walk(tree, argmax) == chain_walk(tokens, argmax)
     assert predictions_along(tree, argmax, 0, len(tokens) + 1) == argmax if tokens else True
 
@@ -92,12 +93,6 @@ def test_junk_first_and_the_truth_second_is_accepted_in_full():
     argmax = [7, 0, 0, 0, 8, 9, 10]  # the root's row, then one per node: the truth continues with 10
     assert walk(tree, argmax) == ([3, 4, 5], 10)
     assert predictions_along(tree, argmax, 3, 4) == [7, 8, 9, 10]
-
-
-def test_add_branch_merges_identical_siblings():
-    tree = DraftTree.chain([5, 6])
-    assert tree.add_branch(0, [6, 7]) == [1, 2]  # shares node 1
-    assert tree.tokens == [5, 6, 7] and tree.parents == [ROOT, 0, 1]
 
 
 def suffix_values(room: int, caps: list[int], pool: float, branch: float) -> list[list[float]]:

@@ -30,9 +30,6 @@ class DraftTree:
     def chain(cls, tokens: Sequence[int]) -> DraftTree:
         return cls(list(tokens), list(range(-1, len(tokens) - 1)))
 
-    def is_chain(self) -> bool:
-        return all(parent == i - 1 for i, parent in enumerate(self.parents))
-
     def first_path_len(self) -> int:
         """Nodes on the first depth-first path (a chain prefix: the target's causal attention is already right
         for them)."""
@@ -53,21 +50,6 @@ class DraftTree:
 
     def child_with(self, node: int, token: int) -> int | None:
         return next((i for i, parent in enumerate(self.parents) if parent == node and self.tokens[i] == token), None)
-
-    def add_branch(self, parent: int, tokens: Sequence[int]) -> list[int]:
-        """Hang ``tokens`` under ``parent`` as a chain, sharing the nodes it already has (identical siblings are
-        merged); the appended nodes stay depth-first only if ``parent``'s subtree is the last one built. Returns
-        the branch's nodes, shared ones included."""
-        nodes = []
-        for token in tokens:
-            child = self.child_with(parent, int(token))
-            if child is None:
-                self.tokens.append(int(token))
-                self.parents.append(parent)
-                child = len(self.tokens) - 1
-            nodes.append(child)
-            parent = child
-        return nodes
 
     def truncated(self, num_nodes: int) -> DraftTree:
         return DraftTree(self.tokens[:num_nodes], self.parents[:num_nodes])
