@@ -254,6 +254,34 @@ def test_rows_drafted_together_equal_each_row_drafted_alone(runtime, phrase_sour
         runtime.release(state)
 
 
+def test_a_reproducible_draft_makes_no_choice_from_timings(tiny):
+    """int8 scales the lm_head's activations per call, so how a forward splits its lm_head work changes the numbers
+    a draft is read from: a reproducible draft (a seeded request's) makes one call a forward whatever this
+    runtime's timings say, where an ordinary one follows them."""
+    runtime = load(tiny.target, int8=True)
+    runtime._two_lm_head_calls = lambda phrase_rows: True  # the timings say: split
+    lm_head_calls = []
+    runtime.model.get_output_embeddings().register_forward_hook(lambda *_: lm_head_calls.append(1))
+    rng = random.Random(3)
+    history = [rng.randrange(1000) for _ in range(12)]
+    truth = draft(runtime, DraftState(), history, 8).drafted
+    phrases_for = _oracle_phrases(history, truth, "oracle", rng)
+
+    def calls_per_forward(reproducible: bool) -> tuple[int, int]:
+        round_ = DraftRound(
+            DraftState(), np.asarray(history), 8, frozenset(), runtime.info.vocab_size, phrases_for=phrases_for
+        )
+        lm_head_calls.clear()
+        runtime.draft([round_], reproducible=reproducible)
+        runtime.release(round_.state)
+        return len(lm_head_calls), round_.forwards
+
+    calls, forwards = calls_per_forward(reproducible=False)
+    assert calls > forwards  # the phrase rows got a call of their own
+    calls, forwards = calls_per_forward(reproducible=True)
+    assert calls == forwards
+
+
 def test_a_row_that_reaches_eos_leaves_the_batch_early(tiny):
     plain = load(tiny.target)
     rng = random.Random(9)

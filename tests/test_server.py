@@ -62,6 +62,7 @@ def test_the_server_verified_our_drafts_and_shows_our_metrics(server):
 # ---------------------------------------------------------------------------------------------- load test
 
 LOAD_REQUESTS, CONCURRENCY = 200, 32
+SEEDED_RERUNS = 6  # seeded requests sent again, alone, twice each
 
 
 @dataclass
@@ -156,10 +157,18 @@ def test_mixed_concurrent_load_with_cancellations(server, plain):
         want = reference.outputs[0].text if request.stream else list(reference.outputs[0].token_ids)
         assert all(choice == want for choice in ours), (request.body, ours, want)
 
-    # Seeded sampling: the same requests again give the same tokens.
-    sampled = [(r, res) for r, res in complete if not r.greedy and not r.stream]
-    again = run_load(server, [r for r, _ in sampled])
-    for (request, first), second in zip(sampled, again, strict=True):
+    # Seeded sampling: a seeded request sent again gives the same tokens, whatever the shared pool learnt and the
+    # timings said meanwhile (a greedy request in between teaches the pool new text). Each goes alone, twice: amid
+    # a load, vLLM's own numerics depend on the batch (no batch invariance on CPU) and a sampled token near a tie
+    # follows them, so the load's outputs are not compared. (Comparing them once failed in CI, 1 of ~30 requests
+    # after 208 equal tokens; a timing-made lm_head split of the int8 draft was a cause of ours, now gone.)
+    seeded = [r for r, _ in complete if not r.greedy and not r.stream and r.body["max_tokens"] >= 64][:SEEDED_RERUNS]
+    assert seeded, "the load holds no long seeded request"
+    for request in seeded:
+        first = send(server, request)
+        server.complete(f"def learn_{len(request.body['prompt'])}(x):\n", max_tokens=48, temperature=0.0)
+        second = send(server, request)
+        assert first.status == second.status == 200, (first.error, second.error)
         assert second.token_ids == first.token_ids, request.body
 
     # No request state outlives its request: the last finished request is flushed by the next one's step.
@@ -171,5 +180,5 @@ def test_mixed_concurrent_load_with_cancellations(server, plain):
     assert "Traceback" not in server.log_tail(200_000)
     print(
         f"load: {len(batch)} requests, {cancelled} cancelled, {len(errors)} errors, {len(greedy_done)} greedy "
-        f"outputs equal to plain, {len(sampled)} seeded outputs reproduced"
+        f"outputs equal to plain, {len(seeded)} seeded outputs reproduced"
     )

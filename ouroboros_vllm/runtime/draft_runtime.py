@@ -74,18 +74,27 @@ class DraftRuntime:
         state.ids.clear()
 
     @torch.inference_mode()
-    def draft(self, rounds: Sequence[DraftRound], wide: bool | None = None) -> list[tuple[int, int, float]]:
+    def draft(
+        self, rounds: Sequence[DraftRound], wide: bool | None = None, reproducible: bool = False
+    ) -> list[tuple[int, int, float]]:
         """Run forwards until every round is done; every unfinished round shares each forward. Returns each
         forward's (rows, tokens carried, seconds), the rounds' planning and bookkeeping included. ``wide``: whether
-        forwards carry the pool's phrases and their tails (None: each decided from this runtime's timings)."""
+        forwards carry the pool's phrases and their tails (None: each decided from this runtime's timings).
+        ``reproducible``: no choice from timings at all (wide unless told otherwise, one lm_head call a forward),
+        so that the numbers depend on the rounds alone: with int8 weights the activations are scaled per call,
+        and a timing-made choice would let the machine's load and other requests' traffic change a draft."""
         timings = []
         active = [r for r in rounds if not r.done]
+        if reproducible and wide is None:
+            wide = True
         while active:
             start = time.perf_counter()
             carry_phrases = self._may_carry(len(active), self._phrase_width) if wide is None else wide
             carry_tails = self._may_carry(len(active), self._tail_width) if wide is None else wide
             plans = [r.plan(carry_phrases, carry_tails) for r in active]
-            predicted = self.forward([(r.state, plan) for r, plan in zip(active, plans, strict=True)])
+            predicted = self.forward(
+                [(r.state, plan) for r, plan in zip(active, plans, strict=True)], one_lm_head_call=reproducible
+            )
             for r, plan, argmax in zip(active, plans, predicted, strict=True):
                 kept = r.finish(plan, argmax)
                 assert r.state.cache_row is not None
@@ -112,16 +121,19 @@ class DraftRuntime:
         return fit.slope * added <= fit.intercept / 4
 
     @torch.inference_mode()
-    def forward(self, rows: Sequence[tuple[DraftState, ForwardPlan]]) -> list[dict[int, int]]:
+    def forward(
+        self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool = False
+    ) -> list[dict[int, int]]:
         """One forward of the draft model for these rows' plans; per row, its new tokens' argmax (index among the
-        row's new tokens -> the draft's argmax after it) where the plan reads it."""
+        row's new tokens -> the draft's argmax after it) where the plan reads it. ``one_lm_head_call``: at every
+        row a plan may read, rather than as this runtime's timings say (see :meth:`draft`)."""
         for state, _ in rows:
             if state.cache_row is None:
                 state.cache_row = self.cache.acquire()
         # In cache-row order, the rows' queries are often already laid out as attention wants them (no padding).
         order = sorted(range(len(rows)), key=lambda i: rows[i][0].cache_row)  # type: ignore[arg-type,return-value]
         if order != list(range(len(rows))):
-            found = self.forward([rows[i] for i in order])
+            found = self.forward([rows[i] for i in order], one_lm_head_call)
             return [found[order.index(i)] for i in range(len(rows))]
         self.cache.reserve(max(plan.cached + plan.num_new for _, plan in rows))
         device = self.device
@@ -137,7 +149,7 @@ class DraftRuntime:
         ).last_hidden_state[0]
         starts = [int(start) for start in np.cumsum([0] + [plan.num_new for _, plan in rows])[:-1]]
         plans = [plan for _, plan in rows]
-        if not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
+        if one_lm_head_call or not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
             wanted = [plan.logit_rows + plan.phrase_rows() for plan in plans]
             found, seconds = self._argmax(
                 hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)]

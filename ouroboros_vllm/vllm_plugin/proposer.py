@@ -229,14 +229,18 @@ class OuroborosProposer(hooks.StepListener):
 
     def _run_draft_model(self, rounds: list[tuple[RequestState, DraftRound]]) -> list[tuple[int, int, float]]:
         """Every request's trunk in shared draft forwards; each forward's (rows, tokens, seconds). Cold requests
-        draft alone: with int8 weights a forward's numbers depend on every row in it, and a cold (e.g. seeded)
-        request's drafts must not depend on other traffic."""
+        draft alone and reproducibly: with int8 weights a forward's numbers depend on every row in it and on how
+        its lm_head call is split, and a cold (e.g. seeded) request's drafts must not depend on other traffic or
+        on timings."""
         if self.drafter is None:
             return []
         shared = [round_ for state, round_ in rounds if not state.cold]
         groups = [shared] if self.config.batch_draft else [[round_] for round_ in shared]
-        groups += [[round_] for state, round_ in rounds if state.cold]
-        return [timing for group in groups if group for timing in self.drafter.draft(group)]
+        timings = [timing for group in groups if group for timing in self.drafter.draft(group)]
+        for state, round_ in rounds:
+            if state.cold:
+                timings += self.drafter.draft([round_], reproducible=True)
+        return timings
 
     # ---- requests --------------------------------------------------------------------------------------------
 
