@@ -152,6 +152,22 @@ def test_the_controller_speculates_fully_until_it_has_measured_then_plans():
     assert "proposed lengths 0:2 8:2" in controller.summary()
 
 
+def test_the_controller_compares_the_accepted_tokens_it_expected_with_what_the_target_accepted():
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)
+    for tokens in (10, 2, 10, 2):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+    rows = [row(budget=4, trunk=0.9, pool=0.0, hit=0.0)] * 2
+    controller.observe_accepted(5)  # no plan was predicted yet: not counted
+    plan = controller.plan(rows, 4)
+    expected = plan.expected_tokens - 2
+    assert expected > 2 and controller.stats.predicted_accepted == 0.0
+    controller.observe_accepted(3)
+    controller.observe_accepted(7)  # a step whose plan made no prediction
+    assert controller.stats.predicted_accepted == pytest.approx(expected) and controller.stats.verified_accepted == 3
+    assert f"predicted/verified accepted tokens {expected / 3:.2f}" in controller.summary()
+
+
 def test_the_controller_probes_when_every_step_looks_alike():
     controller = AdaptiveController(max_tokens=8)
     rows = [row(trunk=0.02, pool=0.02)]

@@ -53,6 +53,8 @@ class AdaptiveStats:
     lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
     predicted_seconds: float = 0.0  # of the steps whose time was then measured
     measured_seconds: float = 0.0
+    predicted_accepted: float = 0.0  # draft tokens the plans expected accepted, of the steps then verified
+    verified_accepted: int = 0  # and what the target accepted of them
 
     def count_lengths(self, rows: Sequence[RowPlan]) -> None:
         for row in rows:
@@ -74,6 +76,7 @@ class AdaptiveController:
         self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
         self._since_probe = 0
         self._pending_prediction: float | None = None
+        self._pending_accepted: float | None = None  # the last plan's expected accepted draft tokens
         self._pending_draft_seconds = 0.0
         self._explore_credit = 0.0  # seconds of exploration earned since the draft last ran
         self._rows = 0  # rows of the last plan
@@ -89,6 +92,13 @@ class AdaptiveController:
             self.stats.predicted_seconds += self._pending_prediction
             self.stats.measured_seconds += seconds + self._pending_draft_seconds
             self._pending_prediction = None
+
+    def observe_accepted(self, accepted: int) -> None:
+        """The target accepted ``accepted`` draft tokens of the last plan's rows (read at the next step)."""
+        if self._pending_accepted is not None:
+            self.stats.predicted_accepted += self._pending_accepted
+            self.stats.verified_accepted += accepted
+            self._pending_accepted = None
 
     def observe_draft(self, forwards: Sequence[tuple[int, int, float]], depth: int) -> None:
         """The step's draft forwards, each (rows, tokens carried, seconds), which drafted ``depth`` tokens for the
@@ -109,7 +119,7 @@ class AdaptiveController:
     def plan(self, rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
         """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep."""
         self._pending_draft_seconds = 0.0
-        self._pending_prediction = None
+        self._pending_prediction = self._pending_accepted = None
         self._rows = len(rows)
         target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
         if target is None or draft is None:
@@ -147,6 +157,8 @@ class AdaptiveController:
         if tried is not plan:
             self._pending_prediction = None
             plan = tried
+        if self._pending_prediction is not None:
+            self._pending_accepted = plan.expected_tokens - len(rows)
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
         return plan
@@ -171,6 +183,8 @@ class AdaptiveController:
         ratio = ""
         if s.measured_seconds:
             ratio = f", predicted/measured step time {s.predicted_seconds / s.measured_seconds:.2f}"
+        if s.predicted_accepted:
+            ratio += f", predicted/verified accepted tokens {s.predicted_accepted / max(s.verified_accepted, 1):.2f}"
         declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
         return f"proposed lengths {s.histogram() or '-'}{declined}; {self.costs.summary()}{ratio}"
 
