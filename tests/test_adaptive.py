@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -9,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
-from ouroboros_vllm.algorithm.adaptive import EXPLORE_SHARE, PROBE_EVERY, TRUSTED_DRAFT_SAMPLES, AdaptiveController
+from ouroboros_vllm.algorithm.adaptive import (
+    EXPLORE_SHARE,
+    FIRST_PLAIN_PROBE,
+    PLAIN_PROBE_EVERY,
+    PROBE_EVERY,
+    TRUSTED_DRAFT_SAMPLES,
+    AdaptiveController,
+)
 from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, OnlineLinearFit
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, catch_up_pays, plan_step
 
@@ -322,3 +330,54 @@ def test_the_target_fit_at_a_batch_size_shows_the_price_of_a_token_at_that_size(
     fit = costs.target_fit(8)
     assert fit is not None and fit.slope == pytest.approx(0.01, rel=0.05)
     assert costs.target.fit is not None and costs.target.fit.slope > 0.012  # the fit over every size
+
+
+# Batch 8 on this project's CPU, as measured (mt_bench, Qwen2.5-Coder 1.5B / 0.5B int8): the 8-row fit through
+# speculative steps, 293 ms + 9.4 ms a token, and plain steps of about 230 ms.
+B8_TARGET, B8_DRAFT, B8_PLAIN = LinearCost(0.293, 0.0094), LinearCost(0.042, 0.0015), LinearCost(0.22, 0.0015)
+
+
+def test_a_plan_has_to_beat_what_a_plain_step_really_costs():
+    rows = [row(budget=4, trunk=0.65, pool=0.2, hit=0.1)] * 8
+    # Priced on the speculative fit alone, proposing nothing looks like a 368 ms step: drafting "pays".
+    assert any(r.total for r in plan_step(rows, B8_TARGET, B8_DRAFT, 4).rows)
+    nothing = plan_step(rows, B8_TARGET, B8_DRAFT, 4, plain=B8_PLAIN)
+    assert [r.total for r in nothing.rows] == [0] * 8 and nothing.depth == 0
+    assert nothing.expected_seconds == pytest.approx(B8_PLAIN(8))
+    # Rows the draft nearly always gets right still pay for a step that verifies.
+    sure = plan_step([row(budget=4, trunk=0.97, pool=0.2, hit=0.1)] * 8, B8_TARGET, B8_DRAFT, 4, plain=B8_PLAIN)
+    assert all(r.trunk >= 2 for r in sure.rows)
+    assert sure.expected_tokens / sure.expected_seconds > 8 / B8_PLAIN(8)
+
+
+def test_only_steps_that_verify_nothing_price_a_plain_step():
+    costs = CostModel()
+    costs.add_target_step(8, 24, 0.5)
+    costs.add_target_step(4, 4, 0.2)
+    assert costs.plain_fit() is None  # one plain step is not a fit yet
+    costs.add_target_step(8, 8, 0.24)
+    fit = costs.plain_fit()
+    assert fit is not None and len(costs.plain) == 2 and 0.2 < fit(8) < 0.25  # the 24-token step left out
+    assert "plain step" in costs.summary()
+
+
+def test_the_controller_measures_a_plain_step_early_and_then_now_and_then():
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(8, 8, 0.04)] * 8, depth=8)
+    for tokens in (40, 16, 40, 16):
+        controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=8)
+    rows = [row(budget=4, trunk=0.95, pool=0.0, hit=0.0)] * 8  # drafting pays: every step would propose
+    empty = []
+    for step in range(2 * PLAIN_PROBE_EVERY):
+        plan = controller.plan(rows, 4)
+        tokens = 8 + sum(r.total for r in plan.rows)
+        if tokens == 8:
+            empty.append(step)
+        else:
+            controller.observe_draft([(8, 8, 0.04)] * plan.depth, depth=plan.depth)
+        controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=8)
+    # The first soon; then never more than PLAIN_PROBE_EVERY apart (the look-alike probes also run plain here,
+    # since every step would propose the same), and few: each forgoes a step's speculation.
+    assert empty[0] == FIRST_PLAIN_PROBE - 1
+    assert all(b - a <= PLAIN_PROBE_EVERY for a, b in itertools.pairwise(empty)) and len(empty) <= 4
+    assert len(controller.costs.plain) == len(empty)

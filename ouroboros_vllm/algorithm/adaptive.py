@@ -5,12 +5,15 @@ of every request, :mod:`.acceptance`) and how the draft has been drafting, and t
 :class:`~ouroboros_vllm.algorithm.planner.StepPlan`. It also keeps what a person needs to trust it: how many
 tokens the rows proposed (a histogram), the current fit, and the predicted against the measured step time.
 
-Four things keep the model honest:
+Five things keep the model honest:
 
 - until both costs have been measured, a step speculates fully (as the fixed modes do), which measures them;
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
   all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
   what it planned, or the pool's suffixes, which cost no draft forward, instead of nothing);
+- what proposing nothing costs is only measured on steps that propose nothing: when none was seen in
+  :data:`PLAIN_PROBE_EVERY` planned steps (the first time after :data:`FIRST_PLAIN_PROBE`), a step that would
+  propose runs plain instead. Such a step costs what plain decoding costs; it forgoes one step's speculation;
 - a request is only known once the draft has drafted for it: its first proposal drafts its full trunk, unless
   the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
   request has left (:func:`~ouroboros_vllm.algorithm.planner.catch_up_pays`);
@@ -37,6 +40,10 @@ from ouroboros_vllm.algorithm.planner import (
 )
 
 PROBE_EVERY = 16
+# A plain step (nothing proposed) at least this often, steps counted, and as the first probe: proposing nothing is
+# the plan every other is weighed against, and its price is only measured on steps that propose nothing.
+PLAIN_PROBE_EVERY = 64
+FIRST_PLAIN_PROBE = 4
 TRUSTED_DRAFT_SAMPLES = 32  # draft forwards measured before the planner may decline a row's catch-up
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
@@ -75,6 +82,7 @@ class AdaptiveController:
         self._tokens_per_forward = Rate()  # accepted = tokens the deepest row drafted, examined = forwards
         self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
         self._since_probe = 0
+        self._since_plain = PLAIN_PROBE_EVERY - FIRST_PLAIN_PROBE  # planned steps since a plain step was measured
         self._pending_prediction: float | None = None
         self._pending_accepted: float | None = None  # the last plan's expected accepted draft tokens
         self._pending_draft_seconds = 0.0
@@ -86,7 +94,10 @@ class AdaptiveController:
     def observe_target_step(self, tokens: int, seconds: float, rows: int | None = None) -> None:
         """The target's step of ``rows`` rows (default: the last plan's) just computed ``tokens`` tokens in
         ``seconds``; it verified the last plan."""
-        self.costs.add_target_step(self._rows if rows is None else rows, tokens, seconds)
+        rows = self._rows if rows is None else rows
+        self.costs.add_target_step(rows, tokens, seconds)
+        if tokens == rows:
+            self._since_plain = 0
         self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
         if self._pending_prediction is not None:
             self.stats.predicted_seconds += self._pending_prediction
@@ -126,7 +137,8 @@ class AdaptiveController:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
             shape = self.shape()
-            plan = plan_step(rows, target, draft, max_depth, shape=shape)
+            plain = self.costs.plain_fit()
+            plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
@@ -137,10 +149,12 @@ class AdaptiveController:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
                 rows = affordable
-                plan = plan_step(rows, target, draft, max_depth, shape=shape)
+                plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain)
             full = explore if rows is all_rows else full_plan(rows, max_depth)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
+            self._since_plain += 1
+            proposes = any(row.total for row in plan.rows)
             may_explore = plan.depth == 0 and explore.depth > 0
             extra = plan_seconds(all_rows, explore, target, draft, shape) - planned_seconds if may_explore else 0.0
             if may_explore and self._explore_credit >= extra:
@@ -148,11 +162,16 @@ class AdaptiveController:
                 self.stats.explore_steps += 1
                 self._pending_prediction = None
                 plan = explore
+            elif self._since_plain >= PLAIN_PROBE_EVERY and proposes:
+                self._since_probe = self._since_plain = 0
+                self.stats.probe_steps += 1
+                self._pending_prediction = None
+                plan = _empty_plan(rows)
             elif self._since_probe >= PROBE_EVERY and self._steps_look_alike():
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = _empty_plan(rows) if any(row.total for row in plan.rows) else _pool_plan(rows, full)
+                plan = _empty_plan(rows) if proposes else _pool_plan(rows, full)
         tried = _try_new_rows(rows, plan, full)
         if tried is not plan:
             self._pending_prediction = None

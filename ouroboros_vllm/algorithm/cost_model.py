@@ -1,9 +1,12 @@
 """What a step costs, learned from the engine's own steps: no constant is tuned to a machine.
 
-Two linear models, fitted online on the recent past:
+Three linear models, fitted online on the recent past:
 
 - the target's step: seconds as a function of the tokens it computes (every row's last token and its draft
-  tokens), ``a + b * tokens``;
+  tokens), ``a + b * tokens``, over every step and per batch size;
+- a plain step (one token a row, nothing verified): seconds by rows. Priced apart because a step that verifies
+  proposals pays a fixed extra (vLLM's rejection sampling) and because a CPU's step cost bends upwards once the
+  tokens outnumber what reading the weights hides, so a line through speculative steps misprices a plain one;
 - one forward of the draft model: seconds as a function of the tokens it carries, ``c + d * tokens``.
 
 Each keeps a short window of recent samples (the machine's speed changes when a neighbour arrives) and refits
@@ -129,11 +132,19 @@ class CostModel:
         self.target = OnlineLinearFit(window=64)
         self.draft = OnlineLinearFit(window=128)
         self.target_by_rows: dict[int, OnlineLinearFit] = {}
+        # Steps that verified nothing (one token a row), every batch size: what proposing nothing costs.
+        self.plain = OnlineLinearFit(window=32)
         self.min_spread = min_spread  # tokens between a batch size's smallest and largest steps to show a slope
 
     def add_target_step(self, rows: int, tokens: int, seconds: float) -> None:
         self.target.add(tokens, seconds)
         self.target_by_rows.setdefault(rows, OnlineLinearFit(window=32)).add(tokens, seconds)
+        if tokens == rows:
+            self.plain.add(tokens, seconds)
+
+    def plain_fit(self) -> LinearCost | None:
+        """A plain step's time by rows, once two plain steps were measured (None before)."""
+        return self.plain.fit if len(self.plain) >= 2 else None
 
     def target_fit(self, rows: int) -> LinearCost | None:
         """The target's step time at ``rows`` rows, by tokens: the fit at that batch size once it shows a slope."""
@@ -149,7 +160,7 @@ class CostModel:
 
     def summary(self) -> str:
         parts = []
-        for name, model in (("target step", self.target), ("draft forward", self.draft)):
+        for name, model in (("target step", self.target), ("plain step", self.plain), ("draft forward", self.draft)):
             fit = model.fit
             if fit is not None:
                 parts.append(f"{name} {1000 * fit.intercept:.1f} + {1000 * fit.slope:.2f}/token ms")
