@@ -350,15 +350,25 @@ def test_a_plan_has_to_beat_what_a_plain_step_really_costs():
     assert sure.expected_tokens / sure.expected_seconds > 8 / B8_PLAIN(8)
 
 
-def test_only_steps_that_verify_nothing_price_a_plain_step():
+def test_only_steps_that_verify_nothing_price_a_plain_step_at_their_own_batch_size_first():
     costs = CostModel()
     costs.add_target_step(8, 24, 0.5)
-    costs.add_target_step(4, 4, 0.2)
-    assert costs.plain_fit() is None  # one plain step is not a fit yet
-    costs.add_target_step(8, 8, 0.24)
-    fit = costs.plain_fit()
-    assert fit is not None and len(costs.plain) == 2 and 0.2 < fit(8) < 0.25  # the 24-token step left out
+    costs.add_target_step(1, 1, 0.28)
+    assert costs.plain_cost(8) is None  # one plain step elsewhere is not a fit yet
+    costs.add_target_step(2, 2, 0.27)
+    across = costs.plain_cost(8)  # the fit over every size, flat where one row costs more than two
+    assert across is not None and across.slope == 0 and across(8) == pytest.approx(0.275, abs=0.01)
+    for seconds in (0.19, 0.21, 0.2):
+        costs.add_target_step(8, 8, seconds)
+    assert costs.plain_cost(8) == LinearCost(0.2, 0.0)  # that size's own plain steps; the 24-token one left out
     assert "plain step" in costs.summary()
+
+
+def test_a_fit_that_would_slope_down_is_flat_at_the_mean():
+    fit = OnlineLinearFit()
+    for tokens, seconds in ((1, 0.3), (2, 0.28), (6, 0.2), (6, 0.2), (6, 0.2)):  # refits at the 5th
+        fit.add(tokens, seconds)
+    assert fit.fit is not None and fit.fit.slope == 0 and fit.fit.intercept == pytest.approx(0.236, abs=0.005)
 
 
 def test_the_controller_measures_a_plain_step_early_and_then_now_and_then():
@@ -381,3 +391,20 @@ def test_the_controller_measures_a_plain_step_early_and_then_now_and_then():
     assert empty[0] == FIRST_PLAIN_PROBE - 1
     assert all(b - a <= PLAIN_PROBE_EVERY for a, b in itertools.pairwise(empty)) and len(empty) <= 4
     assert len(controller.costs.plain) == len(empty)
+    assert controller.costs.plain_cost(8) == LinearCost(0.38, 0.0)
+
+
+def test_each_batch_size_gets_its_own_plain_step():
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(8, 8, 0.04)] * 8, depth=8)
+    for tokens in (40, 16, 40, 16):
+        controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=8)
+    empty_at = []
+    for size in (8, 7, 6):
+        for _ in range(FIRST_PLAIN_PROBE):
+            plan = controller.plan([row(budget=4, trunk=0.95, pool=0.0, hit=0.0)] * size, 4)
+            tokens = size + sum(r.total for r in plan.rows)
+            if tokens == size:
+                empty_at.append(size)
+            controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=size)
+    assert empty_at == [8, 7, 6]

@@ -11,9 +11,9 @@ Five things keep the model honest:
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
   all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
   what it planned, or the pool's suffixes, which cost no draft forward, instead of nothing);
-- what proposing nothing costs is only measured on steps that propose nothing: when none was seen in
-  :data:`PLAIN_PROBE_EVERY` planned steps (the first time after :data:`FIRST_PLAIN_PROBE`), a step that would
-  propose runs plain instead. Such a step costs what plain decoding costs; it forgoes one step's speculation;
+- what proposing nothing costs is only measured on steps that propose nothing: when none was seen at the step's
+  batch size in :data:`PLAIN_PROBE_EVERY` planned steps there (the first time after :data:`FIRST_PLAIN_PROBE`), a
+  step that would propose runs plain instead. It costs what plain decoding costs; it forgoes a step's speculation;
 - a request is only known once the draft has drafted for it: its first proposal drafts its full trunk, unless
   the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
   request has left (:func:`~ouroboros_vllm.algorithm.planner.catch_up_pays`);
@@ -40,8 +40,9 @@ from ouroboros_vllm.algorithm.planner import (
 )
 
 PROBE_EVERY = 16
-# A plain step (nothing proposed) at least this often, steps counted, and as the first probe: proposing nothing is
-# the plan every other is weighed against, and its price is only measured on steps that propose nothing.
+# A plain step (nothing proposed) at each batch size at least this often, planned steps at that size counted, and
+# as the first probe at a new size: proposing nothing is the plan every other is weighed against, and its price is
+# only measured on steps that propose nothing.
 PLAIN_PROBE_EVERY = 64
 FIRST_PLAIN_PROBE = 4
 TRUSTED_DRAFT_SAMPLES = 32  # draft forwards measured before the planner may decline a row's catch-up
@@ -82,7 +83,7 @@ class AdaptiveController:
         self._tokens_per_forward = Rate()  # accepted = tokens the deepest row drafted, examined = forwards
         self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
         self._since_probe = 0
-        self._since_plain = PLAIN_PROBE_EVERY - FIRST_PLAIN_PROBE  # planned steps since a plain step was measured
+        self._since_plain: dict[int, int] = {}  # planned steps at a batch size since a plain step there
         self._pending_prediction: float | None = None
         self._pending_accepted: float | None = None  # the last plan's expected accepted draft tokens
         self._pending_draft_seconds = 0.0
@@ -97,7 +98,7 @@ class AdaptiveController:
         rows = self._rows if rows is None else rows
         self.costs.add_target_step(rows, tokens, seconds)
         if tokens == rows:
-            self._since_plain = 0
+            self._since_plain[rows] = 0
         self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
         if self._pending_prediction is not None:
             self.stats.predicted_seconds += self._pending_prediction
@@ -137,7 +138,7 @@ class AdaptiveController:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
             shape = self.shape()
-            plain = self.costs.plain_fit()
+            plain = self.costs.plain_cost(len(rows))
             plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
@@ -153,7 +154,8 @@ class AdaptiveController:
             full = explore if rows is all_rows else full_plan(rows, max_depth)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
-            self._since_plain += 1
+            since_plain = self._since_plain.get(len(rows), PLAIN_PROBE_EVERY - FIRST_PLAIN_PROBE) + 1
+            self._since_plain[len(rows)] = since_plain
             proposes = any(row.total for row in plan.rows)
             may_explore = plan.depth == 0 and explore.depth > 0
             extra = plan_seconds(all_rows, explore, target, draft, shape) - planned_seconds if may_explore else 0.0
@@ -162,8 +164,8 @@ class AdaptiveController:
                 self.stats.explore_steps += 1
                 self._pending_prediction = None
                 plan = explore
-            elif self._since_plain >= PLAIN_PROBE_EVERY and proposes:
-                self._since_probe = self._since_plain = 0
+            elif since_plain >= PLAIN_PROBE_EVERY and proposes:
+                self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
                 plan = _empty_plan(rows)

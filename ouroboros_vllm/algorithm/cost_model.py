@@ -114,6 +114,12 @@ def _ridge(x: np.ndarray, y: np.ndarray) -> LinearCost:
     gram = design.T @ design + PRIOR_WEIGHT * np.diag(scale**2)
     rhs = design.T @ y + PRIOR_WEIGHT * np.diag(scale**2) @ prior
     intercept, slope = np.linalg.solve(gram, rhs)
+    if slope < 0:  # the best line with a flat slope, not the tilted line's intercept (too high by the tilt)
+        weight = PRIOR_WEIGHT * float(scale[0]) ** 2
+        return LinearCost(max((float(y.sum()) + weight * intercept0) / (len(y) + weight), 0.0), 0.0)
+    if intercept < 0:  # the best line through the origin
+        weight = PRIOR_WEIGHT * float(scale[1]) ** 2
+        slope = (float(x @ y) + weight * float(prior[1])) / (float(x @ x) + weight)
     return LinearCost(max(float(intercept), 0.0), max(float(slope), 0.0))
 
 
@@ -133,7 +139,7 @@ class CostModel:
         self.draft = OnlineLinearFit(window=128)
         self.target_by_rows: dict[int, OnlineLinearFit] = {}
         # Steps that verified nothing (one token a row), every batch size: what proposing nothing costs.
-        self.plain = OnlineLinearFit(window=32)
+        self.plain = OnlineLinearFit(window=32, refit_every=1)  # few samples, each one news
         self.min_spread = min_spread  # tokens between a batch size's smallest and largest steps to show a slope
 
     def add_target_step(self, rows: int, tokens: int, seconds: float) -> None:
@@ -142,9 +148,17 @@ class CostModel:
         if tokens == rows:
             self.plain.add(tokens, seconds)
 
-    def plain_fit(self) -> LinearCost | None:
-        """A plain step's time by rows, once two plain steps were measured (None before)."""
-        return self.plain.fit if len(self.plain) >= 2 else None
+    def plain_cost(self, rows: int) -> LinearCost | None:
+        """A plain step's time at ``rows`` rows (flat: the rows are the tokens): the median of that batch size's
+        recent plain steps; without one, the fit over every size once two plain steps were measured; else None.
+        Per size first, because a CPU's plain step is not even monotonic in rows (one row: a matrix-vector path
+        measured at 260-290 ms, slower than six rows' 170-220 ms)."""
+        at_size = self.target_by_rows.get(rows)
+        plain = [seconds for tokens, seconds in at_size.samples if tokens == rows] if at_size is not None else []
+        if plain:
+            return LinearCost(float(np.median(plain)), 0.0)
+        fit = self.plain.fit if len(self.plain) >= 2 else None
+        return None if fit is None else LinearCost(fit(rows), 0.0)
 
     def target_fit(self, rows: int) -> LinearCost | None:
         """The target's step time at ``rows`` rows, by tokens: the fit at that batch size once it shows a slope."""
