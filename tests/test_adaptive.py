@@ -408,3 +408,18 @@ def test_each_batch_size_gets_its_own_plain_step():
                 empty_at.append(size)
             controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=size)
     assert empty_at == [8, 7, 6]
+
+
+def test_a_batch_size_without_its_own_fit_is_priced_from_the_nearest_one_scaled_up_not_down():
+    costs = CostModel(min_spread=2)
+    for i in range(12):
+        tokens = 1 + i % 5
+        costs.add_target_step(1, tokens, 0.28 + 0.0037 * tokens)
+    at_eight = costs.target_fit(8)
+    assert at_eight is not None and at_eight.slope == pytest.approx(8 * 0.0037, rel=0.1)  # 1 row's price, x8
+    for i in range(12):
+        tokens = 8 + 4 * (i % 5)
+        costs.add_target_step(8, tokens, 0.2 + 0.013 * tokens)
+    eight, six = costs.target_fit(8), costs.target_fit(6)
+    assert eight is not None and eight.slope == pytest.approx(0.013, rel=0.1)  # its own, once it shows a slope
+    assert six is not None and six.slope == pytest.approx(0.013, rel=0.1)  # the nearest size, larger: as is
