@@ -415,11 +415,14 @@ def test_a_batch_size_without_its_own_fit_is_priced_from_the_nearest_one_scaled_
     for i in range(12):
         tokens = 1 + i % 5
         costs.add_target_step(1, tokens, 0.28 + 0.0037 * tokens)
-    at_eight = costs.target_fit(8)
-    assert at_eight is not None and at_eight.slope == pytest.approx(8 * 0.0037, rel=0.1)  # 1 row's price, x8
+    one = costs.target_by_rows[1].fit
+    assert one is not None and one.slope == pytest.approx(0.0037, rel=0.3)
+    assert costs.target_fit(8) == LinearCost(one.intercept, 8 * one.slope)  # 1 row's price of a token, x8
     for i in range(12):
         tokens = 8 + 4 * (i % 5)
         costs.add_target_step(8, tokens, 0.2 + 0.013 * tokens)
-    eight, six = costs.target_fit(8), costs.target_fit(6)
-    assert eight is not None and eight.slope == pytest.approx(0.013, rel=0.1)  # its own, once it shows a slope
-    assert six is not None and six.slope == pytest.approx(0.013, rel=0.1)  # the nearest size, larger: as is
+    eight = costs.target_by_rows[8].fit
+    assert eight is not None and eight.slope == pytest.approx(0.013, rel=0.3)
+    assert costs.target_fit(8) == eight  # its own, once it shows a slope
+    assert costs.target_fit(6) == eight  # the nearest size is larger: its price as is
+    assert costs.target_fit(3) == LinearCost(one.intercept, 3 * one.slope)  # nearer to 1 row than to 8
