@@ -42,9 +42,7 @@ class OuroborosProposer(hooks.StepListener):
     """Drafts for each running request and lengthens the draft from the shared phrase pool.
 
     ``propose`` returns at most K (``num_speculative_tokens``) ids per row: up to gamma tokens from the draft
-    model (the trunk), then pool phrases keyed by the chain's last token. One pool per process serves every
-    request (warm start).
-    """
+    model (the trunk), then pool phrases. One pool per process serves every request (warm start)."""
 
     def __init__(self, vllm_config: VllmConfig) -> None:
         # Also done by the plugin entry point; repeated here so that an allow-list (VLLM_PLUGINS) that leaves the
@@ -62,10 +60,8 @@ class OuroborosProposer(hooks.StepListener):
         self.settings = self.config.draft_settings(self.num_speculative_tokens, trees=self.trees)
         self._trees: dict[str, DraftTree] = {}  # the trees of the proposals just made, for the runner hooks
         # A missing draft folder fails here, at engine start, rather than at load_model.
-        self.draft_path = None
-        if self.config.uses_draft_model:
-            assert self.config.draft_model is not None  # the config requires it
-            self.draft_path = resolve_model_path(self.config.draft_model)
+        draft_model = self.config.draft_model if self.config.uses_draft_model else None  # the config requires one
+        self.draft_path = None if draft_model is None else resolve_model_path(draft_model)
 
         self.pool = self._new_pool()  # the shared pool (warm start)
         self.pool_file: PoolFile | None = None
@@ -177,8 +173,7 @@ class OuroborosProposer(hooks.StepListener):
             if sampled and budget > 0:
                 history = token_ids_cpu[row, :num_tokens]
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
-        if self.config.adaptive:
-            self.controller.observe_accepted(planned_accepted)
+        self.controller.observe_accepted(planned_accepted)  # a no-op unless the last step was planned
         plans = self._plan(rows)
         proposing = [
             (state, history, row_plan, state.start_round(history, row_plan.trunk, info))
@@ -239,13 +234,10 @@ class OuroborosProposer(hooks.StepListener):
         on timings."""
         if self.drafter is None:
             return []
-        shared = [round_ for state, round_ in rounds if not state.cold]
+        shared, cold = [r for s, r in rounds if not s.cold], [r for s, r in rounds if s.cold]
         groups = [shared] if self.config.batch_draft else [[round_] for round_ in shared]
         timings = [timing for group in groups if group for timing in self.drafter.draft(group)]
-        for state, round_ in rounds:
-            if state.cold:
-                timings += self.drafter.draft([round_], reproducible=True)
-        return timings
+        return timings + [timing for r in cold for timing in self.drafter.draft([r], reproducible=True)]
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -301,8 +293,8 @@ class OuroborosProposer(hooks.StepListener):
         req_ids, self._batch_req_ids = self._batch_req_ids, None
         if req_ids is None or len(req_ids) != num_rows:
             raise RuntimeError(
-                "OuroborosProposer.propose() was called without the request ids of its batch rows: the "
-                "ouroboros-vllm runner hooks are not installed in this process (is the plugin disabled by "
-                f"VLLM_PLUGINS?), or this vLLM calls propose() differently (rows: {num_rows}, ids: {req_ids})"
+                "OuroborosProposer.propose() was called without its batch rows' request ids: the ouroboros-vllm "
+                "runner hooks are not installed in this process (is the plugin disabled by VLLM_PLUGINS?), or "
+                f"this vLLM calls propose() differently (rows: {num_rows}, ids: {req_ids})"
             )
         return req_ids
