@@ -426,3 +426,22 @@ def test_a_batch_size_without_its_own_fit_is_priced_from_the_nearest_one_scaled_
     assert costs.target_fit(8) == eight  # its own, once it shows a slope
     assert costs.target_fit(6) == eight  # the nearest size is larger: its price as is
     assert costs.target_fit(3) == LinearCost(one.intercept, 3 * one.slope)  # nearer to 1 row than to 8
+
+
+def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_the_plan_stops_proposing():
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(8, 8, 0.04)] * 40, depth=40)
+    for tokens in (40, 16, 40, 16, 8, 8):
+        controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=8)
+    rows = [row(budget=4, trunk=0.8, pool=0.0, hit=0.0)] * 8
+    assert controller.acceptance_scale() == 1.0
+    first = controller.plan(rows, 4)
+    assert any(r.total for r in first.rows)
+    proposed = []
+    for _ in range(60):  # the target accepts a third of what the plans expect
+        plan = controller.plan(rows, 4)
+        proposed.append(sum(r.total for r in plan.rows))
+        controller.observe_target_step(8 + proposed[-1], 0.2 + 0.01 * (8 + proposed[-1]), rows=8)
+        controller.observe_accepted(round((plan.expected_tokens - 8) / controller.acceptance_scale() / 3))
+    assert controller.acceptance_scale() < 0.6  # towards a third, within the bound of a half
+    assert proposed[-1] < proposed[0] and controller.stats.verified_accepted < controller.stats.predicted_accepted

@@ -27,7 +27,7 @@ class Rate:
     accepted: float = 0.0
     examined: float = 0.0
 
-    def add(self, accepted: int, examined: int, decay: float = 1.0) -> None:
+    def add(self, accepted: float, examined: float, decay: float = 1.0) -> None:
         self.accepted = self.accepted * decay + accepted
         self.examined = self.examined * decay + examined
 

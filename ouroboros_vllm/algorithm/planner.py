@@ -88,18 +88,20 @@ def plan_step(
     shape: DraftShape = DraftShape(),
     other_tokens: int = 0,
     plain: LinearCost | None = None,
+    acceptance_scale: float = 1.0,
 ) -> StepPlan:
     """The best plan for these rows. ``target`` is the target's step time by tokens computed, measured on steps
     that verified proposals; ``draft`` one draft forward's time by tokens carried; ``plain`` the step time of a
     step that verifies nothing (None: ``target``'s); ``other_tokens`` are the step's tokens that are not these
-    rows' (prefill chunks).
+    rows' (prefill chunks); ``acceptance_scale`` multiplies every expected accepted token (the calibration of
+    the acceptance model against what the target accepted).
 
     A plain step is priced apart: a step that verifies proposals pays vLLM's rejection sampling whatever their
     number, and a line fitted through speculative steps (on a CPU, where cost grows faster once the step's tokens
     outnumber what reading the weights hides) puts the plain step well above its real cost, so every plan would
     look better than proposing nothing (measured at batch 8: a fit of 293 ms + 9.4 ms a token, against plain
     steps of 230-290 ms)."""
-    options = _Options(rows)
+    options = _Options(rows, acceptance_scale)
     base_tokens = float(len(rows))
     base_seconds = target(len(rows) + other_tokens)
     plain_seconds = (plain or target)(len(rows) + other_tokens)
@@ -179,7 +181,7 @@ class _Options:
     """Every proposal each row could make, as arrays over (row, trunk tokens proposed q, pool suffix tokens s):
     q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
 
-    def __init__(self, rows: Sequence[RowOutlook]) -> None:
+    def __init__(self, rows: Sequence[RowOutlook], acceptance_scale: float = 1.0) -> None:
         budgets = np.array([row.budget for row in rows], dtype=np.int64)
         width = int(budgets.max(initial=0)) + 1
         power = np.arange(width)
@@ -187,7 +189,8 @@ class _Options:
         hits = np.array([row.pool_hit for row in rows])[:, None]
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
         pool_gain = hits * np.stack([pool_gains(row, width) for row in rows]) if rows else np.zeros((0, width))
-        self.gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]  # [rows, q, s]
+        gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]
+        self.gain = acceptance_scale * gain  # [rows, q, s]
         self.tokens = power[:, None] + power[None, :]  # [q, s]
         self.q = np.broadcast_to(power[:, None], self.tokens.shape)
         self.fits = self.tokens[None] <= budgets[:, None, None]
