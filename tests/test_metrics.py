@@ -3,8 +3,11 @@ reads them from a real server's /metrics)."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import REGISTRY
 
+from ouroboros_vllm.algorithm.adaptive import AdaptiveController
+from ouroboros_vllm.algorithm.planner import RowOutlook
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.stats import DraftStats
 from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter, registered
@@ -70,3 +73,19 @@ def test_two_exporters_in_one_process_share_the_metrics():
     MetricsExporter("a")
     MetricsExporter("b").push(DraftStats(rounds=1), None, 0)  # no "Duplicated timeseries" error
     assert sample("vllm:ouroboros_draft_rounds_total", "b") == 1
+
+
+def test_the_planner_shows_its_prices_and_its_acceptance_calibration():
+    exporter = MetricsExporter("planner-test")
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(2, 2, 0.04)] * 8, depth=8)
+    for tokens in (10, 2, 10, 2):
+        controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=2)
+    controller.plan([RowOutlook(4, 0.9, 0.0, 0.0, can_draft=True)] * 2, 4)
+    controller.observe_accepted(0)  # the target accepted nothing of what the plan expected
+    exporter.push_adaptive(controller)
+    plain = REGISTRY.get_sample_value(
+        "vllm:ouroboros_cost_plain_step_seconds", {"model_name": "planner-test", "part": "intercept"}
+    )
+    assert plain == pytest.approx(0.22, abs=0.01)  # the two plain steps of 2 rows
+    assert sample("vllm:ouroboros_acceptance_calibration", "planner-test") < 1.0

@@ -204,6 +204,10 @@ class AdaptiveController:
         """The target's step time the last plan assumed (the fit at its batch size, see :class:`CostModel`)."""
         return self.costs.target_fit(self._rows)
 
+    def plain_cost(self) -> LinearCost | None:
+        """A plain step's time the last plan assumed (see :meth:`CostModel.plain_cost`)."""
+        return self.costs.plain_cost(self._rows)
+
     def shape(self) -> DraftShape:
         return DraftShape(
             tokens_per_forward=max(self._tokens_per_forward.rate(1.0, prior_trials=1.0), 1.0),

@@ -74,8 +74,11 @@ _COST_GAUGES: dict[str, str] = {
     "intercept; per token computed).",
     "vllm:ouroboros_cost_draft_forward_seconds": "One draft forward's time the planner assumes, by part (the "
     "intercept; per token carried).",
+    "vllm:ouroboros_cost_plain_step_seconds": "A plain step's time (nothing verified) the planner assumes at its "
+    "last batch size (the intercept; per token is 0).",
 }
 _PREDICTION = "vllm:ouroboros_predicted_over_measured_step_time"
+_CALIBRATION = "vllm:ouroboros_acceptance_calibration"
 
 _metrics: dict[str, Counter | Gauge] = {}
 # The metrics labelled by model name only.
@@ -84,6 +87,7 @@ _UNLABELLED = [
     *(name for name, _ in _POOL_COUNTERS.values()),
     *_GAUGES,
     _PREDICTION,
+    _CALIBRATION,
 ]
 
 
@@ -108,6 +112,12 @@ def registered() -> dict[str, Counter | Gauge]:
         _metrics[_PREDICTION] = Gauge(
             _PREDICTION,
             "Predicted / measured step time, drafting included (adaptive).",
+            _LABELS,
+            multiprocess_mode="livemostrecent",
+        )
+        _metrics[_CALIBRATION] = Gauge(
+            _CALIBRATION,
+            "Accepted draft tokens / what the acceptance model expected, lately: the planner's scale on it.",
             _LABELS,
             multiprocess_mode="livemostrecent",
         )
@@ -172,12 +182,14 @@ class MetricsExporter:
         for name, fit in (
             ("vllm:ouroboros_cost_target_step_seconds", controller.target_fit()),
             ("vllm:ouroboros_cost_draft_forward_seconds", controller.costs.draft.fit),
+            ("vllm:ouroboros_cost_plain_step_seconds", controller.plain_cost()),
         ):
             if fit is not None:
                 self._costs[(name, "intercept")].set(fit.intercept)
                 self._costs[(name, "per_token")].set(fit.slope)
         if stats.measured_seconds:
             self._series[_PREDICTION].set(stats.predicted_seconds / stats.measured_seconds)
+        self._series[_CALIBRATION].set(controller.acceptance_scale())
 
     def _add(self, counter: str, total: float, pushed: float) -> None:
         """Count what happened since the last push (counters only go up)."""
