@@ -152,20 +152,20 @@ class DraftRuntime:
         if one_lm_head_call or not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
             wanted = [plan.logit_rows + plan.phrase_rows() for plan in plans]
             found, seconds = self._argmax(
-                hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)]
+                hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)], runner_ups=True
             )
             return [
-                {**dict(zip(rows, values, strict=True)), RUNNER_UP_ROW: second[0]}
+                {**dict(zip(rows, values, strict=True)), RUNNER_UP_ROW: second}
                 for rows, values, second in zip(wanted, found, seconds, strict=True)
             ]
         # The argmax where a plan always reads it, then only at the phrase tokens that can matter given the first.
         argmax, seconds = self._argmax(
-            hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)]
+            hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)], runner_ups=True
         )
         phrase_rows = [plan.phrase_rows(found[0]) for found, plan in zip(argmax, plans, strict=True)]
         more, _ = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
         return [
-            {**dict(zip(plan.logit_rows + extra, first + again, strict=True)), RUNNER_UP_ROW: second[0]}
+            {**dict(zip(plan.logit_rows + extra, first + again, strict=True)), RUNNER_UP_ROW: second}
             for (_, plan), extra, first, again, second in zip(rows, phrase_rows, argmax, more, seconds, strict=True)
         ]
 
@@ -181,22 +181,28 @@ class DraftRuntime:
             return True  # measure at every size first: both calls' sizes vary
         return fit.intercept < fit.slope * phrase_rows
 
-    def _argmax(self, hidden: torch.Tensor, rows: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
-        """The draft's argmax and second choice at these packed rows (one lm_head call, timed), in the same
-        nesting."""
+    def _argmax(
+        self, hidden: torch.Tensor, rows: list[list[int]], runner_ups: bool = False
+    ) -> tuple[list[list[int]], list[int]]:
+        """The draft's argmax at these packed rows (one lm_head call, timed), in the same nesting; with
+        ``runner_ups``, also its second choice at each part's first row (the only one a round reads; every part
+        then has one)."""
         flat = [row for part in rows for row in part]
         if not flat:
-            return [[] for _ in rows], [[] for _ in rows]
+            return [[] for _ in rows], []
         start = time.perf_counter()
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
         logits = self.model.get_output_embeddings()(hidden[index])
         best = logits.argmax(dim=-1)  # argmax, not topk: the same token on ties as the draft's greedy loop
-        runner_up = logits.scatter(-1, best[:, None], float("-inf")).argmax(dim=-1)
-        best_ids, runner_up_ids = best.tolist(), runner_up.tolist()  # .tolist() syncs
+        seconds: list[int] = []
+        if runner_ups:
+            heads = torch.tensor(np.cumsum([0] + [len(part) for part in rows[:-1]]), device=self.device)
+            masked = logits[heads].scatter(-1, best[heads, None], float("-inf"))  # a copy of those rows only
+            seconds = masked.argmax(dim=-1).tolist()
+        best_ids = best.tolist()  # .tolist() syncs
         self._lm_head_cost.add(len(flat), time.perf_counter() - start)
-        firsts, seconds, at = [], [], 0
+        firsts, at = [], 0
         for part in rows:
             firsts.append(best_ids[at : at + len(part)])
-            seconds.append(runner_up_ids[at : at + len(part)])
             at += len(part)
         return firsts, seconds
