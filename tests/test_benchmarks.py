@@ -565,3 +565,15 @@ def test_the_overlay_benchmark_writes_its_figures(tmp_path):
     assert [(r["context"], r["rows"]) for r in results] == [(40, 1), (40, 2)]
     assert all(r["overlay_ms"] > 0 and r["compaction_ms"] > 0 and r["kernel_ms"] > 0 for r in results)
     assert "| 40 | 2 |" in (tmp_path / "overlay.md").read_text()
+
+
+def test_the_draft_forward_benchmark_times_both_forwards_at_every_shape(tiny, tmp_path):
+    from benchmarks import draft_forward
+
+    out = tmp_path / "draft_forward.json"
+    args = ["--model", str(tiny.target), "--precision", "float32", "--rows", "1", "3", "--context", "70"]
+    draft_forward.main([*args, "--phrases", "0", "2", "--warmup", "0", "--repeats", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    shapes = [(r["forward"], r["phrases"], r["rows"], r["tokens_per_row"]) for r in report["results"]]
+    assert shapes == [(f, p, rows, 1 + 4 * p) for f in ("packed", "static") for p in (0, 2) for rows in (1, 3)]
+    assert all(r["ms_median"] > 0 for r in report["results"]) and report["machine"]["cpu_model"]

@@ -38,7 +38,7 @@ def test_other_sections_of_additional_config_are_ignored():
             'additional_config["ouroboros"]["gama"]: unknown key; the known keys are draft_model, drafting, '
             "adaptive, gamma, ngram_size, max_phrases_per_key, draft_phrases, lookahead_window, num_candidates, "
             "verification, pool_max_keys, pool_memory_mib, warm_start, pool_path, pool_save_interval_s, "
-            "context_ngrams, batch_draft, draft_dtype, stats_log_interval_s",
+            "context_ngrams, batch_draft, draft_dtype, draft_forward, stats_log_interval_s",
         ),
         ({"draft_model": 7}, 'additional_config["ouroboros"]["draft_model"] must be a string (got 7)'),
         (
@@ -69,6 +69,11 @@ def test_other_sections_of_additional_config_are_ignored():
             "'float16', 'int8' (got 'fp8')",
         ),
         (
+            {"draft_model": "d", "draft_forward": "graphs"},
+            "additional_config[\"ouroboros\"][\"draft_forward\"] must be one of 'auto', 'packed', 'static' (got "
+            "'graphs')",
+        ),
+        (
             {"draft_model": "d", "stats_log_interval_s": -1},
             'additional_config["ouroboros"]["stats_log_interval_s"] must be a number >= 0.0 (got -1)',
         ),
@@ -92,6 +97,13 @@ def test_bad_settings_name_the_key_and_allowed_values(section, message):
     with pytest.raises(OuroborosConfigError) as error:
         parse(section)
     assert str(error.value).startswith(message)
+
+
+def test_draft_forward_auto_is_static_on_cuda_only():
+    assert parse({"draft_model": "d"}).static_draft_forward("cuda")
+    assert not parse({"draft_model": "d"}).static_draft_forward("cpu")
+    assert parse({"draft_model": "d", "draft_forward": "static"}).static_draft_forward("cpu")
+    assert not parse({"draft_model": "d", "draft_forward": "packed"}).static_draft_forward("cuda")
 
 
 def test_pool_only_needs_no_draft_model():

@@ -17,17 +17,20 @@ from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
 from ouroboros_vllm.runtime.loading import DraftModelError, quantize_int8, resolve_precision
 
 
-def load(path, int8: bool = False, eos: frozenset[int] = frozenset()) -> DraftRuntime:
+def load(path, int8: bool = False, eos: frozenset[int] = frozenset(), static_shapes: bool = False) -> DraftRuntime:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return DraftRuntime(quantize_int8(model) if int8 else model, eos_token_ids=eos)
+    return DraftRuntime(quantize_int8(model) if int8 else model, eos_token_ids=eos, static_shapes=static_shapes)
 
 
 # Exact drafting is a property of the float dtypes (int8 scales activations per forward, see quantize_int8).
-@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+# Every test of the runtime runs on both forwards: packed, and the static grid (CUDA graphs' shapes; on CPU the
+# graph step is skipped, the grid and its buffers are the same).
+@pytest.fixture(scope="module", params=["tiny", "smollm2", "tiny-static", "smollm2-static"])
 def runtime(request, tiny):
-    return load(tiny.target if request.param == "tiny" else real_model("smollm2-135m-instruct"))
+    path = tiny.target if request.param.startswith("tiny") else real_model("smollm2-135m-instruct")
+    return load(path, static_shapes=request.param.endswith("static"))
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -85,6 +85,44 @@ class PackedBatch:
             for part in ([shared] if shared else []) + [[i] for i in alone]
         ]
 
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        keys, values = self.cache.layer(module.layer_idx)
+        keys[self.rows, :, self.slots] = key[0].transpose(0, 1)
+        values[self.rows, :, self.slots] = value[0].transpose(0, 1)
+        num_heads, num_kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
+        group_size = num_heads // num_kv_heads
+        tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
+        out = torch.empty_like(tokens)
+        for group in self.groups:
+            if group.dense is not None:
+                padded = tokens[group.dense]
+            else:
+                padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
+                padded[group.padded] = tokens[group.packed]
+            q = padded.view(group.rows, group.width, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
+            rows = slice(group.first, group.first + group.rows)
+            attended = F.scaled_dot_product_attention(
+                q.reshape(group.rows, num_kv_heads, group_size * group.width, dim),
+                keys[rows, :, : group.length],
+                values[rows, :, : group.length],
+                attn_mask=group.mask,
+                scale=scaling,
+            )
+            attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
+            attended = attended.reshape(group.rows * group.width, num_heads, dim)
+            if group.dense is not None:
+                out[group.dense] = attended
+            else:
+                out[group.packed] = attended[group.padded]
+        return out.unsqueeze(0)
+
 
 def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, device: torch.device) -> _Group:
     first = min(s.row for s in specs)
@@ -116,6 +154,20 @@ def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, de
     )
 
 
+class CacheBatch(Protocol):
+    """A forward's layout over the draft cache: :class:`PackedBatch`, or the static grid of
+    :class:`~ouroboros_vllm.runtime.static_forward.StaticBatch`."""
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor: ...
+
+
 def packed_cache_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -124,7 +176,7 @@ def packed_cache_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    packed_batch: PackedBatch | None = None,
+    packed_batch: CacheBatch | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention function signature: ``query`` is ``[1, heads, tokens, dim]``, ``key`` and
@@ -135,36 +187,7 @@ def packed_cache_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    batch = packed_batch
-    keys, values = batch.cache.layer(module.layer_idx)
-    keys[batch.rows, :, batch.slots] = key[0].transpose(0, 1)
-    values[batch.rows, :, batch.slots] = value[0].transpose(0, 1)
-    num_heads, num_kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-    group_size = num_heads // num_kv_heads
-    tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
-    out = torch.empty_like(tokens)
-    for group in batch.groups:
-        if group.dense is not None:
-            padded = tokens[group.dense]
-        else:
-            padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
-            padded[group.padded] = tokens[group.packed]
-        q = padded.view(group.rows, group.width, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
-        rows = slice(group.first, group.first + group.rows)
-        attended = F.scaled_dot_product_attention(
-            q.reshape(group.rows, num_kv_heads, group_size * group.width, dim),
-            keys[rows, :, : group.length],
-            values[rows, :, : group.length],
-            attn_mask=group.mask,
-            scale=scaling,
-        )
-        attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
-        attended = attended.reshape(group.rows * group.width, num_heads, dim)
-        if group.dense is not None:
-            out[group.dense] = attended
-        else:
-            out[group.packed] = attended[group.padded]
-    return out.unsqueeze(0), None
+    return packed_batch.attend(module, query, key, value, scaling), None
 
 
 def register() -> None:

@@ -13,6 +13,9 @@ when many phrases ride along, first at each round's last pending token, then onl
 with the argmax found there),
 hands each round its argmax and moves the tokens each round keeps into place in its cache row.
 
+With ``static_shapes`` (the default on CUDA), the rows of draft width run on the bucketed grid of
+:mod:`.static_forward` instead, which a GPU replays as a CUDA graph; a prompt's catch-up keeps the packed forward.
+
 The cache (:mod:`.kv_cache`) is never gathered or copied per step; a row's attention reads a view of it.
 Each row's numbers are those of the row alone, except that int8 weights scale activations per forward (see
 :func:`~ouroboros_vllm.runtime.loading.quantize_int8`).
@@ -34,12 +37,13 @@ from ouroboros_vllm.runtime import attention
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
+from ouroboros_vllm.runtime.static_forward import MAX_STATIC_WIDTH, StaticForward
 
 
 class DraftRuntime:
     """A transformers causal LM used greedily as the drafter, with one persistent KV cache for every request."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, model: torch.nn.Module, eos_token_ids: frozenset[int], static_shapes: bool = False) -> None:
         config = model.config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -60,11 +64,14 @@ class DraftRuntime:
         self._forward_cost = OnlineLinearFit(window=64)
         self._phrase_width = Rate()  # phrase tokens a row adds to a wide forward (decayed mean)
         self._tail_width = Rate()  # the same for a forward that carries phrase tails only
+        self.static = StaticForward(model, self.cache, self._query_group) if static_shapes else None
 
     @classmethod
-    def load(cls, path: str, *, target_tokenizer: str, device: torch.device, precision: str) -> DraftRuntime:
+    def load(
+        cls, path: str, *, target_tokenizer: str, device: torch.device, precision: str, static_shapes: bool = False
+    ) -> DraftRuntime:
         loaded = load_draft_model(path, target_tokenizer=target_tokenizer, device=device, precision=precision)
-        return cls(loaded.model, loaded.eos_token_ids)
+        return cls(loaded.model, loaded.eos_token_ids, static_shapes)
 
     def release(self, state: DraftState) -> None:
         """The request is done: its cache row goes back to the pool of rows."""
@@ -130,10 +137,28 @@ class DraftRuntime:
         for state, _ in rows:
             if state.cache_row is None:
                 state.cache_row = self.cache.acquire()
+        if self.static is None:
+            return self._packed_forward(rows, one_lm_head_call)
+        # The static grid reads the argmax at every row a plan may read (one lm_head call, as one_lm_head_call).
+        found: list[dict[int, int]] = [{} for _ in rows]
+        narrow = [i for i, (_, plan) in enumerate(rows) if plan.num_new <= MAX_STATIC_WIDTH]
+        wide = [i for i, (_, plan) in enumerate(rows) if plan.num_new > MAX_STATIC_WIDTH]
+        if narrow:
+            grid = self.static.forward([(rows[i][0].cache_row, rows[i][1]) for i in narrow])  # type: ignore[misc]
+            for i, argmax in zip(narrow, grid, strict=True):
+                found[i] = argmax
+        if wide:
+            for i, argmax in zip(wide, self._packed_forward([rows[i] for i in wide], one_lm_head_call), strict=True):
+                found[i] = argmax
+        return found
+
+    def _packed_forward(
+        self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool
+    ) -> list[dict[int, int]]:
         # In cache-row order, the rows' queries are often already laid out as attention wants them (no padding).
         order = sorted(range(len(rows)), key=lambda i: rows[i][0].cache_row)  # type: ignore[arg-type,return-value]
         if order != list(range(len(rows))):
-            found = self.forward([rows[i] for i in order], one_lm_head_call)
+            found = self._packed_forward([rows[i] for i in order], one_lm_head_call)
             return [found[order.index(i)] for i in range(len(rows))]
         self.cache.reserve(max(plan.cached + plan.num_new for _, plan in rows))
         device = self.device

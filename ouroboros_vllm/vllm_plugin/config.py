@@ -14,6 +14,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
+from ouroboros_vllm.algorithm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.algorithm.request import DraftSettings
 
 CONFIG_KEY = "ouroboros"
@@ -23,6 +24,7 @@ POOL_CHOICES = ("shared", "cold")
 
 DraftingMode = Literal["auto", "greedy", "greedy_pool", "ouroboros", "pool_only"]
 DraftDtype = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+DraftForward = Literal["auto", "packed", "static"]
 
 
 class OuroborosConfigError(ValueError):
@@ -119,11 +121,21 @@ class OuroborosConfig(pydantic.BaseModel):
         description="Precision of the draft model: a dtype, or 'int8' (int8 weights, CPU only); 'auto' is int8 "
         "on CPU and the target's dtype on GPUs.",
     )
+    draft_forward: DraftForward = Field(
+        default="auto",
+        description="How a draft forward lays out its rows: 'packed' (no padding; best where arithmetic bounds a "
+        "forward, as on CPUs), 'static' (rows, widths and context padded to powers of two, each shape captured "
+        "once as a CUDA graph on a GPU); 'auto' is 'static' on CUDA and 'packed' elsewhere.",
+    )
     stats_log_interval_s: float = Field(
         default=30.0,
         ge=0.0,
         description="Seconds between two log lines of the proposer's stats; 0 turns the log off.",
     )
+
+    def static_draft_forward(self, device_type: str) -> bool:
+        """Whether the draft runs on static shapes (CUDA graphs) on a device of this type (``draft_forward``)."""
+        return self.draft_forward == "static" or (self.draft_forward == "auto" and device_type == "cuda")
 
     @property
     def uses_draft_model(self) -> bool:
@@ -156,6 +168,15 @@ class OuroborosConfig(pydantic.BaseModel):
             return self.gamma
         # Leave room for one suffix when K allows it, but never give the draft model less than half of K.
         return max(num_speculative_tokens - self.phrase_len, (num_speculative_tokens + 1) // 2)
+
+    def new_pool(self) -> PhrasePool:
+        """An empty phrase pool with these settings (the shared one, or a cold request's own)."""
+        return PhrasePool(
+            phrase_len=self.phrase_len,
+            max_phrases_per_key=self.max_phrases_per_key,
+            max_keys=self.pool_max_keys,
+            max_phrases=max_phrases_for_memory(self.pool_memory_mib, self.phrase_len),
+        )
 
     def draft_settings(self, num_speculative_tokens: int, trees: bool = False) -> DraftSettings:
         """What the algorithm needs of these settings at this K (``trees``: the engine verifies draft trees)."""

@@ -24,7 +24,6 @@ from vllm.logger import init_logger
 from ouroboros_vllm.algorithm.adaptive import AdaptiveController, full_plan
 from ouroboros_vllm.algorithm.drafting import DraftRound
 from ouroboros_vllm.algorithm.planner import RowOutlook, RowPlan
-from ouroboros_vllm.algorithm.pool import PhrasePool, max_phrases_for_memory
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
@@ -63,7 +62,7 @@ class OuroborosProposer(hooks.StepListener):
         draft_model = self.config.draft_model if self.config.uses_draft_model else None  # the config requires one
         self.draft_path = None if draft_model is None else resolve_model_path(draft_model)
 
-        self.pool = self._new_pool()  # the shared pool (warm start)
+        self.pool = self.config.new_pool()  # the shared pool (warm start)
         self.pool_file: PoolFile | None = None
         if self.config.pool_path is not None:
             identity = PoolIdentity(
@@ -99,9 +98,12 @@ class OuroborosProposer(hooks.StepListener):
         if self.draft_path is None:  # pool_only: no draft model
             return
         device = next(target_model.parameters()).device
-        precision = resolve_precision(self.config.draft_dtype, self.target_dtype, device)
         self.drafter = DraftRuntime.load(
-            self.draft_path, target_tokenizer=self.target_tokenizer, device=device, precision=precision
+            self.draft_path,
+            target_tokenizer=self.target_tokenizer,
+            device=device,
+            precision=resolve_precision(self.config.draft_dtype, self.target_dtype, device),
+            static_shapes=self.config.static_draft_forward(device.type),
         )
 
     # ---- reports from the runner hooks -------------------------------------------------------------------
@@ -241,17 +243,9 @@ class OuroborosProposer(hooks.StepListener):
 
     # ---- requests --------------------------------------------------------------------------------------------
 
-    def _new_pool(self) -> PhrasePool:
-        return PhrasePool(
-            phrase_len=self.config.phrase_len,
-            max_phrases_per_key=self.config.max_phrases_per_key,
-            max_keys=self.config.pool_max_keys,
-            max_phrases=max_phrases_for_memory(self.config.pool_memory_mib, self.config.phrase_len),
-        )
-
     def _new_request(self, cold: bool) -> RequestState:
         own_pool = cold or not self.config.warm_start
-        pool = self._new_pool() if own_pool else self.pool
+        pool = self.config.new_pool() if own_pool else self.pool
         return RequestState(self.settings, pool, cold=cold, prior=self.controller.acceptance)
 
     def _adopt(self, req_id: str) -> RequestState:
