@@ -4,6 +4,8 @@ Each of ``rows`` requests holds ``context`` tokens in the draft's cache and runs
 one pending token, then ``phrases`` pool phrases of ``phrase_len`` tokens (``--phrases 0``: one token a row, the
 plain draft-model step). The same forward repeats (it writes the same slots), so only the forward is timed: the
 host's packing, the model, the lm_head, the argmax read back. Median of ``--repeats`` after ``--warmup``.
+Checks come with the figures: each forward's argmax against the first forward's at the same shape, and on CUDA
+the graphs' argmax against the same grid run without graphs.
 
   python -m benchmarks.draft_forward --device cuda --precision bfloat16 --rows 1 2 4 8 16 --out draft_forward.json
 
@@ -49,7 +51,8 @@ def _sync(device: torch.device) -> None:
 
 
 def time_forward(runtime: DraftRuntime, rows: int, context: int, phrases: int, phrase_len: int, warmup: int,
-                 repeats: int) -> dict[str, Any]:  # fmt: skip
+                 repeats: int) -> tuple[dict[str, Any], list[dict[int, int]]]:  # fmt: skip
+    """The forward's timing at this shape, and its argmax (per row: new-token index -> the draft's argmax)."""
     vocab = runtime.info.vocab_size
     states = [DraftState() for _ in range(rows)]
     # Fill each row's cache with ``context`` tokens (one catch-up forward per row, untimed).
@@ -64,12 +67,10 @@ def time_forward(runtime: DraftRuntime, rows: int, context: int, phrases: int, p
     for i in range(warmup + repeats):
         _sync(runtime.device)
         start = time.perf_counter()
-        runtime.forward(batch)  # reads the argmax back: the host waits for the device, as a drafting step does
+        argmax = runtime.forward(batch)  # reads the argmax back: the host waits for the device, as drafting does
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
-    for state in states:
-        runtime.release(state)
-    return {
+    result: dict[str, Any] = {
         "rows": rows,
         "tokens_per_row": 1 + phrases * phrase_len,
         "context": context,
@@ -77,6 +78,13 @@ def time_forward(runtime: DraftRuntime, rows: int, context: int, phrases: int, p
         "ms_min": 1000 * min(seconds),
         "repeats": repeats,
     }
+    if runtime.static is not None and runtime.static.use_graphs:  # the graphs' argmax against the grid run eagerly
+        runtime.static.use_graphs = False
+        result["graph_equals_eager"] = runtime.forward(batch) == argmax
+        runtime.static.use_graphs = True
+    for state in states:
+        runtime.release(state)
+    return result, argmax
 
 
 def load_model(path: str, device: torch.device, precision: str) -> torch.nn.Module:
@@ -113,17 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         machine["cuda"] = torch.version.cuda
     print(summary_line(machine), flush=True)
     model = load_model(args.model, device, precision)
-    results = []
+    results, first_argmax = [], {}
     with torch.inference_mode():
         for forward in args.forwards:
             runtime = DraftRuntime(model, frozenset(), static_shapes=forward == "static")
             for phrases in args.phrases:
                 for rows in args.rows:
-                    result = {"forward": forward, "phrases": phrases}
-                    result |= time_forward(runtime, rows, args.context, phrases, args.phrase_len, args.warmup,
-                                           args.repeats)  # fmt: skip
-                    results.append(result)
-                    print(json.dumps(result), flush=True)
+                    timing, argmax = time_forward(runtime, rows, args.context, phrases, args.phrase_len, args.warmup,
+                                                  args.repeats)  # fmt: skip
+                    # The same inputs as the first forward's at this shape: the share of argmax (where both read
+                    # one) that agree with it
+                    # (1.0 in float32; bfloat16 rounds differently at other shapes, and near-ties flip).
+                    reference = first_argmax.setdefault((phrases, rows), argmax)
+                    pairs = [(a[i], b[i]) for a, b in zip(argmax, reference, strict=True) for i in a.keys() & b.keys()]
+                    agreement = sum(x == y for x, y in pairs) / len(pairs)
+                    results.append({"forward": forward, "phrases": phrases} | timing | {"argmax_agreement": agreement})
+                    print(json.dumps(results[-1]), flush=True)
     if args.out is not None:
         report = {"args": vars(args) | {"out": str(args.out)}, "precision": precision, "machine": machine}
         args.out.write_text(json.dumps(report | {"results": results}, indent=1))
