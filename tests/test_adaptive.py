@@ -365,8 +365,8 @@ def test_only_steps_that_verify_nothing_price_a_plain_step_at_their_own_batch_si
 
 
 def test_a_fit_that_would_slope_down_is_flat_at_the_mean():
-    fit = OnlineLinearFit()
-    for tokens, seconds in ((1, 0.3), (2, 0.28), (6, 0.2), (6, 0.2), (6, 0.2)):  # refits at the 5th
+    fit = OnlineLinearFit(refit_every=1)
+    for tokens, seconds in ((1, 0.3), (2, 0.28), (6, 0.2), (6, 0.2), (6, 0.2)):
         fit.add(tokens, seconds)
     assert fit.fit is not None and fit.fit.slope == 0 and fit.fit.intercept == pytest.approx(0.236, abs=0.005)
 
@@ -445,3 +445,90 @@ def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_
         controller.observe_accepted(round((plan.expected_tokens - 8) / controller.acceptance_scale() / 3))
     assert controller.acceptance_scale() < 0.6  # towards a third, within the bound of a half
     assert proposed[-1] < proposed[0] and controller.stats.verified_accepted < controller.stats.predicted_accepted
+
+
+def _inliers_by_size(x, y, fit: LinearCost):
+    """The outlier rule written plainly, one size at a time (the reference for the vectorised one)."""
+    import numpy as np
+
+    from ouroboros_vllm.algorithm import cost_model as cm
+
+    keep = np.ones(len(y), dtype=bool)
+    for size in np.unique(x):
+        group = x == size
+        if group.sum() >= 3:
+            median = float(np.median(y[group]))
+            spread = max(float(np.median(np.abs(y[group] - median))), cm.OUTLIER_FLOOR * median)
+            keep[group] = np.abs(y[group] - median) <= cm.OUTLIER_MADS * spread
+        else:
+            expected = max(fit(size), 1e-12)
+            keep[group] = (y[group] <= cm.OUTLIER_RATIO * expected) & (y[group] >= expected / cm.OUTLIER_RATIO)
+    return keep
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 12), st.floats(0.001, 2.0, allow_nan=False)).filter(lambda s: s[1] > 0),
+        min_size=1,
+        max_size=64,
+    ),
+    st.floats(0.0, 0.5),
+    st.floats(0.0, 0.05),
+)
+def test_the_outlier_rule_keeps_what_the_per_size_rule_keeps(samples, intercept, slope):
+    import numpy as np
+
+    from ouroboros_vllm.algorithm.cost_model import _inliers
+
+    x = np.array([float(size) for size, _ in samples])
+    y = np.array([seconds for _, seconds in samples])
+    fit = LinearCost(intercept, slope)
+    assert (_inliers(x, y, fit) == _inliers_by_size(x, y, fit)).all()
+
+
+def _ridge_by_solver(x, y) -> LinearCost:
+    """The fit's normal equations through a general solver (the reference for the closed form)."""
+    import numpy as np
+
+    from ouroboros_vllm.algorithm import cost_model as cm
+
+    intercept0 = float(np.median(y / (1 + cm.PRIOR_SLOPE_FRACTION * x)))
+    design = np.stack([np.ones_like(x), x], axis=1)
+    scale = np.array([1.0, max(float(np.mean(x)), 1.0)])
+    prior = np.array([intercept0, intercept0 * cm.PRIOR_SLOPE_FRACTION])
+    gram = design.T @ design + cm.PRIOR_WEIGHT * np.diag(scale**2)
+    rhs = design.T @ y + cm.PRIOR_WEIGHT * np.diag(scale**2) @ prior
+    intercept, slope = np.linalg.solve(gram, rhs)
+    if slope < 0:
+        weight = cm.PRIOR_WEIGHT * float(scale[0]) ** 2
+        return LinearCost(max((float(y.sum()) + weight * intercept0) / (len(y) + weight), 0.0), 0.0)
+    if intercept < 0:
+        weight = cm.PRIOR_WEIGHT * float(scale[1]) ** 2
+        slope = (float(x @ y) + weight * float(prior[1])) / (float(x @ x) + weight)
+    return LinearCost(max(float(intercept), 0.0), max(float(slope), 0.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 200), st.floats(1e-4, 5.0, allow_nan=False)), min_size=1, max_size=64))
+def test_the_closed_form_fit_equals_the_solver_fit(samples):
+    """The fit's arithmetic, checked against the general solver it replaced."""
+    import numpy as np
+
+    from ouroboros_vllm.algorithm.cost_model import _ridge
+
+    x = np.array([float(size) for size, _ in samples])
+    y = np.array([seconds for _, seconds in samples])
+    mine, reference = _ridge(x, y), _ridge_by_solver(x, y)
+    assert mine.intercept == pytest.approx(reference.intercept, rel=1e-9, abs=1e-12)
+    assert mine.slope == pytest.approx(reference.slope, rel=1e-9, abs=1e-12)
+
+
+def test_a_fit_is_refitted_after_each_of_its_first_samples_then_every_few():
+    fit = OnlineLinearFit(refit_every=4)
+    seen = []
+    for i in range(12):
+        fit.add(1 + i % 3, 0.1 * (1 + i))
+        seen.append(fit.fit)
+    changed = [i for i in range(1, 12) if seen[i] != seen[i - 1]]
+    assert changed == [1, 2, 3, 7, 11]

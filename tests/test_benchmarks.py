@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -537,6 +538,25 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
     assert (out / "speedup_k4_bs1.png").stat().st_size > 0 and (out / "speedup_k4_bs2.png").stat().st_size > 0
     (out / "report.md").unlink()
     assert main(["--report-only", str(out)]) == 0 and (out / "report.md").read_text() == table
+
+
+@pytest.mark.engine
+def test_the_step_overhead_benchmark_times_our_parts_of_real_engine_steps(tiny, tmp_path):
+    """In its own process (it wraps the proposer's methods for good): every part is timed in steps that drafted."""
+    import subprocess
+
+    out = tmp_path / "overhead.json"
+    args = ["--target", str(tiny.target), "--draft", str(tiny.draft_similar), "--batch-size", "2", "--max-tokens"]
+    command = [sys.executable, "-m", "benchmarks.step_overhead", *args, "12", "--settings", '{"adaptive": false}']
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] >= 3 and report["tokens"] == 24
+    parts = report["per_function_ms"]
+    assert {"propose", "on_verified", "split_verification", "draft_runtime", "draft_model"} <= parts.keys()
+    assert parts["draft_model"]["median"] > 0 and parts["on_verified"]["median"] > 0
+    assert report["overhead_ms"]["median"] > 0
 
 
 def test_the_pool_and_tree_table_sums_our_counters_over_runs():

@@ -30,6 +30,28 @@ def test_split_rows_gives_each_row_its_drafts_and_one_more_argmax(num_draft, rnd
     assert [a[-1] for a in argmax] == bonus
 
 
+@given(st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=8), st.randoms(use_true_random=False))
+def test_split_verification_reads_the_argmax_at_each_draft_and_bonus_position(num_draft, rnd):
+    """vLLM's layout: each row's draft positions, then its bonus position, in the logits' rows."""
+    from types import SimpleNamespace
+
+    rows = sum(n + 1 for n in num_draft)
+    logits = torch.randn(rows, 50, generator=torch.Generator().manual_seed(rnd.randrange(1 << 30)))
+    starts = [sum(n + 1 for n in num_draft[:i]) for i in range(len(num_draft))]
+    draft_positions = [s + j for s, n in zip(starts, num_draft, strict=True) for j in range(n)]
+    metadata = SimpleNamespace(
+        target_logits_indices=torch.tensor(draft_positions, dtype=torch.int32),
+        bonus_logits_indices=torch.tensor([s + n for s, n in zip(starts, num_draft, strict=True)], dtype=torch.int32),
+        draft_token_ids=torch.tensor([rnd.randrange(50) for _ in draft_positions], dtype=torch.int32),
+        num_draft_tokens=num_draft,
+    )
+    drafts, argmax = vllm_hooks.split_verification(logits, metadata)
+    expected = logits.argmax(dim=-1).tolist()
+    assert argmax == [expected[s : s + n + 1] for s, n in zip(starts, num_draft, strict=True)]
+    flat = metadata.draft_token_ids.tolist()
+    assert drafts == [flat[sum(num_draft[:i]) : sum(num_draft[: i + 1])] for i in range(len(num_draft))]
+
+
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.33.0", "0.33.1rc1"])
 def test_supported_versions(version):
     assert vllm_hooks.check_vllm_version(version) == version

@@ -47,7 +47,8 @@ class LinearCost:
 
 
 class OnlineLinearFit:
-    """Seconds against tokens over the last ``window`` samples, refitted every ``refit_every`` samples."""
+    """Seconds against tokens over the last ``window`` samples, refitted after each of the first ``refit_every``
+    samples, then every ``refit_every`` samples."""
 
     def __init__(self, window: int = 128, refit_every: int = 4) -> None:
         self._samples: deque[tuple[float, float]] = deque(maxlen=window)
@@ -63,7 +64,8 @@ class OnlineLinearFit:
             return
         self._samples.append((float(tokens), float(seconds)))
         self._since_fit += 1
-        if self._fit is None or self._since_fit >= self._refit_every:
+        # Every sample while there are few (each one news), then every refit_every.
+        if len(self._samples) <= self._refit_every or self._since_fit >= self._refit_every:
             self._fit = self._refit()
             self._since_fit = 0
 
@@ -92,35 +94,45 @@ def _inliers(x: np.ndarray, y: np.ndarray, fit: LinearCost) -> np.ndarray:
     first fit: the rare step of another size is what shows the slope, and a fit made mostly of one size would
     call it an outlier. A size seen once or twice is only dropped when it is far off the first fit.
     """
-    keep = np.ones(len(y), dtype=bool)
-    for size in np.unique(x):
-        group = x == size
-        if group.sum() >= 3:
-            median = float(np.median(y[group]))
-            spread = max(float(np.median(np.abs(y[group] - median))), OUTLIER_FLOOR * median)
-            keep[group] = np.abs(y[group] - median) <= OUTLIER_MADS * spread
-        else:
-            expected = max(fit(size), 1e-12)
-            keep[group] = (y[group] <= OUTLIER_RATIO * expected) & (y[group] >= expected / OUTLIER_RATIO)
-    return keep
+    sizes, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    median = _group_medians(group, y, counts)
+    deviation = np.abs(y - median[group])
+    spread = np.maximum(_group_medians(group, deviation, counts), OUTLIER_FLOOR * median)
+    expected = np.maximum(fit.intercept + fit.slope * sizes, 1e-12)
+    among_own = deviation <= OUTLIER_MADS * spread[group]
+    near_fit = (y <= OUTLIER_RATIO * expected[group]) & (y >= expected[group] / OUTLIER_RATIO)
+    return np.where(counts[group] >= 3, among_own, near_fit)
+
+
+def _group_medians(group: np.ndarray, values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The median of ``values`` within each group (``group``: each value's group index, ``counts``: group sizes),
+    as ``np.median`` computes it (the mean of the two middle values of an even count), in a few array calls: the
+    refit runs after every few steps, and a per-size loop cost more than the rest of a step's planning."""
+    ordered = values[np.lexsort((values, group))]  # by group, then by value
+    starts = np.cumsum(counts) - counts
+    return (ordered[starts + (counts - 1) // 2] + ordered[starts + counts // 2]) / 2
 
 
 def _ridge(x: np.ndarray, y: np.ndarray) -> LinearCost:
-    """Least squares of ``y ≈ a + b x`` with a weak prior ``b ≈ a * PRIOR_SLOPE_FRACTION``; both >= 0."""
+    """Least squares of ``y ≈ a + b x`` with a weak prior ``b ≈ a * PRIOR_SLOPE_FRACTION``; both >= 0.
+
+    The 2x2 normal equations are solved in closed form (a refit follows every few steps: a general solver's
+    overhead cost more than the fit)."""
     intercept0 = float(np.median(y / (1 + PRIOR_SLOPE_FRACTION * x)))
-    design = np.stack([np.ones_like(x), x], axis=1)
-    scale = np.array([1.0, max(float(np.mean(x)), 1.0)])  # keep the prior's weight comparable for both terms
-    prior = np.array([intercept0, intercept0 * PRIOR_SLOPE_FRACTION])
-    gram = design.T @ design + PRIOR_WEIGHT * np.diag(scale**2)
-    rhs = design.T @ y + PRIOR_WEIGHT * np.diag(scale**2) @ prior
-    intercept, slope = np.linalg.solve(gram, rhs)
+    n, sum_x, sum_xx, sum_y, sum_xy = len(x), float(x.sum()), float(x @ x), float(y.sum()), float(x @ y)
+    # The prior's weight on each term, scaled to keep it comparable for both.
+    weight_a, weight_b = PRIOR_WEIGHT, PRIOR_WEIGHT * max(sum_x / n, 1.0) ** 2
+    prior_a, prior_b = intercept0, intercept0 * PRIOR_SLOPE_FRACTION
+    # [[n + wa, sx], [sx, sxx + wb]] @ [a, b] = [sy + wa pa, sxy + wb pb]; the determinant is > 0 (Cauchy-Schwarz).
+    g11, g12, g22 = n + weight_a, sum_x, sum_xx + weight_b
+    r1, r2 = sum_y + weight_a * prior_a, sum_xy + weight_b * prior_b
+    determinant = g11 * g22 - g12 * g12
+    intercept, slope = (r1 * g22 - g12 * r2) / determinant, (g11 * r2 - g12 * r1) / determinant
     if slope < 0:  # the best line with a flat slope, not the tilted line's intercept (too high by the tilt)
-        weight = PRIOR_WEIGHT * float(scale[0]) ** 2
-        return LinearCost(max((float(y.sum()) + weight * intercept0) / (len(y) + weight), 0.0), 0.0)
+        return LinearCost(max((sum_y + weight_a * intercept0) / (n + weight_a), 0.0), 0.0)
     if intercept < 0:  # the best line through the origin
-        weight = PRIOR_WEIGHT * float(scale[1]) ** 2
-        slope = (float(x @ y) + weight * float(prior[1])) / (float(x @ x) + weight)
-    return LinearCost(max(float(intercept), 0.0), max(float(slope), 0.0))
+        slope = (sum_xy + weight_b * prior_b) / (sum_xx + weight_b)
+    return LinearCost(max(intercept, 0.0), max(slope, 0.0))
 
 
 class CostModel:

@@ -40,13 +40,10 @@ class DraftStats:
     draft_seconds: float = 0.0  # wall time of the steps' drafting (a step's time is shared among its rounds)
 
     def add(self, other: DraftStats) -> None:
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if isinstance(mine, dict):
-                for key, count in theirs.items():
-                    mine[key] = mine.get(key, 0) + count
-            else:
-                setattr(self, f.name, mine + theirs)
+        for name in _COUNTER_NAMES:  # every row adds its counts twice a step: no dataclasses.fields() here
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for key, count in other.accepted_rank.items():
+            self.accepted_rank[key] = self.accepted_rank.get(key, 0) + count
 
     @property
     def acceptance_rate(self) -> float:
@@ -88,6 +85,9 @@ class DraftStats:
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
             + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")
         )
+
+
+_COUNTER_NAMES = tuple(f.name for f in fields(DraftStats) if f.name != "accepted_rank")
 
 
 class StatsLogger:

@@ -34,6 +34,7 @@ from ouroboros_vllm.algorithm.cost_model import OnlineLinearFit
 from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftState, ForwardPlan
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
+from ouroboros_vllm.runtime.argmax import argmax_last
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
@@ -60,8 +61,10 @@ class DraftRuntime:
         dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
         self.cache = DraftKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, self.device)
         self._query_group = config.num_attention_heads // config.num_key_value_heads
-        self._lm_head_cost = OnlineLinearFit(window=64)
-        self._forward_cost = OnlineLinearFit(window=64)
+        # Refitted every 16 samples: they steer coarse choices, and a refit in every forward was a measurable
+        # share of the runtime's own time at batch 16 (benchmarks/step_overhead.py).
+        self._lm_head_cost = OnlineLinearFit(window=64, refit_every=16)
+        self._forward_cost = OnlineLinearFit(window=64, refit_every=16)
         self._phrase_width = Rate()  # phrase tokens a row adds to a wide forward (decayed mean)
         self._tail_width = Rate()  # the same for a forward that carries phrase tails only
         self.static = StaticForward(model, self.cache, self._query_group) if static_shapes else None
@@ -218,12 +221,12 @@ class DraftRuntime:
         start = time.perf_counter()
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
         logits = self.model.get_output_embeddings()(hidden[index])
-        best = logits.argmax(dim=-1)  # argmax, not topk: the same token on ties as the draft's greedy loop
+        best = argmax_last(logits)  # argmax, not topk: the same token on ties as the draft's greedy loop
         seconds: list[int] = []
         if runner_ups:
             heads = torch.tensor(np.cumsum([0] + [len(part) for part in rows[:-1]]), device=self.device)
             masked = logits[heads].scatter(-1, best[heads, None], float("-inf"))  # a copy of those rows only
-            seconds = masked.argmax(dim=-1).tolist()
+            seconds = argmax_last(masked).tolist()
         best_ids = best.tolist()  # .tolist() syncs
         self._lm_head_cost.add(len(flat), time.perf_counter() - start)
         firsts, at = [], 0

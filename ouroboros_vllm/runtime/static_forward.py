@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, ForwardPlan
+from ouroboros_vllm.runtime.argmax import argmax_last
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 
 # Rows with more new tokens than this (a prompt's catch-up) take the packed forward: a prefill is bound by
@@ -230,8 +231,8 @@ class StaticForward:
             input_ids=inputs.input_ids, position_ids=inputs.positions, use_cache=False, packed_batch=batch
         ).last_hidden_state[0]
         logits = self.model.get_output_embeddings()(hidden)  # [R * W, vocab]
-        best = logits.argmax(dim=-1)  # argmax, not topk: the same token on ties as the draft's greedy loop
+        best = argmax_last(logits)  # argmax, not topk: the same token on ties as the draft's greedy loop
         num_rows, width = inputs.new_mask.shape[:2]
         first = torch.arange(num_rows, device=self.device) * width + inputs.heads
-        second = logits[first].scatter(-1, best[first, None], float("-inf")).argmax(dim=-1)
+        second = argmax_last(logits[first].scatter(-1, best[first, None], float("-inf")))
         inputs.out.copy_(torch.cat([best, second]))

@@ -254,10 +254,20 @@ def _wrap_sample(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def split_verification(logits: torch.Tensor, metadata: Any) -> tuple[list[list[int]], list[list[int]]]:
     """Per batch row: the draft tokens and the target's argmax at each draft position plus the bonus position."""
-    draft_argmax = logits[metadata.target_logits_indices].argmax(dim=-1).tolist()
-    bonus_argmax = logits[metadata.bonus_logits_indices].argmax(dim=-1).tolist()
-    flat_drafts = metadata.draft_token_ids.tolist()
-    return _split_rows(flat_drafts, draft_argmax, bonus_argmax, metadata.num_draft_tokens)
+    import torch
+
+    from ouroboros_vllm.runtime.argmax import argmax_last
+
+    # One read back to the host (on a GPU each .tolist() waits for the device): the argmax at the draft
+    # positions, at the bonus positions, then the draft tokens.
+    # Every row's argmax, then the positions' (vLLM's logits here are the verified positions, so little is read
+    # in vain, and no vocabulary-wide row is copied as indexing the logits first would).
+    positions = torch.cat([metadata.target_logits_indices, metadata.bonus_logits_indices])
+    argmax = argmax_last(logits)[positions]
+    flat = torch.cat([argmax, metadata.draft_token_ids.to(argmax.dtype)]).tolist()
+    num_drafts, num_rows = len(metadata.target_logits_indices), len(metadata.bonus_logits_indices)
+    draft_argmax, bonus_argmax = flat[:num_drafts], flat[num_drafts : num_drafts + num_rows]
+    return _split_rows(flat[num_drafts + num_rows :], draft_argmax, bonus_argmax, metadata.num_draft_tokens)
 
 
 def _split_rows(
