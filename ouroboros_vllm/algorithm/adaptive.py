@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
-from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, spread
+from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, is_plain_step, spread
 from ouroboros_vllm.algorithm.planner import (
     DraftShape,
     RowOutlook,
@@ -95,6 +95,7 @@ class AdaptiveController:
         self._pending_draft_seconds = 0.0
         self._explore_credit = 0.0  # seconds of exploration earned since the draft last ran
         self._rows = 0  # rows of the last plan
+        self._assumed: tuple[LinearCost | None, LinearCost | None] = (None, None)  # its target and plain step
 
     # ---- what was measured ----------------------------------------------------------------------------
 
@@ -103,7 +104,7 @@ class AdaptiveController:
         ``seconds``; it verified the last plan."""
         rows = self._rows if rows is None else rows
         self.costs.add_target_step(rows, tokens, seconds)
-        if tokens == rows:
+        if is_plain_step(rows, tokens):
             self._since_plain[rows] = 0
         self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
         if self._pending_prediction is not None:
@@ -150,11 +151,13 @@ class AdaptiveController:
         self._pending_prediction = self._pending_accepted = None
         self._rows = len(rows)
         target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
+        plain = self.costs.plain_cost(len(rows))
+        self._assumed = (target, plain)
         if target is None or draft is None:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
             shape = self.shape()
-            plain, scale = self.costs.plain_cost(len(rows)), self.acceptance_scale()
+            scale = self.acceptance_scale()
             plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, acceptance_scale=scale)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
@@ -202,11 +205,11 @@ class AdaptiveController:
 
     def target_fit(self) -> LinearCost | None:
         """The target's step time the last plan assumed (the fit at its batch size, see :class:`CostModel`)."""
-        return self.costs.target_fit(self._rows)
+        return self._assumed[0]
 
     def plain_cost(self) -> LinearCost | None:
         """A plain step's time the last plan assumed (see :meth:`CostModel.plain_cost`)."""
-        return self.costs.plain_cost(self._rows)
+        return self._assumed[1]
 
     def shape(self) -> DraftShape:
         return DraftShape(

@@ -35,6 +35,11 @@ OUTLIER_FLOOR = 0.05
 OUTLIER_RATIO = 3.0
 
 
+def is_plain_step(rows: int, tokens: int) -> bool:
+    """Whether a target step of ``rows`` rows that computed ``tokens`` tokens verified nothing (one token a row)."""
+    return tokens == rows
+
+
 @dataclass(frozen=True)
 class LinearCost:
     """``intercept + slope * tokens`` seconds."""
@@ -156,8 +161,10 @@ class CostModel:
 
     def add_target_step(self, rows: int, tokens: int, seconds: float) -> None:
         self.target.add(tokens, seconds)
-        self.target_by_rows.setdefault(rows, OnlineLinearFit(window=32)).add(tokens, seconds)
-        if tokens == rows:
+        if rows not in self.target_by_rows:
+            self.target_by_rows[rows] = OnlineLinearFit(window=32)
+        self.target_by_rows[rows].add(tokens, seconds)
+        if is_plain_step(rows, tokens):
             self.plain.add(tokens, seconds)
 
     def plain_cost(self, rows: int) -> LinearCost | None:
@@ -166,7 +173,8 @@ class CostModel:
         Per size first, because a CPU's plain step is not even monotonic in rows (one row: a matrix-vector path
         measured at 260-290 ms, slower than six rows' 170-220 ms)."""
         at_size = self.target_by_rows.get(rows)
-        plain = [seconds for tokens, seconds in at_size.samples if tokens == rows] if at_size is not None else []
+        samples = at_size.samples if at_size is not None else []
+        plain = [seconds for tokens, seconds in samples if is_plain_step(rows, tokens)]
         if plain:
             return LinearCost(float(np.median(plain)), 0.0)
         fit = self.plain.fit if len(self.plain) >= 2 else None
