@@ -447,6 +447,31 @@ def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_
     assert proposed[-1] < proposed[0] and controller.stats.verified_accepted < controller.stats.predicted_accepted
 
 
+def test_steps_that_keep_taking_longer_than_predicted_raise_the_price_until_the_plan_stops_proposing():
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(8, 8, 0.04)] * 40, depth=40)
+    for tokens in (40, 16, 40, 16, 8, 8):
+        controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=8)
+    rows = [row(budget=4, trunk=0.75, pool=0.0, hit=0.0)] * 8
+    assert controller.time_scale() == 1.0
+    proposed, scales = [], []
+    for _ in range(120):  # a speculative step takes 1.4 times what the cost model says; acceptance is as expected
+        scales.append(controller.time_scale())
+        plan = controller.plan(rows, 4)
+        proposed.append(sum(r.total for r in plan.rows))
+        seconds = plan.expected_seconds / scales[-1] * (1.4 if proposed[-1] else 1.0)
+        controller.observe_target_step(8 + proposed[-1], seconds, rows=8)
+        controller.observe_accepted(round((plan.expected_tokens - 8) / controller.acceptance_scale()))
+    # Up from 1 while the plans propose, until proposing no longer pays at that price; then, without evidence,
+    # back towards 1 step by step, until the plans propose (and are measured) again.
+    stopped = proposed.index(0)
+    assert proposed[0] > 0 and 1.1 < scales[stopped] <= 1.4
+    settling = zip(scales[stopped : stopped + 19], scales[stopped + 1 : stopped + 20], strict=True)
+    assert all(later < earlier for earlier, later in settling)
+    planned_again = [i for i in range(stopped + 20, 120) if proposed[i] and scales[i] < scales[stopped]]
+    assert planned_again and 0.9 < controller.acceptance_scale() < 1.1
+
+
 def _inliers_by_size(x, y, fit: LinearCost):
     """The outlier rule written plainly, one size at a time (the reference for the vectorised one)."""
     import numpy as np

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
-from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, is_plain_step, spread
+from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step, spread
 from ouroboros_vllm.algorithm.planner import (
     DraftShape,
     RowOutlook,
@@ -45,10 +45,11 @@ PROBE_EVERY = 16
 # only measured on steps that propose nothing.
 PLAIN_PROBE_EVERY = 64
 FIRST_PLAIN_PROBE = 4
-# The acceptance model's calibration: accepted draft tokens against what the plans expected (uncalibrated), over a
-# decaying window of planned steps, starting from 1 with the weight of this many expected tokens, within bounds.
+# The plans' calibrations: accepted draft tokens and a speculative step's time (verification and drafting) against
+# their predictions, decaying by planned steps, from 1 with the weight of this many tokens or seconds, bounded.
 CALIBRATION_DECAY = 0.98
 CALIBRATION_PRIOR_TOKENS = 16.0
+CALIBRATION_PRIOR_SECONDS = 2.0
 CALIBRATION_BOUNDS = (0.5, 1.5)
 TRUSTED_DRAFT_SAMPLES = 32  # draft forwards measured before the planner may decline a row's catch-up
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
@@ -91,7 +92,9 @@ class AdaptiveController:
         self._since_plain: dict[int, int] = {}  # planned steps at a batch size since a plain step there
         self._pending_prediction: float | None = None
         self._pending_accepted: float | None = None  # the last plan's expected accepted draft tokens
-        self._calibration = Rate()  # accepted = draft tokens accepted, examined = the plans' uncalibrated expectation
+        self._calibration = Calibration(CALIBRATION_PRIOR_TOKENS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
+        self._time_calibration = Calibration(CALIBRATION_PRIOR_SECONDS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
+        self._pending_speculative: float | None = None  # the last plan's uncalibrated time, if it proposed
         self._pending_draft_seconds = 0.0
         self._explore_credit = 0.0  # seconds of exploration earned since the draft last ran
         self._rows = 0  # rows of the last plan
@@ -111,6 +114,9 @@ class AdaptiveController:
             self.stats.predicted_seconds += self._pending_prediction
             self.stats.measured_seconds += seconds + self._pending_draft_seconds
             self._pending_prediction = None
+        if self._pending_speculative is not None:
+            self._time_calibration.add(seconds + self._pending_draft_seconds, self._pending_speculative)
+            self._pending_speculative = None
 
     def observe_accepted(self, accepted: int) -> None:
         """The target accepted ``accepted`` draft tokens of the last plan's rows (read at the next step)."""
@@ -118,7 +124,7 @@ class AdaptiveController:
             scale = self.acceptance_scale()
             self.stats.predicted_accepted += self._pending_accepted
             self.stats.verified_accepted += accepted
-            self._calibration.add(accepted, self._pending_accepted / scale, CALIBRATION_DECAY)
+            self._calibration.add(accepted, self._pending_accepted / scale)
             self._pending_accepted = None
 
     def acceptance_scale(self) -> float:
@@ -126,8 +132,12 @@ class AdaptiveController:
         plans' expectations are multiplied by it. Rows whose estimate is high get the long proposals, so the
         plain estimates err high where they are used (measured at batch 8: 10-20% more expected than accepted),
         and at batch 8 on a CPU the margin between a plan and plain decoding is about that size."""
-        low, high = CALIBRATION_BOUNDS
-        return min(max(self._calibration.rate(1.0, prior_trials=CALIBRATION_PRIOR_TOKENS), low), high)
+        return self._calibration.scale()
+
+    def time_scale(self) -> float:
+        """A speculative step's measured time over the plans' prediction, lately: the target's and the draft's prices
+        are multiplied by it (at batch 8 on a CPU they ran 5-7% short in some runs, a plan's whole margin there)."""
+        return self._time_calibration.scale()
 
     def observe_draft(self, forwards: Sequence[tuple[int, int, float]], depth: int) -> None:
         """The step's draft forwards, each (rows, tokens carried, seconds), which drafted ``depth`` tokens for the
@@ -148,7 +158,9 @@ class AdaptiveController:
     def plan(self, rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
         """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep."""
         self._pending_draft_seconds = 0.0
-        self._pending_prediction = self._pending_accepted = None
+        self._pending_prediction = self._pending_accepted = self._pending_speculative = None
+        for calibration in (self._calibration, self._time_calibration):
+            calibration.age()
         self._rows = len(rows)
         target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
         plain = self.costs.plain_cost(len(rows))
@@ -156,8 +168,8 @@ class AdaptiveController:
         if target is None or draft is None:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
-            shape = self.shape()
-            scale = self.acceptance_scale()
+            shape, scale, time_scale = self.shape(), self.acceptance_scale(), self.time_scale()
+            target, draft = target.scaled(time_scale), draft.scaled(time_scale)
             plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, acceptance_scale=scale)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
@@ -199,6 +211,8 @@ class AdaptiveController:
             plan = tried
         if self._pending_prediction is not None:
             self._pending_accepted = plan.expected_tokens - len(rows)
+            if any(row.total for row in plan.rows):
+                self._pending_speculative = plan.expected_seconds / self.time_scale()
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
         return plan

@@ -50,6 +50,33 @@ class LinearCost:
     def __call__(self, tokens: float) -> float:
         return self.intercept + self.slope * tokens
 
+    def scaled(self, factor: float) -> LinearCost:
+        return LinearCost(self.intercept * factor, self.slope * factor)
+
+
+class Calibration:
+    """What was measured over what a model predicted, lately: sums that decay by ``decay`` at each :meth:`age`
+    (each planned step), starting from 1 with the weight of ``prior`` predicted units, within ``bounds``.
+    Predictions are recorded uncalibrated (divided by the scale they were made with), so the scale converges to
+    the model's own bias rather than chasing itself. Ageing by steps, not by evidence, lets a scale that stopped
+    the plans from proposing (and so from being measured) drift back to 1 and be tried again."""
+
+    def __init__(self, prior: float, decay: float, bounds: tuple[float, float]) -> None:
+        self.prior, self.decay, self.bounds = prior, decay, bounds
+        self.measured = self.predicted = 0.0
+
+    def add(self, measured: float, predicted: float) -> None:
+        self.measured += measured
+        self.predicted += predicted
+
+    def age(self) -> None:
+        self.measured *= self.decay
+        self.predicted *= self.decay
+
+    def scale(self) -> float:
+        low, high = self.bounds
+        return min(max((self.measured + self.prior) / (self.predicted + self.prior), low), high)
+
 
 class OnlineLinearFit:
     """Seconds against tokens over the last ``window`` samples, refitted after each of the first ``refit_every``

@@ -79,6 +79,7 @@ _COST_GAUGES: dict[str, str] = {
 }
 _PREDICTION = "vllm:ouroboros_predicted_over_measured_step_time"
 _CALIBRATION = "vllm:ouroboros_acceptance_calibration"
+_TIME_CALIBRATION = "vllm:ouroboros_step_time_calibration"
 
 _metrics: dict[str, Counter | Gauge] = {}
 # The metrics labelled by model name only.
@@ -88,6 +89,7 @@ _UNLABELLED = [
     *_GAUGES,
     _PREDICTION,
     _CALIBRATION,
+    _TIME_CALIBRATION,
 ]
 
 
@@ -115,12 +117,11 @@ def registered() -> dict[str, Counter | Gauge]:
             _LABELS,
             multiprocess_mode="livemostrecent",
         )
-        _metrics[_CALIBRATION] = Gauge(
-            _CALIBRATION,
-            "Accepted draft tokens / what the acceptance model expected, lately: the planner's scale on it.",
-            _LABELS,
-            multiprocess_mode="livemostrecent",
-        )
+        for name, text in (
+            (_CALIBRATION, "Accepted draft tokens / what the acceptance model expected, lately: the planner's scale."),
+            (_TIME_CALIBRATION, "A speculative step's time / what the cost model predicted, lately: its scale."),
+        ):
+            _metrics[name] = Gauge(name, text, _LABELS, multiprocess_mode="livemostrecent")
     for metric in _metrics.values():
         with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(metric)
@@ -190,6 +191,7 @@ class MetricsExporter:
         if stats.measured_seconds:
             self._series[_PREDICTION].set(stats.predicted_seconds / stats.measured_seconds)
         self._series[_CALIBRATION].set(controller.acceptance_scale())
+        self._series[_TIME_CALIBRATION].set(controller.time_scale())
 
     def _add(self, counter: str, total: float, pushed: float) -> None:
         """Count what happened since the last push (counters only go up)."""
