@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -470,6 +471,22 @@ def test_steps_that_keep_taking_longer_than_predicted_raise_the_price_until_the_
     assert all(later < earlier for earlier, later in settling)
     planned_again = [i for i in range(stopped + 20, 120) if proposed[i] and scales[i] < scales[stopped]]
     assert planned_again and 0.9 < controller.acceptance_scale() < 1.1
+
+
+def test_a_step_whose_draft_catches_a_row_up_does_not_move_the_time_calibration():
+    """The plans leave a catch-up's cost out (it is judged apart): its step's time says nothing of their prices."""
+    controller = AdaptiveController(max_tokens=4)
+    controller.observe_draft([(1, 8, 0.04)] * 40, depth=40)
+    for tokens in (5, 2, 5, 2, 1, 1):
+        controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=1)
+    resumed = RowOutlook(4, 0.95, 0.0, 0.0, can_draft=True, catch_up=300, remaining=10_000)
+    plan = controller.plan([resumed], 4)
+    assert plan.rows[0].trunk > 0  # it pays: a long request, a high acceptance
+    controller.observe_target_step(1 + plan.rows[0].total, 10 * plan.expected_seconds, rows=1)
+    assert controller.time_scale() == 1.0
+    plan = controller.plan([replace(resumed, catch_up=1)], 4)
+    controller.observe_target_step(1 + plan.rows[0].total, 10 * plan.expected_seconds, rows=1)
+    assert controller.time_scale() > 1.0
 
 
 def _inliers_by_size(x, y, fit: LinearCost):

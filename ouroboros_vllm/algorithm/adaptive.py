@@ -3,7 +3,8 @@
 :class:`AdaptiveController` owns the cost model (:mod:`.cost_model`), the process-wide acceptance rates (the prior
 of every request, :mod:`.acceptance`) and how the draft has been drafting, and turns them into each step's
 :class:`~ouroboros_vllm.algorithm.planner.StepPlan`. It also keeps what a person needs to trust it: how many
-tokens the rows proposed (a histogram), the current fit, and the predicted against the measured step time.
+tokens the rows proposed (a histogram), the current fit, the predicted against the measured step time and
+accepted tokens, and the calibrations the plans take from those (:class:`~.cost_model.Calibration`).
 
 Five things keep the model honest:
 
@@ -35,6 +36,7 @@ from ouroboros_vllm.algorithm.planner import (
     RowPlan,
     StepPlan,
     catch_up_pays,
+    empty_plan,
     plan_seconds,
     plan_step,
 )
@@ -103,8 +105,7 @@ class AdaptiveController:
     # ---- what was measured ----------------------------------------------------------------------------
 
     def observe_target_step(self, tokens: int, seconds: float, rows: int | None = None) -> None:
-        """The target's step of ``rows`` rows (default: the last plan's) just computed ``tokens`` tokens in
-        ``seconds``; it verified the last plan."""
+        """The target's step of ``rows`` rows (default: the last plan's) computed ``tokens`` tokens in ``seconds``."""
         rows = self._rows if rows is None else rows
         self.costs.add_target_step(rows, tokens, seconds)
         if is_plain_step(rows, tokens):
@@ -128,10 +129,9 @@ class AdaptiveController:
             self._pending_accepted = None
 
     def acceptance_scale(self) -> float:
-        """What the target accepted over what the acceptance model expected, lately (1 before any evidence): the
-        plans' expectations are multiplied by it. Rows whose estimate is high get the long proposals, so the
-        plain estimates err high where they are used (measured at batch 8: 10-20% more expected than accepted),
-        and at batch 8 on a CPU the margin between a plan and plain decoding is about that size."""
+        """What the target accepted over what the acceptance model expected, lately: the plans' expectations are
+        multiplied by it (rows whose estimate is high get the long proposals, so the estimates err high where they
+        are used: 10-20% more expected than accepted at batch 8, about a plan's whole margin there)."""
         return self._calibration.scale()
 
     def time_scale(self) -> float:
@@ -199,19 +199,21 @@ class AdaptiveController:
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = _empty_plan(rows)
+                plan = empty_plan(rows)
             elif self._since_probe >= PROBE_EVERY and self._steps_look_alike():
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = _empty_plan(rows) if proposes else _pool_plan(rows, full)
+                plan = empty_plan(rows) if proposes else _pool_plan(rows, full)
         tried = _try_new_rows(rows, plan, full)
         if tried is not plan:
             self._pending_prediction = None
             plan = tried
         if self._pending_prediction is not None:
             self._pending_accepted = plan.expected_tokens - len(rows)
-            if any(row.total for row in plan.rows):
+            # A step whose draft catches a row up (a cost the plans leave out) would mislead the time calibration.
+            catch_ups = any(p.trunk and r.catch_up > max_depth + 1 for r, p in zip(rows, plan.rows, strict=True))
+            if any(row.total for row in plan.rows) and not catch_ups:
                 self._pending_speculative = plan.expected_seconds / self.time_scale()
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
@@ -294,7 +296,3 @@ def _pool_plan(rows: Sequence[RowOutlook], full: StepPlan) -> StepPlan:
         return full
     plans = [RowPlan(0, row.budget) for row in rows]
     return StepPlan(plans, depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)
-
-
-def _empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:
-    return StepPlan([RowPlan(0, 0) for _ in rows], depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)

@@ -116,6 +116,11 @@ def plan_step(
     return best
 
 
+def empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:
+    """Nothing proposed by any row (no prediction: the plan of a probe)."""
+    return StepPlan([RowPlan(0, 0) for _ in rows], depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)
+
+
 def plan_seconds(
     rows: Sequence[RowOutlook], plan: StepPlan, target: LinearCost, draft: LinearCost, shape: DraftShape
 ) -> float:
