@@ -429,11 +429,17 @@ def test_a_batch_size_without_its_own_fit_is_priced_from_the_nearest_one_scaled_
     assert costs.target_fit(3) == LinearCost(one.intercept, 3 * one.slope)  # nearer to 1 row than to 8
 
 
-def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_the_plan_stops_proposing():
+def _measured_at_batch_8() -> AdaptiveController:
+    """A controller whose draft forwards and 8-row target steps (both sizes, so with a slope) were measured."""
     controller = AdaptiveController(max_tokens=4)
     controller.observe_draft([(8, 8, 0.04)] * 40, depth=40)
     for tokens in (40, 16, 40, 16, 8, 8):
         controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=8)
+    return controller
+
+
+def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_the_plan_stops_proposing():
+    controller = _measured_at_batch_8()
     rows = [row(budget=4, trunk=0.8, pool=0.0, hit=0.0)] * 8
     assert controller.acceptance_scale() == 1.0
     first = controller.plan(rows, 4)
@@ -449,10 +455,7 @@ def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_
 
 
 def test_steps_that_keep_taking_longer_than_predicted_raise_the_price_until_the_plan_stops_proposing():
-    controller = AdaptiveController(max_tokens=4)
-    controller.observe_draft([(8, 8, 0.04)] * 40, depth=40)
-    for tokens in (40, 16, 40, 16, 8, 8):
-        controller.observe_target_step(tokens, 0.2 + 0.01 * tokens, rows=8)
+    controller = _measured_at_batch_8()
     rows = [row(budget=4, trunk=0.75, pool=0.0, hit=0.0)] * 8
     assert controller.time_scale() == 1.0
     proposed, scales = [], []

@@ -93,35 +93,52 @@ class PackedBatch:
         value: torch.Tensor,
         scaling: float | None,
     ) -> torch.Tensor:
-        keys, values = self.cache.layer(module.layer_idx)
-        keys[self.rows, :, self.slots] = key[0].transpose(0, 1)
-        values[self.rows, :, self.slots] = value[0].transpose(0, 1)
-        num_heads, num_kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-        group_size = num_heads // num_kv_heads
+        keys, values = write_new_keys(self.cache, module.layer_idx, self.rows, self.slots, key, value)
         tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
         out = torch.empty_like(tokens)
         for group in self.groups:
             if group.dense is not None:
                 padded = tokens[group.dense]
             else:
-                padded = tokens.new_zeros(group.rows * group.width, num_heads, dim)
+                padded = tokens.new_zeros(group.rows * group.width, *tokens.shape[1:])
                 padded[group.padded] = tokens[group.packed]
-            q = padded.view(group.rows, group.width, num_kv_heads, group_size, dim).permute(0, 2, 3, 1, 4)
             rows = slice(group.first, group.first + group.rows)
-            attended = F.scaled_dot_product_attention(
-                q.reshape(group.rows, num_kv_heads, group_size * group.width, dim),
-                keys[rows, :, : group.length],
-                values[rows, :, : group.length],
-                attn_mask=group.mask,
-                scale=scaling,
-            )
-            attended = attended.view(group.rows, num_kv_heads, group_size, group.width, dim).permute(0, 3, 1, 2, 4)
-            attended = attended.reshape(group.rows * group.width, num_heads, dim)
+            length = group.length
+            attended = folded_attention(padded, keys[rows, :, :length], values[rows, :, :length], group.mask, scaling)
             if group.dense is not None:
                 out[group.dense] = attended
             else:
                 out[group.packed] = attended[group.padded]
         return out.unsqueeze(0)
+
+
+def write_new_keys(
+    cache: DraftKVCache, layer: int, rows: torch.Tensor, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a forward's new keys and values (``[1, kv_heads, tokens, dim]``) at each token's (cache row, slot) of
+    layer ``layer``; return that layer's (keys, values)."""
+    keys, values = cache.layer(layer)
+    keys[rows, :, slots] = key[0].transpose(0, 1)
+    values[rows, :, slots] = value[0].transpose(0, 1)
+    return keys, values
+
+
+def folded_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Attention of ``queries`` ``[rows * width, heads, dim]`` over ``keys`` and ``values`` ``[rows, kv_heads,
+    length, dim]``, the query heads that share a key/value head folded into the query length (``mask``:
+    ``[rows, 1, group * width, length]``); returns ``[rows * width, heads, dim]``."""
+    num_rows, num_kv_heads = keys.shape[:2]
+    tokens, num_heads, dim = queries.shape
+    width, group = tokens // num_rows, num_heads // num_kv_heads
+    q = queries.reshape(num_rows, width, num_kv_heads, group, dim).permute(0, 2, 3, 1, 4)
+    attended = F.scaled_dot_product_attention(
+        q.reshape(num_rows, num_kv_heads, group * width, dim), keys, values, attn_mask=mask, scale=scaling
+    )
+    return (
+        attended.view(num_rows, num_kv_heads, group, width, dim).permute(0, 3, 1, 2, 4).reshape(tokens, num_heads, dim)
+    )
 
 
 def _group(specs: Sequence[RowSpec], starts: Sequence[int], query_group: int, device: torch.device) -> _Group:

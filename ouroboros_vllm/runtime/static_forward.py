@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, ForwardPlan
 from ouroboros_vllm.runtime.argmax import argmax_last
+from ouroboros_vllm.runtime.attention import folded_attention, write_new_keys
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 
 # Rows with more new tokens than this (a prompt's catch-up) take the packed forward: a prefill is bound by
@@ -108,22 +108,10 @@ class StaticBatch:
         scaling: float | None,
     ) -> torch.Tensor:
         inputs = self.inputs
-        keys, values = self.cache.layer(module.layer_idx)
-        keys[inputs.rows, :, inputs.slots] = key[0].transpose(0, 1)
-        values[inputs.rows, :, inputs.slots] = value[0].transpose(0, 1)
-        num_rows, width = inputs.new_mask.shape[:2]
-        num_heads, num_kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-        group = num_heads // num_kv_heads
-        q = query[0].transpose(0, 1).reshape(num_rows, width, num_kv_heads, group, dim).permute(0, 2, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(
-            q.reshape(num_rows, num_kv_heads, group * width, dim),
-            keys[inputs.grid_rows, :, : self.length],  # a copy of the rows' first L slots: static shapes
-            values[inputs.grid_rows, :, : self.length],
-            attn_mask=self.mask,
-            scale=scaling,
-        )
-        attended = attended.view(num_rows, num_kv_heads, group, width, dim).permute(0, 3, 1, 2, 4)
-        return attended.reshape(1, num_rows * width, num_heads, dim)
+        keys, values = write_new_keys(self.cache, module.layer_idx, inputs.rows, inputs.slots, key, value)
+        # A copy of the rows' first L slots (static shapes rule out views of varying length).
+        keys, values = keys[inputs.grid_rows, :, : self.length], values[inputs.grid_rows, :, : self.length]
+        return folded_attention(query[0].transpose(0, 1), keys, values, self.mask, scaling).unsqueeze(0)
 
 
 class StaticForward:
