@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ouroboros_vllm.algorithm import planner
 from ouroboros_vllm.algorithm.acceptance import AcceptanceModel, ProcessAcceptance, expected_accepted
 from ouroboros_vllm.algorithm.adaptive import (
     EXPLORE_SHARE,
@@ -577,3 +580,91 @@ def test_a_fit_is_refitted_after_each_of_its_first_samples_then_every_few():
         seen.append(fit.fit)
     changed = [i for i in range(1, 12) if seen[i] != seen[i - 1]]
     assert changed == [1, 2, 3, 7, 11]
+
+
+def _plan_step_one_depth_at_a_time(rows, target, draft, max_depth, shape, plain, scale):
+    """The planner as first written (a Dinkelbach iteration per depth, in a loop): the reference for the planner
+    that searches every depth at once."""
+    options = planner._Options(rows, scale)
+    base_tokens, base_seconds, index = float(len(rows)), target(len(rows)), np.arange(len(rows))
+    best = (base_tokens / plain(len(rows)), None)
+    for depth in range(max_depth + 1):
+        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0)) if depth else 0
+        trunk = np.where(options.can_draft, np.minimum(depth, options.budgets), 0)
+        valid = options.fits & (options.q[None] <= trunk[:, None, None])
+        per_row = forwards * draft.slope * shape.width_per_row
+        cost = options.tokens[None] * target.slope + (options.q[None] > 0) * per_row
+        gain = np.where(valid, options.gain, -np.inf).reshape(len(rows), -1)
+        cost = np.broadcast_to(cost, options.gain.shape).reshape(len(rows), -1)
+        drafts, ratio = (options.q > 0).reshape(-1), base_tokens / base_seconds
+        for _ in range(16):
+            pick = np.argmax(gain - ratio * cost, axis=1)
+            fixed = forwards * draft.intercept if drafts[pick].any() else 0.0
+            tokens, seconds = (
+                base_tokens + float(gain[index, pick].sum()),
+                base_seconds + float(cost[index, pick].sum()) + fixed,
+            )
+            if abs(tokens / seconds - ratio) <= 1e-12 * ratio:
+                break
+            ratio = tokens / seconds
+        q, s = np.unravel_index(pick, options.tokens.shape)
+        totals = [int(q[r] + s[r]) for r in range(len(rows))]
+        if any(totals) and tokens / seconds > best[0]:
+            trunks = [int(trunk[r]) if q[r] else 0 for r in range(len(rows))]
+            best = (tokens / seconds, (trunks, totals, depth if drafts[pick].any() else 0, tokens, seconds))
+    return best[1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.builds(
+            row,
+            budget=st.integers(1, 8),
+            trunk=st.floats(0, 1),
+            pool=st.floats(0, 1),
+            hit=st.floats(0, 1),
+            can_draft=st.booleans(),
+        ),
+        min_size=1,
+        max_size=16,
+    ),
+    intercept=st.floats(0.001, 1.0),
+    slope=st.floats(0.0, 0.05),
+    draft_intercept=st.floats(0.0, 0.1),
+    draft_slope=st.floats(0.0, 0.01),
+    tokens_per_forward=st.floats(1.0, 4.0),
+    plain_factor=st.floats(0.5, 1.5),
+    scale=st.floats(0.5, 1.5),
+    max_depth=st.integers(0, 8),
+)
+def test_searching_every_depth_at_once_plans_what_one_depth_at_a_time_did(
+    rows, intercept, slope, draft_intercept, draft_slope, tokens_per_forward, plain_factor, scale, max_depth
+):
+    target, draft = LinearCost(intercept, slope), LinearCost(draft_intercept, draft_slope)
+    shape, plain = DraftShape(tokens_per_forward=tokens_per_forward), LinearCost(intercept * plain_factor, slope)
+    plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, acceptance_scale=scale)
+    reference = _plan_step_one_depth_at_a_time(rows, target, draft, max_depth, shape, plain, scale)
+    if reference is None:
+        assert not any(r.total for r in plan.rows) and plan.depth == 0
+        assert plan.expected_seconds == plain(len(rows))
+    else:
+        trunks, totals, depth, tokens, seconds = reference
+        assert [r.trunk for r in plan.rows] == trunks and [r.total for r in plan.rows] == totals
+        assert (plan.depth, plan.expected_tokens, plan.expected_seconds) == (depth, tokens, seconds)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rates=st.lists(st.floats(0, 1), min_size=0, max_size=12),
+    width=st.integers(1, 9),
+    alternatives=st.integers(0, 3),
+    branch_len=st.integers(0, 4),
+)
+def test_every_rows_pool_gains_at_once_equal_each_rows(rates, width, alternatives, branch_len):
+    rows = [replace(row(pool=rate), alternatives=alternatives * (i % 2), branch_len=branch_len, branch_rate=rate / 2)
+            for i, rate in enumerate(rates)]  # fmt: skip
+    gains = planner._pool_gains(rows, width)
+    assert gains.shape == (len(rows), width)
+    for i, outlook in enumerate(rows):
+        assert np.array_equal(gains[i], planner.pool_gains(outlook, width))

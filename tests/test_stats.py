@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 from ouroboros_vllm.algorithm import stats as stats_module
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
+
+
+def test_adding_counts_adds_every_field():
+    counts = DraftStats(**{f.name: i + 1 for i, f in enumerate(fields(DraftStats)) if f.name != "accepted_rank"})
+    counts.draft_seconds = 0.25
+    counts.accepted_rank = {0: 2, 3: 1}
+    total = DraftStats(accepted_rank={0: 1})
+    total.add(counts)
+    total.add(DraftStats())
+    total.add(counts)
+    for f in fields(DraftStats):
+        if f.name != "accepted_rank":
+            assert getattr(total, f.name) == 2 * getattr(counts, f.name), f.name
+    assert total.accepted_rank == {0: 5, 3: 2}
+    assert counts.accepted_rank == {0: 2, 3: 1}  # the added counts are left as they were
 
 
 def test_tau_acceptance_and_tokens_per_forward():

@@ -80,7 +80,8 @@ class Calibration:
 
 class OnlineLinearFit:
     """Seconds against tokens over the last ``window`` samples, refitted after each of the first ``refit_every``
-    samples, then every ``refit_every`` samples."""
+    samples, then every ``refit_every`` samples. The refit waits until the fit is read: a step adds to several
+    fits (every size's, the plain steps') and the plan reads one or two."""
 
     def __init__(self, window: int = 128, refit_every: int = 4) -> None:
         self._samples: deque[tuple[float, float]] = deque(maxlen=window)
@@ -96,10 +97,6 @@ class OnlineLinearFit:
             return
         self._samples.append((float(tokens), float(seconds)))
         self._since_fit += 1
-        # Every sample while there are few (each one news), then every refit_every.
-        if len(self._samples) <= self._refit_every or self._since_fit >= self._refit_every:
-            self._fit = self._refit()
-            self._since_fit = 0
 
     @property
     def samples(self) -> list[tuple[float, float]]:
@@ -109,6 +106,10 @@ class OnlineLinearFit:
     @property
     def fit(self) -> LinearCost | None:
         """The current fit; None before the first sample."""
+        # Every sample while there are few (each one news), then every refit_every.
+        if self._since_fit and (len(self._samples) <= self._refit_every or self._since_fit >= self._refit_every):
+            self._fit = self._refit()
+            self._since_fit = 0
         return self._fit
 
     def _refit(self) -> LinearCost:

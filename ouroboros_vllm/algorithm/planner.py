@@ -105,15 +105,18 @@ def plan_step(
     base_tokens = float(len(rows))
     base_seconds = target(len(rows) + other_tokens)
     plain_seconds = (plain or target)(len(rows) + other_tokens)
-    best = StepPlan(
-        [RowPlan(0, 0) for _ in rows], depth=0, forwards=0, expected_tokens=base_tokens, expected_seconds=plain_seconds
-    )
-    for depth in range(0, max_depth + 1):
-        plan = options.plan(depth, target.slope, draft, shape, base_tokens, base_seconds)
-        proposes = any(row.total for row in plan.rows)
-        if proposes and plan.expected_tokens / plan.expected_seconds > best.expected_tokens / best.expected_seconds:
-            best = plan
-    return best
+    picks = options.picks(max_depth, target.slope, draft, shape, base_tokens, base_seconds)
+    best_depth, best_ratio = None, base_tokens / plain_seconds
+    for depth in range(0, max_depth + 1):  # the first depth of the best yield, if it beats plain decoding
+        ratio = picks.tokens[depth] / picks.seconds[depth]
+        if picks.proposes[depth] and ratio > best_ratio:
+            best_depth, best_ratio = depth, ratio
+    if best_depth is None:
+        return StepPlan(
+            [RowPlan(0, 0) for _ in rows], depth=0, forwards=0, expected_tokens=base_tokens,
+            expected_seconds=plain_seconds,
+        )  # fmt: skip
+    return picks.plan(best_depth)
 
 
 def empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:
@@ -182,6 +185,17 @@ def pool_gains(row: RowOutlook, width: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(best)])
 
 
+def _pool_gains(rows: Sequence[RowOutlook], width: int) -> np.ndarray:
+    """:func:`pool_gains` of every row, [rows, width]: the chains' at once (most rows hang no alternatives)."""
+    power = np.arange(1, width)
+    chains = np.array([row.pool_rate for row in rows])[:, None] ** power
+    gains = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(-np.sort(-chains, axis=1), axis=1)], axis=1)
+    for i, row in enumerate(rows):
+        if row.alternatives and row.branch_len:
+            gains[i] = pool_gains(row, width)
+    return gains
+
+
 class _Options:
     """Every proposal each row could make, as arrays over (row, trunk tokens proposed q, pool suffix tokens s):
     q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
@@ -193,7 +207,7 @@ class _Options:
         trunk = np.array([row.trunk_rate for row in rows])[:, None] ** power  # [rows, q]: rate^q
         hits = np.array([row.pool_hit for row in rows])[:, None]
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
-        pool_gain = hits * np.stack([pool_gains(row, width) for row in rows]) if rows else np.zeros((0, width))
+        pool_gain = hits * _pool_gains(rows, width)
         gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]
         self.gain = acceptance_scale * gain  # [rows, q, s]
         self.tokens = power[:, None] + power[None, :]  # [q, s]
@@ -202,45 +216,73 @@ class _Options:
         self.budgets = budgets
         self.can_draft = np.array([row.can_draft for row in rows], dtype=bool)
 
-    def plan(
+    def picks(
         self,
-        depth: int,
+        max_depth: int,
         token_seconds: float,
         draft: LinearCost,
         shape: DraftShape,
         base_tokens: float,
         base_seconds: float,
-    ) -> StepPlan:
+    ) -> _Picks:
+        """Each row's best option at every shared depth 0..max_depth, all depths at once (arrays over
+        [depth, row, option]): the planner runs every engine step, and a loop over depths cost most of its time."""
         rows = len(self.budgets)
-        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0)) if depth else 0
-        trunk = np.where(self.can_draft, np.minimum(depth, self.budgets), 0)  # tokens each row would draft
-        valid = self.fits & (self.q[None] <= trunk[:, None, None])
-        cost = self.tokens[None] * token_seconds + (self.q[None] > 0) * (forwards * draft.slope * shape.width_per_row)
-        gain = np.where(valid, self.gain, -np.inf).reshape(rows, -1)
-        cost = np.broadcast_to(cost, self.gain.shape).reshape(rows, -1)
+        depths = np.arange(max_depth + 1)
+        forwards = np.array([math.ceil(d / max(shape.tokens_per_forward, 1.0)) for d in depths], dtype=np.float64)
+        trunk = np.where(self.can_draft, np.minimum(depths[:, None], self.budgets), 0)  # [depth, row]: tokens drafted
+        valid = self.fits & (self.q <= trunk[:, :, None, None])  # [depth, row, q, s]
+        per_row = forwards * draft.slope * shape.width_per_row  # a drafting row's share of the forwards, per depth
+        cost = self.tokens * token_seconds + (self.q > 0) * per_row[:, None, None]  # [depth, q, s]
+        gain = np.where(valid, self.gain, -np.inf).reshape(len(depths), rows, -1)
+        cost = np.broadcast_to(cost[:, None], valid.shape).reshape(len(depths), rows, -1)
         drafts = (self.q > 0).reshape(-1)
         fixed_draft = forwards * draft.intercept
-        index = np.arange(rows)
 
-        def totals(pick: np.ndarray) -> tuple[float, float]:
-            seconds = base_seconds + float(cost[index, pick].sum()) + (fixed_draft if drafts[pick].any() else 0.0)
-            return base_tokens + float(gain[index, pick].sum()), seconds
+        def totals(pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            chosen_cost = np.take_along_axis(cost, pick[:, :, None], axis=2)[:, :, 0].sum(axis=1)
+            chosen_gain = np.take_along_axis(gain, pick[:, :, None], axis=2)[:, :, 0].sum(axis=1)
+            seconds = base_seconds + chosen_cost + np.where(drafts[pick].any(axis=1), fixed_draft, 0.0)
+            return base_tokens + chosen_gain, seconds
 
-        ratio = base_tokens / base_seconds
-        pick = np.zeros(rows, dtype=np.int64)
-        for _ in range(16):  # Dinkelbach's iteration; converges in a few steps
-            pick = np.argmax(gain - ratio * cost, axis=1)
+        # Dinkelbach's iteration at every depth together; a depth that converged keeps its ratio (and its pick).
+        ratio = np.full(len(depths), base_tokens / base_seconds)
+        pick = np.zeros((len(depths), rows), dtype=np.int64)
+        for _ in range(16):  # converges in a few steps
+            pick = np.argmax(gain - ratio[:, None, None] * cost, axis=2)
             tokens, seconds = totals(pick)
-            if abs(tokens / seconds - ratio) <= 1e-12 * ratio:
+            converged = np.abs(tokens / seconds - ratio) <= 1e-12 * ratio
+            if converged.all():
                 break
-            ratio = tokens / seconds
+            ratio = np.where(converged, ratio, tokens / seconds)
         tokens, seconds = totals(pick)
-        q, s = np.unravel_index(pick, self.tokens.shape)
-        drafting = bool(drafts[pick].any())
+        return _Picks(self, pick, trunk, forwards, tokens, seconds)
+
+
+@dataclass(frozen=True)
+class _Picks:
+    """The options picked at each depth, with each depth's expected tokens and seconds."""
+
+    options: _Options
+    pick: np.ndarray  # [depth, row]: the flat (q, s) index each row picked
+    trunk: np.ndarray  # [depth, row]: tokens each row would draft
+    forwards: np.ndarray  # [depth]
+    tokens: np.ndarray  # [depth]
+    seconds: np.ndarray  # [depth]
+
+    @property
+    def proposes(self) -> np.ndarray:
+        """[depth]: whether any row proposes a token."""
+        return (self.options.tokens.reshape(-1)[self.pick] > 0).any(axis=1)
+
+    def plan(self, depth: int) -> StepPlan:
+        q, s = np.unravel_index(self.pick[depth], self.options.tokens.shape)
+        drafting = bool((q > 0).any())
+        trunk = self.trunk[depth]
         return StepPlan(
-            rows=[RowPlan(int(trunk[r]) if q[r] else 0, int(q[r] + s[r])) for r in range(rows)],
+            rows=[RowPlan(int(trunk[r]) if q[r] else 0, int(q[r] + s[r])) for r in range(len(q))],
             depth=depth if drafting else 0,
-            forwards=forwards if drafting else 0,
-            expected_tokens=tokens,
-            expected_seconds=seconds,
+            forwards=int(self.forwards[depth]) if drafting else 0,
+            expected_tokens=float(self.tokens[depth]),
+            expected_seconds=float(self.seconds[depth]),
         )
