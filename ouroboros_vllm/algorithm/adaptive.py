@@ -26,7 +26,7 @@ Five things keep the model honest:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step, spread
@@ -35,11 +35,11 @@ from ouroboros_vllm.algorithm.planner import (
     RowOutlook,
     RowPlan,
     StepPlan,
-    catch_up_pays,
     empty_plan,
     plan_seconds,
     plan_step,
 )
+from ouroboros_vllm.algorithm.step_plans import affordable_rows, full_plan, pool_plan, try_new_rows
 
 PROBE_EVERY = 16
 # A plain step (nothing proposed) at each batch size at least this often, planned steps at that size counted, and
@@ -176,7 +176,7 @@ class AdaptiveController:
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
             # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
-            affordable = _affordable_rows(rows, plan, target, draft, max_depth, shape) if trusted else rows
+            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape) if trusted else rows
             if affordable is not rows:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
@@ -204,8 +204,8 @@ class AdaptiveController:
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = empty_plan(rows) if proposes else _pool_plan(rows, full)
-        tried = _try_new_rows(rows, plan, full)
+                plan = empty_plan(rows) if proposes else pool_plan(rows, full)
+        tried = try_new_rows(rows, plan, full)
         if tried is not plan:
             self._pending_prediction = None
             plan = tried
@@ -247,52 +247,3 @@ class AdaptiveController:
             ratio += f", predicted/verified accepted tokens {s.predicted_accepted / max(s.verified_accepted, 1):.2f}"
         declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
         return f"proposed lengths {s.histogram() or '-'}{declined}; {self.costs.summary()}{ratio}"
-
-
-def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
-    """Speculate as the fixed modes do: the whole trunk where the draft model serves, the rest from the pool."""
-    plans = [RowPlan(min(max_depth, row.budget) if row.can_draft else 0, row.budget) for row in rows]
-    depth = max((p.trunk for p in plans), default=0)
-    return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
-
-
-def _affordable_rows(
-    rows: Sequence[RowOutlook],
-    plan: StepPlan,
-    target: LinearCost,
-    draft: LinearCost,
-    max_depth: int,
-    shape: DraftShape,
-) -> Sequence[RowOutlook]:
-    """``rows``, with the draft model taken from each row whose catch-up does not pay (``rows`` itself when every
-    one's does), priced at ``plan``'s yield with the rows it drafts for sharing the draft's forwards."""
-    ratio = plan.expected_tokens / plan.expected_seconds
-    drafting = sum(1 for row in plan.rows if row.trunk)
-    pays = [
-        catch_up_pays(row, ratio, drafting + (not planned.trunk), target, draft, max_depth, shape)
-        for row, planned in zip(rows, plan.rows, strict=True)
-    ]
-    if all(pays):
-        return rows
-    return [row if ok else replace(row, can_draft=False) for row, ok in zip(rows, pays, strict=True)]
-
-
-def _try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:
-    """The plan with every untried row drafting its full trunk: a request's own acceptance is only learned by
-    drafting for it, and the process-wide rate it starts from may come from very different text."""
-    untried = [i for i, row in enumerate(rows) if row.untried and full.rows[i].trunk > plan.rows[i].trunk]
-    if not untried:
-        return plan
-    plans = list(plan.rows)
-    for i in untried:
-        plans[i] = full.rows[i]
-    depth = max(plan.depth, *(full.rows[i].trunk for i in untried))
-    return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
-
-
-def _pool_plan(rows: Sequence[RowOutlook], full: StepPlan) -> StepPlan:
-    """The pool's suffixes at every row's budget, no draft forward; the full plan where no row has a pool."""
-    if not any(row.pool_hit > 0 for row in rows):
-        return full
-    plans = [RowPlan(0, row.budget) for row in rows]
-    return StepPlan(plans, depth=0, forwards=0, expected_tokens=0.0, expected_seconds=0.0)

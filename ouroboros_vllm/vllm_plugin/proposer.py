@@ -21,12 +21,13 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
-from ouroboros_vllm.algorithm.adaptive import AdaptiveController, full_plan
+from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.drafting import DraftRound
 from ouroboros_vllm.algorithm.planner import RowOutlook, RowPlan
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
+from ouroboros_vllm.algorithm.step_plans import full_plan
 from ouroboros_vllm.algorithm.tree import DraftTree
 from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
 from ouroboros_vllm.runtime.loading import resolve_model_path, resolve_precision, tokenizer_vocab
