@@ -268,6 +268,26 @@ def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for()
     assert all(r.trunk == 0 for r in plan.rows)
 
 
+def test_a_catch_up_started_while_other_requests_are_in_prefill_is_priced_at_the_batch_they_make():
+    """MBPP at batch 8: the first requests to finish their prefill decode at one or two rows, where a 780-token
+    prompt's catch-up looks cheap; it is paid back, if ever, once all eight decode together, where it does not."""
+    controller = AdaptiveController(max_tokens=4)
+    draft = LinearCost(0.030, 0.0028)  # the int8 0.5B on this CPU: 2.8 ms a token of prompt
+    for rows, base, per_token in ((1, 0.28, 0.0037), (8, 0.25, 0.0125)):
+        for tokens in (rows, rows * 5) * 4:
+            controller.observe_target_step(tokens, base + per_token * tokens, rows=rows)
+    for _ in range(TRUSTED_DRAFT_SAMPLES // 4):  # a forward that catches rows up, then one token a row
+        controller.observe_draft([(8, 200, draft(200))] + [(8, 8, draft(8))] * 3, depth=4)
+    row = catch_up_row(780, 96)
+    assert controller.plan([row], 4).rows[0].trunk == 4  # alone in the engine: worth it
+    assert controller.plan([row], 4, requests=1).rows[0].trunk == 4
+    declined = controller.stats.catch_ups_declined
+    assert controller.plan([row], 4, requests=8).rows[0].trunk == 0  # seven more requests on their way
+    assert controller.stats.catch_ups_declined == declined + 1
+    # A short prompt is still worth catching up at the larger batch's prices.
+    assert controller.plan([catch_up_row(20, 2000, trunk=0.95)], 4, requests=8).rows[0].trunk == 4
+
+
 def test_catch_ups_are_not_declined_on_a_draft_fit_of_a_few_forwards():
     """The first forwards pay one-time costs; a fit of them alone must not lock the draft out (a declined row runs
     no forward, so the fit would never be corrected)."""

@@ -39,7 +39,7 @@ from ouroboros_vllm.algorithm.planner import (
     plan_seconds,
     plan_step,
 )
-from ouroboros_vllm.algorithm.step_plans import affordable_rows, full_plan, pool_plan, try_new_rows
+from ouroboros_vllm.algorithm.step_plans import BatchPrices, affordable_rows, full_plan, pool_plan, try_new_rows
 
 PROBE_EVERY = 16
 # A plain step (nothing proposed) at each batch size at least this often, planned steps at that size counted, and
@@ -155,8 +155,9 @@ class AdaptiveController:
 
     # ---- the plan ---------------------------------------------------------------------------------------
 
-    def plan(self, rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
-        """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep."""
+    def plan(self, rows: Sequence[RowOutlook], max_depth: int, requests: int | None = None) -> StepPlan:
+        """This step's plan for ``rows`` (the rows that may propose), trunks at most ``max_depth`` deep;
+        ``requests``: the requests the engine holds (those in prefill too), when known."""
         self._pending_draft_seconds = 0.0
         self._pending_prediction = self._pending_accepted = self._pending_speculative = None
         for calibration in (self._calibration, self._time_calibration):
@@ -176,7 +177,8 @@ class AdaptiveController:
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
             # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
-            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape) if trusted else rows
+            later = self._prices_at(requests, len(rows), time_scale)
+            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape, later) if trusted else rows
             if affordable is not rows:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
@@ -226,6 +228,17 @@ class AdaptiveController:
     def plain_cost(self) -> LinearCost | None:
         """A plain step's time the last plan assumed (see :meth:`CostModel.plain_cost`)."""
         return self._assumed[1]
+
+    def _prices_at(self, requests: int | None, rows: int, time_scale: float) -> BatchPrices | None:
+        """The prices at ``requests`` rows (the target's time-scaled like the plan's), when the engine holds more
+        requests than the step has rows; else None."""
+        if requests is None or requests <= rows:
+            return None
+        target = self.costs.target_fit(requests)
+        plain = self.costs.plain_cost(requests) or target
+        if target is None or plain is None:
+            return None
+        return BatchPrices(requests, target.scaled(time_scale), requests / plain(requests))
 
     def shape(self) -> DraftShape:
         return DraftShape(

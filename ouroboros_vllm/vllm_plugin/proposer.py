@@ -225,7 +225,7 @@ class OuroborosProposer(hooks.StepListener):
         plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows
         planned = [i for i, (state, _, _, _) in enumerate(rows) if self.config.adaptive and not state.cold]
         if planned:
-            step = self.controller.plan([outlooks[i] for i in planned], self.settings.gamma)
+            step = self.controller.plan([outlooks[i] for i in planned], self.settings.gamma, len(self.requests))
             for i, row_plan in zip(planned, step.rows, strict=True):
                 plans[i] = row_plan
         return plans
