@@ -225,6 +225,8 @@ def test_finished_requests_leave_no_state(plain, tiny, engines):
     spec.llm_engine.step()
     assert proposer.requests == {}
     assert proposer.stats.rounds > 0
+    # What they emitted is remembered (the last 64): a running request's expected remaining tokens come from it.
+    assert len(proposer.lengths) == 64 and 0 < proposer.lengths.expected_remaining(0, None) <= 6
 
 
 def adaptive_engine(engines, tiny, draft_name: str, drafting: str = "auto"):

@@ -48,7 +48,7 @@ class RowOutlook:
     # the request's remaining tokens by :func:`catch_up_pays`; the per-step choice leaves it out.
     catch_up: int = 0
     untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
-    remaining: int | None = None  # tokens the request may still emit (None: not known)
+    remaining: float | None = None  # tokens the request is expected to still emit (None: not known)
     # Tree verification: alternative branches the pool may offer at the trunk's end (each up to ``branch_len``
     # tokens), and the chance that an alternative's first token is the target's. 0: the row proposes a chain.
     alternatives: int = 0

@@ -22,6 +22,7 @@ import numpy as np
 
 from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
+from ouroboros_vllm.algorithm.lengths import OutputLengths
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import (
     Proposal,
@@ -124,6 +125,15 @@ class RequestState:
     def remaining(self) -> int | None:
         """Tokens the request may still emit (None: not known)."""
         return None if self.max_tokens is None else max(self.max_tokens - self.emitted, 0)
+
+    @property
+    def output_length(self) -> int:
+        """Tokens emitted so far as the output counts them (a step's accepted drafts may run past max_tokens)."""
+        return self.emitted if self.max_tokens is None else min(self.emitted, self.max_tokens)
+
+    def expected_remaining(self, lengths: OutputLengths) -> float | None:
+        """Tokens the request is expected to still emit, from what recent requests emitted (None: not known)."""
+        return lengths.expected_remaining(self.emitted, self.remaining)
 
     def branch_rate(self) -> float:
         """The chance that an alternative branch's first token is the target's."""

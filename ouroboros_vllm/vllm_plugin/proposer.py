@@ -23,6 +23,7 @@ from vllm.logger import init_logger
 
 from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.drafting import DraftRound
+from ouroboros_vllm.algorithm.lengths import OutputLengths
 from ouroboros_vllm.algorithm.planner import RowOutlook, RowPlan
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
@@ -82,6 +83,7 @@ class OuroborosProposer(hooks.StepListener):
         model_config = vllm_config.model_config
         self._metrics = MetricsExporter(str(getattr(model_config, "served_model_name", None) or model_config.model))
         self.controller = AdaptiveController(self.num_speculative_tokens)
+        self.lengths = OutputLengths()  # what finished requests emitted: what running ones may still emit
         self._step: tuple[int, int, float] | None = None  # (tokens, requests, start) of the step under way
         self._batch_req_ids: list[str] | None = None
         self._skipped_out_of_vocab: set[str] = set()
@@ -116,6 +118,7 @@ class OuroborosProposer(hooks.StepListener):
         for req_id in req_ids:
             state = self.requests.pop(req_id, None)
             if state is not None:
+                self.lengths.add(state.output_length)
                 logger.debug("ouroboros-vllm: request %s done: %s", req_id, state.stats.summary())
                 if self.drafter is not None:
                     self.drafter.release(state.draft)
@@ -216,7 +219,7 @@ class OuroborosProposer(hooks.StepListener):
                 can_draft=info is not None,
                 catch_up=len(history) - len(state.draft.ids),
                 untried=state.acceptance.rates["trunk"].examined == 0,
-                remaining=state.remaining,
+                remaining=state.expected_remaining(self.lengths),
                 alternatives=self.settings.num_candidates - 1 if pool and state.tree else 0,
                 branch_len=self.settings.phrase_len,
                 branch_rate=state.branch_rate(),
