@@ -284,8 +284,6 @@ def test_a_catch_up_started_while_other_requests_are_in_prefill_is_priced_at_the
     declined = controller.stats.catch_ups_declined
     assert controller.plan([row], 4, requests=8).rows[0].trunk == 0  # seven more requests on their way
     assert controller.stats.catch_ups_declined == declined + 1
-    # A short prompt is still worth catching up at the larger batch's prices.
-    assert controller.plan([catch_up_row(20, 2000, trunk=0.95)], 4, requests=8).rows[0].trunk == 4
 
 
 def test_catch_ups_are_not_declined_on_a_draft_fit_of_a_few_forwards():

@@ -27,8 +27,10 @@ def test_the_expected_remaining_length_is_the_mean_residual_of_the_recent_reques
     recent = finished[-window:]
     assert len(lengths) == len(recent)
     residuals = [length - emitted for length in recent if length > emitted]
-    expected = limit if not residuals else sum(residuals) / len(residuals)
-    if residuals and limit is not None:
+    expected = sum(residuals) / len(residuals) if residuals else float(emitted)  # outlived them all: as long again
+    if not recent:
+        expected = limit
+    elif limit is not None:
         expected = min(expected, limit)
     assert lengths.expected_remaining(emitted, limit) == expected
 

@@ -38,11 +38,12 @@ class OutputLengths:
 
     def expected_remaining(self, emitted: int, limit: int | None) -> float | None:
         """Tokens a request that has emitted ``emitted`` may still emit, at most ``limit`` (None: no limit known):
-        the mean of what the recent requests that emitted more went on to emit after ``emitted``; ``limit`` when
-        none did (nothing is known of answers this long)."""
+        the mean of what the recent requests that emitted more went on to emit after ``emitted``. When none did,
+        as many as it has emitted (an answer that outlived every recent one is as likely to end soon as to run on
+        as long again; the limit would assume it runs to the end); with no request finished yet, ``limit``."""
+        if not self._sorted:
+            return limit
         first = bisect.bisect_right(self._sorted, emitted)
         longer = len(self._sorted) - first
-        if not longer:
-            return limit
-        mean = (self._suffix_sums[first] - longer * emitted) / longer
+        mean = (self._suffix_sums[first] - longer * emitted) / longer if longer else float(emitted)
         return mean if limit is None else min(mean, limit)
