@@ -30,6 +30,19 @@ def row(budget=8, trunk=0.8, pool=0.3, hit=0.5, can_draft=True) -> RowOutlook:
     return RowOutlook(budget=budget, trunk_rate=trunk, pool_rate=pool, pool_hit=hit, can_draft=can_draft)
 
 
+def outlook_rows(max_size: int) -> st.SearchStrategy[list[RowOutlook]]:
+    """Hypothesis: 1..max_size rows of any budget, acceptance, pool hit rate and draftability."""
+    outlook = st.builds(
+        row,
+        budget=st.integers(1, 8),
+        trunk=st.floats(0, 1),
+        pool=st.floats(0, 1),
+        hit=st.floats(0, 1),
+        can_draft=st.booleans(),
+    )
+    return st.lists(outlook, min_size=1, max_size=max_size)
+
+
 # A CPU like this project's: a plain step 300 ms, 20 ms more per token verified; a draft forward 30 ms.
 CPU_TARGET = LinearCost(0.28, 0.020)
 CPU_DRAFT = LinearCost(0.030, 0.001)
@@ -124,18 +137,7 @@ def test_phrase_drafting_that_emits_more_tokens_per_forward_makes_deeper_trunks_
 
 @settings(max_examples=80, deadline=None)
 @given(
-    rows=st.lists(
-        st.builds(
-            row,
-            budget=st.integers(1, 8),
-            trunk=st.floats(0, 1),
-            pool=st.floats(0, 1),
-            hit=st.floats(0, 1),
-            can_draft=st.booleans(),
-        ),
-        min_size=1,
-        max_size=8,
-    ),
+    rows=outlook_rows(max_size=8),
     intercept=st.floats(0.001, 1.0),
     slope=st.floats(0.0, 0.05),
 )
@@ -635,18 +637,7 @@ def _plan_step_one_depth_at_a_time(rows, target, draft, max_depth, shape, plain,
 
 @settings(max_examples=150, deadline=None)
 @given(
-    rows=st.lists(
-        st.builds(
-            row,
-            budget=st.integers(1, 8),
-            trunk=st.floats(0, 1),
-            pool=st.floats(0, 1),
-            hit=st.floats(0, 1),
-            can_draft=st.booleans(),
-        ),
-        min_size=1,
-        max_size=16,
-    ),
+    rows=outlook_rows(max_size=16),
     intercept=st.floats(0.001, 1.0),
     slope=st.floats(0.0, 0.05),
     draft_intercept=st.floats(0.0, 0.1),

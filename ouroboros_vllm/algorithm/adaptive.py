@@ -238,7 +238,7 @@ class AdaptiveController:
         plain = self.costs.plain_cost(requests) or target
         if target is None or plain is None:
             return None
-        return BatchPrices(requests, target.scaled(time_scale), requests / plain(requests))
+        return BatchPrices(target.scaled(time_scale), requests / plain(requests))
 
     def shape(self) -> DraftShape:
         return DraftShape(

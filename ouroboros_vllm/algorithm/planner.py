@@ -106,10 +106,10 @@ def plan_step(
     base_seconds = target(len(rows) + other_tokens)
     plain_seconds = (plain or target)(len(rows) + other_tokens)
     picks = options.picks(max_depth, target.slope, draft, shape, base_tokens, base_seconds)
-    best_depth, best_ratio = None, base_tokens / plain_seconds
+    best_depth, best_ratio, proposes = None, base_tokens / plain_seconds, picks.proposes
     for depth in range(0, max_depth + 1):  # the first depth of the best yield, if it beats plain decoding
         ratio = picks.tokens[depth] / picks.seconds[depth]
-        if picks.proposes[depth] and ratio > best_ratio:
+        if proposes[depth] and ratio > best_ratio:
             best_depth, best_ratio = depth, ratio
     if best_depth is None:
         return StepPlan(

@@ -24,9 +24,8 @@ def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
 
 @dataclass(frozen=True)
 class BatchPrices:
-    """What a step costs at a batch of ``rows`` rows: the target's step, and plain decoding's yield (tokens/s)."""
+    """What a step costs at some batch size: the target's step, and plain decoding's yield (tokens/s)."""
 
-    rows: int
     target: LinearCost
     plain_yield: float
 
@@ -45,11 +44,11 @@ def affordable_rows(
 
     ``later``: the prices at the batch these requests will decode in, when it is larger than the step's (requests
     still in prefill): the catch-up is paid back there, if ever, and a second spent on it is worth that batch's
-    yield. The draft's forwards are still shared by the rows drafting now: counting the later batch's rows as
-    sharers made a lone catch-up look cheap again (MT-Bench at batch 8: 0.97x -> 0.82x, the draft catching up
-    requests it had declined). Priced at the one or two rows that decode first
-    while the others' prompts are read, a long prompt's catch-up looks cheap (MBPP at batch 8, prompts of 673-896
-    tokens: the draft spent 20.7 s, mostly reading prompts, where plain decoding took 58 s in all)."""
+    yield. Priced at the one or two rows that decode first while the others' prompts are read, a long prompt's
+    catch-up looks cheap (MBPP at batch 8, prompts of 673-896 tokens: the draft spent 20.7 s, mostly reading
+    prompts, where plain decoding took 58 s in all). The draft's forwards are still shared by the rows drafting
+    now: counting the later batch's rows as sharers made a lone catch-up look cheap again (MT-Bench at batch 8:
+    0.97x -> 0.82x, the draft catching up requests it had declined)."""
     ratio = plan.expected_tokens / plan.expected_seconds
     if later is not None:
         target, ratio = later.target, max(ratio, later.plain_yield)
