@@ -118,6 +118,15 @@ class DraftRound:
             self.state.window = LookaheadWindow.from_history(self.history.tolist(), levels, width)
         self.done = self.num_tokens <= 0
 
+    def adopt_prefix(self, length: int) -> None:
+        """Before the round's first forward: the cache row now also holds ``history[:length]`` (a prefix another
+        row held, copied in), so only what follows is fed. The last token is always fed (its logits predict)."""
+        assert self.forwards == 0, "a prefix is adopted before the round's first forward"
+        cached, length = len(self.state.ids), min(length, len(self.history) - 1)
+        if length > cached:
+            self.state.ids.extend(self.history[cached:length].tolist())
+            self._pending = self.history[length:].tolist()
+
     def plan(self, wide: bool = True, tails: bool = True) -> ForwardPlan:
         """The next forward's inputs: the pending tokens, the lookahead window, then the phrases (or their tails,
         see the class docstring; without tails and not ``wide``: none; neither: one token per forward)."""

@@ -4,7 +4,8 @@ A draft forward packs every row's new tokens into one sequence (no padding: the 
 most of a small model's forward, see each token once). transformers computes each token's query, key and
 value with its own position (RoPE) and hands them to the registered attention function, which here
 
-1. writes every new token's key and value into its row's next slots of :class:`DraftKVCache`, and
+1. writes every new token's key and value into its row's next slots of :class:`DraftKVCache` (and copies a
+   shared prompt prefix from the row that writes it to the rows that share it, :class:`SlotCopy`), and
 2. attends: the rows with a few new tokens (drafting) together, in one ``scaled_dot_product_attention`` over
    a view of the cache rows they span, their queries padded to the widest of them; a row with many new tokens
    (a prompt's prefill) alone over a view of its own row, so that nobody pads to its width.
@@ -54,6 +55,18 @@ class RowSpec:
 
 
 @dataclass(frozen=True)
+class SlotCopy:
+    """Slots ``start .. end`` of cache row ``source`` copied into row ``destination`` in each layer of a forward,
+    after the forward wrote that layer's new keys and values: a prompt prefix shared with a row that reads it in
+    the same forward (:mod:`.prefix_sharing`)."""
+
+    source: int
+    destination: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class _Group:
     """Rows attended in one call: cache rows ``first .. first + rows`` (a view), queries padded to ``width``."""
 
@@ -70,9 +83,16 @@ class _Group:
 class PackedBatch:
     """What the attention function needs besides the model's tensors, computed once per forward."""
 
-    def __init__(self, cache: DraftKVCache, specs: Sequence[RowSpec], query_group: int) -> None:
+    def __init__(
+        self,
+        cache: DraftKVCache,
+        specs: Sequence[RowSpec],
+        query_group: int,
+        copies: Sequence[SlotCopy] = (),
+    ) -> None:
         device = cache.storage.device
         self.cache = cache
+        self.copies = copies
         starts = np.cumsum([0] + [spec.num_new for spec in specs])
         self.rows = torch.from_numpy(np.repeat([s.row for s in specs], [s.num_new for s in specs])).to(device)
         self.slots = torch.from_numpy(np.concatenate([np.arange(s.cached, s.cached + s.num_new) for s in specs])).to(
@@ -94,6 +114,9 @@ class PackedBatch:
         scaling: float | None,
     ) -> torch.Tensor:
         keys, values = write_new_keys(self.cache, module.layer_idx, self.rows, self.slots, key, value)
+        for copy in self.copies:  # in order: a copy's source may be a row this forward writes, or fills by a copy
+            for layer in (keys, values):
+                layer[copy.destination, :, copy.start : copy.end] = layer[copy.source, :, copy.start : copy.end]
         tokens = query[0].transpose(0, 1)  # [tokens, heads, dim]
         out = torch.empty_like(tokens)
         for group in self.groups:

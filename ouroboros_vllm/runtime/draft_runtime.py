@@ -16,7 +16,8 @@ hands each round its argmax and moves the tokens each round keeps into place in 
 With ``static_shapes`` (the default on CUDA), the rows of draft width run on the bucketed grid of
 :mod:`.static_forward` instead, which a GPU replays as a CUDA graph; a prompt's catch-up keeps the packed forward.
 
-The cache (:mod:`.kv_cache`) is never gathered or copied per step; a row's attention reads a view of it.
+The cache (:mod:`.kv_cache`) is never gathered or copied per step; a row's attention reads a view of it. A
+prompt's catch-up starts from the longest prefix of it that a row already holds (:mod:`.prefix_sharing`).
 Each row's numbers are those of the row alone, except that int8 weights scale activations per forward (see
 :func:`~ouroboros_vllm.runtime.loading.quantize_int8`).
 """
@@ -35,16 +36,23 @@ from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftSt
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
 from ouroboros_vllm.runtime.argmax import argmax_last
-from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec
+from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec, SlotCopy
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
+from ouroboros_vllm.runtime.prefix_sharing import MIN_SHARED, PrefixIndex
 from ouroboros_vllm.runtime.static_forward import MAX_STATIC_WIDTH, StaticForward
 
 
 class DraftRuntime:
     """A transformers causal LM used greedily as the drafter, with one persistent KV cache for every request."""
 
-    def __init__(self, model: torch.nn.Module, eos_token_ids: frozenset[int], static_shapes: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eos_token_ids: frozenset[int],
+        static_shapes: bool = False,
+        share_prefixes: bool = True,
+    ) -> None:
         config = model.config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -60,6 +68,8 @@ class DraftRuntime:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
         self.cache = DraftKVCache(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, self.device)
+        self.rows = PrefixIndex(self.cache)
+        self.share_prefixes = share_prefixes
         self._query_group = config.num_attention_heads // config.num_key_value_heads
         # Refitted every 16 samples: they steer coarse choices, and a refit in every forward was a measurable
         # share of the runtime's own time at batch 16 (benchmarks/step_overhead.py).
@@ -77,11 +87,20 @@ class DraftRuntime:
         return cls(loaded.model, loaded.eos_token_ids, static_shapes)
 
     def release(self, state: DraftState) -> None:
-        """The request is done: its cache row goes back to the pool of rows."""
-        if state.cache_row is not None:
-            self.cache.release(state.cache_row)
-            state.cache_row = None
+        """The request is done: its cache row goes back to the pool of rows (still holding its tokens, which the
+        next owner's prompt may begin with)."""
+        self.rows.release(state)
         state.ids.clear()
+
+    def shareable(self, history: np.ndarray) -> int:
+        """Tokens at the start of ``history`` that a row of the cache holds: a catch-up to ``history`` copies
+        them instead of reading them (none when prefixes are not shared)."""
+        return self.rows.shareable(history) if self.share_prefixes else 0
+
+    def held(self, history: np.ndarray, cached: int) -> int:
+        """Tokens of ``history`` a catch-up does not read, for a request whose row holds the first ``cached``:
+        those, or a longer prefix another row holds (looked for only when the catch-up is long enough to share)."""
+        return max(cached, self.shareable(history)) if len(history) - cached > MIN_SHARED else cached
 
     @torch.inference_mode()
     def draft(
@@ -92,9 +111,12 @@ class DraftRuntime:
         forwards carry the pool's phrases and their tails (None: each decided from this runtime's timings).
         ``reproducible``: no choice from timings at all (wide unless told otherwise, one lm_head call a forward),
         so that the numbers depend on the rounds alone: with int8 weights the activations are scaled per call,
-        and a timing-made choice would let the machine's load and other requests' traffic change a draft."""
+        and a timing-made choice would let the machine's load and other requests' traffic change a draft (nor
+        does such a round start from another row's prefix, :mod:`.prefix_sharing`)."""
         timings = []
         active = [r for r in rounds if not r.done]
+        share = self.share_prefixes and not reproducible
+        copies = self.rows.share(active) if share else []
         if reproducible and wide is None:
             wide = True
         while active:
@@ -103,8 +125,9 @@ class DraftRuntime:
             carry_tails = self._may_carry(len(active), self._tail_width) if wide is None else wide
             plans = [r.plan(carry_phrases, carry_tails) for r in active]
             predicted = self.forward(
-                [(r.state, plan) for r, plan in zip(active, plans, strict=True)], one_lm_head_call=reproducible
+                [(r.state, plan) for r, plan in zip(active, plans, strict=True)], reproducible, copies
             )
+            copies = []  # made by the first forward
             for r, plan, argmax in zip(active, plans, predicted, strict=True):
                 kept = r.finish(plan, argmax)
                 assert r.state.cache_row is not None
@@ -132,43 +155,51 @@ class DraftRuntime:
 
     @torch.inference_mode()
     def forward(
-        self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool = False
+        self,
+        rows: Sequence[tuple[DraftState, ForwardPlan]],
+        one_lm_head_call: bool = False,
+        copies: Sequence[SlotCopy] = (),
     ) -> list[dict[int, int]]:
         """One forward of the draft model for these rows' plans; per row, its new tokens' argmax (index among the
         row's new tokens -> the draft's argmax after it) where the plan reads it. ``one_lm_head_call``: at every
-        row a plan may read, rather than as this runtime's timings say (see :meth:`draft`)."""
+        row a plan may read, rather than as this runtime's timings say (see :meth:`draft`). ``copies``: shared
+        prefixes copied between these rows inside the forward."""
         for state, _ in rows:
-            if state.cache_row is None:
-                state.cache_row = self.cache.acquire()
+            self.rows.acquire(state)
         if self.static is None:
-            return self._packed_forward(rows, one_lm_head_call)
+            return self._packed_forward(rows, one_lm_head_call, copies)
         # The static grid reads the argmax at every row a plan may read (one lm_head call, as one_lm_head_call).
+        # Rows that copy a prefix, and their sources, run packed: the copies happen inside its attention.
         found: list[dict[int, int]] = [{} for _ in rows]
-        narrow = [i for i, (_, plan) in enumerate(rows) if plan.num_new <= MAX_STATIC_WIDTH]
-        wide = [i for i, (_, plan) in enumerate(rows) if plan.num_new > MAX_STATIC_WIDTH]
+        copying = {row for copy in copies for row in (copy.source, copy.destination)}
+        packed = [plan.num_new > MAX_STATIC_WIDTH or state.cache_row in copying for state, plan in rows]
+        narrow = [i for i, alone in enumerate(packed) if not alone]
+        wide = [i for i, alone in enumerate(packed) if alone]
         if narrow:
             grid = self.static.forward([(rows[i][0].cache_row, rows[i][1]) for i in narrow])  # type: ignore[misc]
             for i, argmax in zip(narrow, grid, strict=True):
                 found[i] = argmax
         if wide:
-            for i, argmax in zip(wide, self._packed_forward([rows[i] for i in wide], one_lm_head_call), strict=True):
+            for i, argmax in zip(
+                wide, self._packed_forward([rows[i] for i in wide], one_lm_head_call, copies), strict=True
+            ):
                 found[i] = argmax
         return found
 
     def _packed_forward(
-        self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool
+        self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool, copies: Sequence[SlotCopy] = ()
     ) -> list[dict[int, int]]:
         # In cache-row order, the rows' queries are often already laid out as attention wants them (no padding).
         order = sorted(range(len(rows)), key=lambda i: rows[i][0].cache_row)  # type: ignore[arg-type,return-value]
         if order != list(range(len(rows))):
-            found = self._packed_forward([rows[i] for i in order], one_lm_head_call)
+            found = self._packed_forward([rows[i] for i in order], one_lm_head_call, copies)
             return [found[order.index(i)] for i in range(len(rows))]
         self.cache.reserve(max(plan.cached + plan.num_new for _, plan in rows))
         device = self.device
         input_ids = torch.tensor([[t for _, plan in rows for t in plan.input_ids]], dtype=torch.long, device=device)
         positions = torch.from_numpy(np.concatenate([plan.positions for _, plan in rows]))[None].to(device)
         specs = [RowSpec(state.cache_row, plan.cached, plan.mask) for state, plan in rows]  # type: ignore[arg-type]
-        batch = PackedBatch(self.cache, specs, self._query_group)
+        batch = PackedBatch(self.cache, specs, self._query_group, copies)
         hidden = self.model.get_decoder()(
             input_ids=input_ids,
             position_ids=positions,

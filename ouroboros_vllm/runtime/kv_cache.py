@@ -12,7 +12,8 @@ there is). So:
   copy of those few slots across every layer (:meth:`DraftKVCache.compact`).
 
 Rows and capacity grow by doubling when a new request or a longer context needs them (a copy each time,
-amortised); a finished request's row is reused by the next one.
+amortised); a finished request's row is reused by the next one, whose prompt may begin with what the row still
+holds (see :mod:`.prefix_sharing`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,20 @@ class DraftKVCache:
     def rows_in_use(self) -> int:
         return self.num_rows - len(self._free)
 
-    def acquire(self) -> int:
-        """A free row for a new request (the cache grows when none is left)."""
+    def acquire(self, row: int | None = None) -> int:
+        """A free row for a new request: ``row`` if given (it must be free), else the lowest free one (the cache
+        grows when none is left)."""
+        if row is not None:
+            self._free.remove(row)  # ValueError when it is not free
+            return row
         if not self._free:
             old = self.num_rows
             self._resize(rows=2 * old, capacity=self.capacity)
             self._free = list(range(2 * old - 1, old - 1, -1))
         return self._free.pop()
+
+    def free_rows(self) -> list[int]:
+        return list(self._free)
 
     def release(self, row: int) -> None:
         """Give a finished request's row back (its contents are overwritten by the next owner)."""
@@ -77,6 +85,11 @@ class DraftKVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each ``[rows, kv_heads, capacity, head_dim]`` (views)."""
         return self.storage[index, 0], self.storage[index, 1]
+
+    def copy_slots(self, source: int, destination: int, start: int, end: int) -> None:
+        """Copy slots ``start .. end`` of row ``source`` into row ``destination``, every layer (a shared prefix)."""
+        self.reserve(end)
+        self.storage[:, :, destination, :, start:end] = self.storage[:, :, source, :, start:end]
 
     def compact(self, row: int, start: int, kept: Sequence[int]) -> None:
         """After a forward that wrote a row's new tokens from slot ``start`` on: keep the new tokens ``kept``

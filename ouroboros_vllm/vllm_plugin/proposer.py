@@ -211,13 +211,15 @@ class OuroborosProposer(hooks.StepListener):
         pool = self.config.uses_pool
         for state, history, budget, info in rows:
             trunk_rate, pool_rate, pool_hit = state.rates()
+            # What the draft's cache lacks for the row; a prompt prefix another row holds is copied, not read.
+            held = self.drafter.held(history, len(state.draft.ids)) if info and self.drafter else len(state.draft.ids)
             outlook = RowOutlook(
                 budget,
                 trunk_rate,
                 pool_rate if pool else 0.0,
                 pool_hit if pool else 0.0,
                 can_draft=info is not None,
-                catch_up=len(history) - len(state.draft.ids),
+                catch_up=len(history) - held,
                 untried=state.acceptance.rates["trunk"].examined == 0,
                 remaining=state.expected_remaining(self.lengths),
                 alternatives=self.settings.num_candidates - 1 if pool and state.tree else 0,
@@ -267,12 +269,8 @@ class OuroborosProposer(hooks.StepListener):
         # no draft-model tokens for this request rather than a crash of the engine.
         if req_id not in self._skipped_out_of_vocab:
             self._skipped_out_of_vocab.add(req_id)
-            logger.warning(
-                "ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; "
-                "drafting from the pool only",
-                req_id,
-                info.vocab_size,
-            )
+            message = "ouroboros-vllm: request %s holds token ids outside the draft's vocabulary of %d; pool only"
+            logger.warning(message, req_id, info.vocab_size)
         return None
 
     # ---- stats -------------------------------------------------------------------------------------------
