@@ -96,6 +96,16 @@ def test_a_request_learns_its_own_rate_from_a_process_prior():
     assert mine.rate("trunk", prior.prior("trunk")) < 0.3
 
 
+def test_the_process_prior_follows_the_recent_requests():
+    prior = ProcessAcceptance()
+    for _ in range(500):
+        prior.record("trunk", 4, 3)  # hours of code: 3 of 4 accepted
+    assert prior.prior("trunk") == pytest.approx(0.75, abs=0.01)
+    for _ in range(80):
+        prior.record("trunk", 4, 1)  # then text the draft gets one token of at a time (examined 2, accepted 1)
+    assert 0.5 < prior.prior("trunk") < 0.6  # 160 examined tokens: two and a half half-lives
+
+
 @given(st.floats(0, 1), st.integers(0, 16))
 def test_expected_accepted_is_the_sum_of_powers(rate, length):
     assert expected_accepted(rate, length) == pytest.approx(sum(rate**i for i in range(1, length + 1)), abs=1e-9)

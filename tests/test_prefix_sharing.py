@@ -42,6 +42,10 @@ def test_requests_with_a_common_prefix_read_it_once(runtime):
     prefix = [rng.randrange(1000) for _ in range(40)]
     tails = [[rng.randrange(1000) for _ in range(n)] for n in (10, 12, 5)]
     rounds = rounds_for(runtime, [prefix + tail for tail in tails])
+    # The planner's price of the three catch-ups: each is charged a third of the prefix, so they add up to what
+    # the forward reads.
+    priced = runtime.catch_ups([r.history for r in rounds], [0, 0, 0])
+    assert priced == pytest.approx([len(tail) + 40 / 3 for tail in tails])
     # Arriving together: the first reads the prefix, the others copy it inside the same forward.
     assert first_forward_tokens(runtime, rounds) == 40 + sum(len(tail) for tail in tails)
     for round_ in rounds:
@@ -52,6 +56,7 @@ def test_requests_with_a_common_prefix_read_it_once(runtime):
     runtime.release(rounds[0].state)
     later = rounds_for(runtime, [prefix + [rng.randrange(1000) for _ in range(8)]])
     assert runtime.shareable(later[0].history) == 40
+    assert runtime.catch_ups([later[0].history], [0]) == [8.0]
     assert first_forward_tokens(runtime, later) == 8
     assert later[0].state.cache_row == freed_row
     check(runtime, later[0])
@@ -74,7 +79,9 @@ def test_a_short_common_prefix_is_read_again(tiny):
     rng = random.Random(6)
     prefix = [rng.randrange(1000) for _ in range(MIN_SHARED - 1)]
     rounds = rounds_for(runtime, [prefix + [rng.randrange(1000) for _ in range(20)] for _ in range(2)])
-    assert first_forward_tokens(runtime, rounds) == sum(len(r.history) for r in rounds)
+    histories = [r.history for r in rounds]
+    assert runtime.catch_ups(histories, [0, 0]) == [float(len(h)) for h in histories]
+    assert first_forward_tokens(runtime, rounds) == sum(len(h) for h in histories)
 
 
 def test_sharing_can_be_turned_off(tiny):
@@ -83,3 +90,4 @@ def test_sharing_can_be_turned_off(tiny):
     rounds = rounds_for(runtime, [prefix + [1, 2, 3], prefix + [4, 5]])
     assert first_forward_tokens(runtime, rounds) == 85
     assert runtime.shareable(np.asarray(prefix + [9])) == 0
+    assert runtime.catch_ups([np.asarray(prefix + [9])] * 2, [0, 0]) == [41.0, 41.0]

@@ -39,7 +39,7 @@ from ouroboros_vllm.runtime.argmax import argmax_last
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec, SlotCopy
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
-from ouroboros_vllm.runtime.prefix_sharing import MIN_SHARED, PrefixIndex
+from ouroboros_vllm.runtime.prefix_sharing import PrefixIndex
 from ouroboros_vllm.runtime.static_forward import MAX_STATIC_WIDTH, StaticForward
 
 
@@ -97,10 +97,12 @@ class DraftRuntime:
         them instead of reading them (none when prefixes are not shared)."""
         return self.rows.shareable(history) if self.share_prefixes else 0
 
-    def held(self, history: np.ndarray, cached: int) -> int:
-        """Tokens of ``history`` a catch-up does not read, for a request whose row holds the first ``cached``:
-        those, or a longer prefix another row holds (looked for only when the catch-up is long enough to share)."""
-        return max(cached, self.shareable(history)) if len(history) - cached > MIN_SHARED else cached
+    def catch_ups(self, histories: Sequence[np.ndarray], cached: Sequence[int]) -> list[float]:
+        """Tokens each row's catch-up to its history reads, its cache row holding the first ``cached`` (see
+        :meth:`.PrefixIndex.catch_ups`: prefixes that rows hold or share are not read again by each)."""
+        if not self.share_prefixes:
+            return [float(len(h) - c) for h, c in zip(histories, cached, strict=True)]
+        return self.rows.catch_ups(histories, cached)
 
     @torch.inference_mode()
     def draft(

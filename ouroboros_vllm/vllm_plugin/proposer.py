@@ -209,17 +209,18 @@ class OuroborosProposer(hooks.StepListener):
         token, so a seeded output must not depend on a plan made from timings and other requests' acceptance."""
         outlooks = []
         pool = self.config.uses_pool
-        for state, history, budget, info in rows:
+        histories, cached = [row[1] for row in rows], [len(row[0].draft.ids) for row in rows]
+        # What the draft's cache lacks per row: prompt prefixes that rows hold or share are not read by each.
+        catch_ups = self.drafter.catch_ups(histories, cached) if self.drafter else [0.0 for _ in rows]
+        for (state, _, budget, info), catch_up in zip(rows, catch_ups, strict=True):
             trunk_rate, pool_rate, pool_hit = state.rates()
-            # What the draft's cache lacks for the row; a prompt prefix another row holds is copied, not read.
-            held = self.drafter.held(history, len(state.draft.ids)) if info and self.drafter else len(state.draft.ids)
             outlook = RowOutlook(
                 budget,
                 trunk_rate,
                 pool_rate if pool else 0.0,
                 pool_hit if pool else 0.0,
                 can_draft=info is not None,
-                catch_up=len(history) - held,
+                catch_up=catch_up,
                 untried=state.acceptance.rates["trunk"].examined == 0,
                 remaining=state.expected_remaining(self.lengths),
                 alternatives=self.settings.num_candidates - 1 if pool and state.tree else 0,
