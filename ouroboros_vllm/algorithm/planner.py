@@ -45,8 +45,9 @@ class RowOutlook:
     can_draft: bool  # the draft model can serve the row
     # Tokens the draft's cache lacks before it can draft for the row (its prompt, or what was accepted while the
     # row did not draft; less a prompt prefix the draft's cache holds, and a share of one that rows catching up
-    # together have in common, which is read once). Paid once, then the row drafts from a cache that keeps up: an investment, judged over
-    # the request's remaining tokens by :func:`catch_up_pays`; the per-step choice leaves it out.
+    # together have in common, which is read once). Paid once, then the row drafts from a cache that keeps up:
+    # an investment, judged over the request's remaining tokens by :func:`catch_up_pays`; the per-step choice
+    # leaves it out.
     catch_up: float = 0
     untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
     remaining: float | None = None  # tokens the request is expected to still emit (None: not known)

@@ -61,14 +61,18 @@ class PrefixIndex:
 
     def catch_ups(self, histories: Sequence[np.ndarray], cached: Sequence[int]) -> list[float]:
         """What each row's catch-up reads if these rows catch up together (row i's cache holds ``cached[i]`` of
-        its history): its history, less the longest prefix a row holds now, less all but a share of a longer
-        prefix it has in common with others here. That one is read once, by one of them: each of the ``k`` rows
-        that have it is charged ``1/k`` of it (MBPP's requests arriving together: 600 tokens in common)."""
-        held = [
-            max(c, self.shareable(h)) if len(h) - c > MIN_SHARED else c for h, c in zip(histories, cached, strict=True)
-        ]
+        its history): its history, less (for a prompt) the longest prefix a row holds now, less all but a share of
+        a longer prefix it has in common with other prompts here. That one is read once, by one of them: each of
+        the ``k`` rows that have it is charged ``1/k`` of it (MBPP's requests arriving together: 600 tokens in
+        common)."""
+        # Only a prompt is looked up (a row whose cache holds nothing yet): a row that stopped drafting for a
+        # while lacks its own generated text, which no other row holds, and looking costs per row and step.
+        prompts = [i for i, (h, c) in enumerate(zip(histories, cached, strict=True)) if c == 0 and len(h) > MIN_SHARED]
+        held = list(cached)
+        for i in prompts:
+            held[i] = self.shareable(histories[i])
         result = [float(len(h) - k) for h, k in zip(histories, held, strict=True)]
-        long = [i for i, h in enumerate(histories) if len(h) - held[i] > MIN_SHARED]
+        long = [i for i in prompts if len(histories[i]) - held[i] > MIN_SHARED]
         for i in long:
             common = [common_prefix_length(histories[j], histories[i]) - held[i] for j in long if j != i]
             sharers = [length for length in common if length >= MIN_SHARED]
