@@ -14,6 +14,9 @@ import bisect
 from collections import deque
 
 WINDOW = 64  # finished requests remembered
+# Fewer finished requests than this say too little (an engine's warm-up request, 8 tokens, made every answer look
+# as if it would end within 8 tokens, and every long prompt's catch-up look unpaid): the limit is assumed instead.
+MIN_FINISHED = 8
 
 
 class OutputLengths:
@@ -40,8 +43,9 @@ class OutputLengths:
         """Tokens a request that has emitted ``emitted`` may still emit, at most ``limit`` (None: no limit known):
         the mean of what the recent requests that emitted more went on to emit after ``emitted``. When none did,
         as many as it has emitted (an answer that outlived every recent one is as likely to end soon as to run on
-        as long again; the limit would assume it runs to the end); with no request finished yet, ``limit``."""
-        if not self._sorted:
+        as long again; the limit would assume it runs to the end); with fewer than :data:`MIN_FINISHED` requests
+        finished, ``limit``."""
+        if len(self._sorted) < MIN_FINISHED:
             return limit
         first = bisect.bisect_right(self._sorted, emitted)
         longer = len(self._sorted) - first

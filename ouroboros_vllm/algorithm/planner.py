@@ -158,8 +158,11 @@ def catch_up_pays(
     steps left at that depth, must cover the catch-up.
     At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
     spend on its prompt more than its drafts could ever save.
+    Up to ``max_depth + 1`` tokens are no catch-up: a row that drafted last step lacks what the target accepted
+    and its own token, and its next round feeds them as any round does (judged as a catch-up, a request whose
+    answer was expected to end soon lost its draft model for good, the tokens it lacked growing every step).
     """
-    if not row.can_draft or row.catch_up <= 0 or row.remaining is None:
+    if not row.can_draft or row.catch_up <= max_depth + 1 or row.remaining is None:
         return True
     rate = max(row.trunk_rate, TRY_RATE) if row.untried else row.trunk_rate
     per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
