@@ -687,3 +687,20 @@ def test_every_rows_pool_gains_at_once_equal_each_rows(rates, width, alternative
     assert gains.shape == (len(rows), width)
     for i, outlook in enumerate(rows):
         assert np.array_equal(gains[i], planner.pool_gains(outlook, width))
+
+
+def test_a_catch_up_is_priced_at_what_catch_up_forwards_cost():
+    """MBPP at batch 8: the first forward read 8 prompts (1655 tokens once their common 3-shot prefix was shared)
+    in 3.8 s, 2.3 ms a token, where the draft fit's slope (short forwards) said ~1.4 ms: catch-ups are priced
+    at the measured rate, and one that pays at the slope may not at that rate."""
+    controller = AdaptiveController(4)
+    assert controller.catch_up_price(0.0014) == 0.0014  # nothing measured: the slope
+    controller.observe_draft([(8, 1655, 3.82), (8, 8, 0.045), (8, 8, 0.045)], depth=3)
+    controller.observe_draft([(8, 16, 0.05), (8, 8, 0.045)], depth=2)  # a first forward of routine width
+    assert controller.catch_up_price(0.0014) == pytest.approx(3.82 / 1655)
+    assert controller.catch_up_price(0.01) == 0.01  # never below the fit's slope
+    target, draft = LinearCost(0.25, 0.0125), LinearCost(0.030, 0.0014)
+    row = RowOutlook(4, 0.8, 0.0, 0.0, can_draft=True, catch_up=320, remaining=60.0)
+    ratio = 8 / target(8)
+    assert catch_up_pays(row, ratio, 8, target, draft, 4)
+    assert not catch_up_pays(row, ratio, 8, target, draft, 4, per_token=controller.catch_up_price(draft.slope))

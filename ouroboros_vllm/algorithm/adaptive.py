@@ -90,6 +90,9 @@ class AdaptiveController:
         self.stats = AdaptiveStats()
         self._tokens_per_forward = Rate()  # accepted = tokens the deepest row drafted, examined = forwards
         self._width = Rate()  # accepted = tokens carried per row, examined = row-forwards
+        # accepted = seconds, examined = tokens of the forwards that were mostly catch-ups: a prompt's tokens cost
+        # more than the draft fit's slope says (its context is long; at batch 8, 2.3 ms a token against 1.4)
+        self._catch_up = Rate()
         self._since_probe = 0
         self._since_plain: dict[int, int] = {}  # planned steps at a batch size since a plain step there
         self._pending_prediction: float | None = None
@@ -149,6 +152,8 @@ class AdaptiveController:
             # row did not draft): the width a plan pays per forward is the later forwards'.
             if i > 0:
                 self._width.add(tokens, rows, SHAPE_DECAY)
+            elif tokens > rows * (self.max_tokens + 2):
+                self._catch_up.add(seconds, tokens, SHAPE_DECAY)
         if forwards:
             self._explore_credit = 0.0
             self._tokens_per_forward.add(depth, len(forwards), SHAPE_DECAY)
@@ -178,7 +183,8 @@ class AdaptiveController:
             # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
             later = self._prices_at(requests, len(rows), time_scale)
-            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape, later) if trusted else rows
+            price = self.catch_up_price(draft.slope)
+            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape, later, price) if trusted else rows
             if affordable is not rows:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
@@ -228,6 +234,13 @@ class AdaptiveController:
     def plain_cost(self) -> LinearCost | None:
         """A plain step's time the last plan assumed (see :meth:`CostModel.plain_cost`)."""
         return self._assumed[1]
+
+    def catch_up_price(self, slope: float) -> float:
+        """Seconds a catch-up token costs the draft: as measured on forwards that were mostly catch-ups, at least
+        ``slope`` (the draft fit's, which is all there is before such a forward was measured)."""
+        if self._catch_up.examined == 0:
+            return slope
+        return max(self._catch_up.accepted / self._catch_up.examined, slope)
 
     def _prices_at(self, requests: int | None, rows: int, time_scale: float) -> BatchPrices | None:
         """The prices at ``requests`` rows (the target's time-scaled like the plan's), when the engine holds more

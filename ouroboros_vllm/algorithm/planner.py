@@ -148,9 +148,11 @@ def catch_up_pays(
     draft: LinearCost,
     max_depth: int,
     shape: DraftShape = DraftShape(),
+    per_token: float | None = None,
 ) -> bool:
     """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
-    request has left, against the catch-up's time, both priced at the step's yield ``ratio`` (tokens per second).
+    request has left, against the catch-up's time (``per_token`` seconds a token, as measured on catch-ups; the
+    draft fit's slope when None), both priced at the step's yield ``ratio`` (tokens per second).
 
     A step's trunk of ``d`` tokens gains its expected accepted tokens (an untried row's at :data:`TRY_RATE` at
     least) less ``ratio`` times what it costs: its verification and its part of the draft's forwards (their
@@ -174,7 +176,7 @@ def catch_up_pays(
         if value > best_value:
             best_value, best_gain = value, gain
     steps_left = row.remaining / (1.0 + best_gain)
-    return best_value * steps_left > ratio * draft.slope * row.catch_up
+    return best_value * steps_left > ratio * (per_token or draft.slope) * row.catch_up
 
 
 def pool_gains(row: RowOutlook, width: int) -> np.ndarray:

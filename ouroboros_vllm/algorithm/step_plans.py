@@ -38,6 +38,7 @@ def affordable_rows(
     max_depth: int,
     shape: DraftShape,
     later: BatchPrices | None = None,
+    catch_up_price: float | None = None,
 ) -> Sequence[RowOutlook]:
     """``rows``, with the draft model taken from each row whose catch-up does not pay (``rows`` itself when every
     one's does), priced at ``plan``'s yield with the rows it drafts for sharing the draft's forwards.
@@ -48,13 +49,14 @@ def affordable_rows(
     catch-up looks cheap (MBPP at batch 8, prompts of 673-896 tokens: the draft spent 20.7 s, mostly reading
     prompts, where plain decoding took 58 s in all). The draft's forwards are still shared by the rows drafting
     now: counting the later batch's rows as sharers made a lone catch-up look cheap again (MT-Bench at batch 8:
-    0.97x -> 0.82x, the draft catching up requests it had declined)."""
+    0.97x -> 0.82x, the draft catching up requests it had declined). ``catch_up_price``: seconds a catch-up token
+    costs, as measured (see :func:`catch_up_pays`)."""
     ratio = plan.expected_tokens / plan.expected_seconds
     if later is not None:
         target, ratio = later.target, max(ratio, later.plain_yield)
     drafting = sum(1 for row in plan.rows if row.trunk)
     pays = [
-        catch_up_pays(row, ratio, drafting + (not planned.trunk), target, draft, max_depth, shape)
+        catch_up_pays(row, ratio, drafting + (not planned.trunk), target, draft, max_depth, shape, catch_up_price)
         for row, planned in zip(rows, plan.rows, strict=True)
     ]
     if all(pays):
