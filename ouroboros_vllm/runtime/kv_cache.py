@@ -65,9 +65,6 @@ class DraftKVCache:
             self._free = list(range(2 * old - 1, old - 1, -1))
         return self._free.pop()
 
-    def free_rows(self) -> list[int]:
-        return list(self._free)
-
     def release(self, row: int) -> None:
         """Give a finished request's row back (its contents are overwritten by the next owner)."""
         if row in self._free or not 0 <= row < self.num_rows:
