@@ -683,7 +683,7 @@ def test_searching_every_depth_at_once_plans_what_one_depth_at_a_time_did(
 def test_every_rows_pool_gains_at_once_equal_each_rows(rates, width, alternatives, branch_len):
     rows = [replace(row(pool=rate), alternatives=alternatives * (i % 2), branch_len=branch_len, branch_rate=rate / 2)
             for i, rate in enumerate(rates)]  # fmt: skip
-    gains = planner._pool_gains(rows, width)
+    gains = planner._pool_gains(rows, np.array([outlook.pool_rate for outlook in rows]), width)
     assert gains.shape == (len(rows), width)
     for i, outlook in enumerate(rows):
         assert np.array_equal(gains[i], planner.pool_gains(outlook, width))

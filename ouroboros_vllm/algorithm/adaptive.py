@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
-from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step, spread
+from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step
 from ouroboros_vllm.algorithm.planner import (
     DraftShape,
     RowOutlook,
@@ -262,7 +262,7 @@ class AdaptiveController:
     def _steps_look_alike(self) -> bool:
         """Whether the recent target steps are too alike in size to tell what a token costs."""
         at_size = self.costs.target_by_rows.get(self._rows)
-        return at_size is None or spread(at_size.samples) < self.costs.min_spread
+        return at_size is None or at_size.spread < self.costs.min_spread
 
     def summary(self) -> str:
         s = self.stats

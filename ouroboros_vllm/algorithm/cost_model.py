@@ -19,7 +19,9 @@ same two numbers to this model.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +90,7 @@ class OnlineLinearFit:
         self._refit_every = refit_every
         self._since_fit = 0
         self._fit: LinearCost | None = None
+        self._spread: float | None = None  # of the window's sizes; None: to compute (read every step, rarely new)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -97,11 +100,19 @@ class OnlineLinearFit:
             return
         self._samples.append((float(tokens), float(seconds)))
         self._since_fit += 1
+        self._spread = None
 
     @property
     def samples(self) -> list[tuple[float, float]]:
         """The window's (tokens, seconds) samples, oldest first."""
         return list(self._samples)
+
+    @property
+    def spread(self) -> float:
+        """How far apart the sizes (tokens) of the window's samples are."""
+        if self._spread is None:
+            self._spread = spread(self._samples)
+        return self._spread
 
     @property
     def fit(self) -> LinearCost | None:
@@ -204,7 +215,7 @@ class CostModel:
         samples = at_size.samples if at_size is not None else []
         plain = [seconds for tokens, seconds in samples if is_plain_step(rows, tokens)]
         if plain:
-            return LinearCost(float(np.median(plain)), 0.0)
+            return LinearCost(statistics.median(plain), 0.0)  # as np.median, without its fixed cost
         fit = self.plain.fit if len(self.plain) >= 2 else None
         return None if fit is None else LinearCost(fit(rows), 0.0)
 
@@ -227,7 +238,7 @@ class CostModel:
 
     def _shows_slope(self, rows: int) -> bool:
         at_size = self.target_by_rows.get(rows)
-        return at_size is not None and len(at_size) >= 8 and spread(at_size.samples) >= self.min_spread
+        return at_size is not None and len(at_size) >= 8 and at_size.spread >= self.min_spread
 
     @property
     def ready(self) -> bool:
@@ -243,7 +254,7 @@ class CostModel:
         return ", ".join(parts) if parts else "not measured yet"
 
 
-def spread(samples: list[tuple[float, float]]) -> float:
+def spread(samples: Iterable[tuple[float, float]]) -> float:
     """How far apart the sizes (tokens) of these samples are."""
     sizes = [tokens for tokens, _ in samples]
     return max(sizes) - min(sizes) if sizes else 0.0

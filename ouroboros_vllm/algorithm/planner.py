@@ -192,10 +192,10 @@ def pool_gains(row: RowOutlook, width: int) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(best)])
 
 
-def _pool_gains(rows: Sequence[RowOutlook], width: int) -> np.ndarray:
+def _pool_gains(rows: Sequence[RowOutlook], pool_rates: np.ndarray, width: int) -> np.ndarray:
     """:func:`pool_gains` of every row, [rows, width]: the chains' at once (most rows hang no alternatives)."""
     power = np.arange(1, width)
-    chains = np.array([row.pool_rate for row in rows])[:, None] ** power
+    chains = pool_rates[:, None] ** power
     gains = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(-np.sort(-chains, axis=1), axis=1)], axis=1)
     for i, row in enumerate(rows):
         if row.alternatives and row.branch_len:
@@ -208,20 +208,23 @@ class _Options:
     q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
 
     def __init__(self, rows: Sequence[RowOutlook], acceptance_scale: float = 1.0) -> None:
-        budgets = np.array([row.budget for row in rows], dtype=np.int64)
+        # One pass over the rows into arrays: the planner runs every engine step, and per-field passes add up.
+        fields = np.array(
+            [(row.budget, row.trunk_rate, row.pool_hit, row.can_draft, row.pool_rate) for row in rows], dtype=np.float64
+        ).reshape(len(rows), 5)
+        budgets = fields[:, 0].astype(np.int64)
         width = int(budgets.max(initial=0)) + 1
         power = np.arange(width)
-        trunk = np.array([row.trunk_rate for row in rows])[:, None] ** power  # [rows, q]: rate^q
-        hits = np.array([row.pool_hit for row in rows])[:, None]
+        trunk = fields[:, 1, None] ** power  # [rows, q]: rate^q
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
-        pool_gain = hits * _pool_gains(rows, width)
+        pool_gain = fields[:, 2, None] * _pool_gains(rows, fields[:, 4], width)
         gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]
         self.gain = acceptance_scale * gain  # [rows, q, s]
         self.tokens = power[:, None] + power[None, :]  # [q, s]
         self.q = np.broadcast_to(power[:, None], self.tokens.shape)
         self.fits = self.tokens[None] <= budgets[:, None, None]
         self.budgets = budgets
-        self.can_draft = np.array([row.can_draft for row in rows], dtype=bool)
+        self.can_draft = fields[:, 3].astype(bool)
 
     def picks(
         self,
@@ -236,33 +239,32 @@ class _Options:
         [depth, row, option]): the planner runs every engine step, and a loop over depths cost most of its time."""
         rows = len(self.budgets)
         depths = np.arange(max_depth + 1)
-        forwards = np.array([math.ceil(d / max(shape.tokens_per_forward, 1.0)) for d in depths], dtype=np.float64)
+        forwards = np.ceil(depths / max(shape.tokens_per_forward, 1.0))
         trunk = np.where(self.can_draft, np.minimum(depths[:, None], self.budgets), 0)  # [depth, row]: tokens drafted
         valid = self.fits & (self.q <= trunk[:, :, None, None])  # [depth, row, q, s]
         per_row = forwards * draft.slope * shape.width_per_row  # a drafting row's share of the forwards, per depth
-        cost = self.tokens * token_seconds + (self.q > 0) * per_row[:, None, None]  # [depth, q, s]
+        # [depth, option]: the same for every row (fancy indexing below, not a per-row copy: a step's planning
+        # is a few dozen array calls, and each one's fixed cost is what it costs).
+        cost = (self.tokens * token_seconds + (self.q > 0) * per_row[:, None, None]).reshape(len(depths), -1)
         gain = np.where(valid, self.gain, -np.inf).reshape(len(depths), rows, -1)
-        cost = np.broadcast_to(cost[:, None], valid.shape).reshape(len(depths), rows, -1)
         drafts = (self.q > 0).reshape(-1)
         fixed_draft = forwards * draft.intercept
+        at_depth, at_row = depths[:, None], np.arange(rows)[None, :]
 
         def totals(pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            chosen_cost = np.take_along_axis(cost, pick[:, :, None], axis=2)[:, :, 0].sum(axis=1)
-            chosen_gain = np.take_along_axis(gain, pick[:, :, None], axis=2)[:, :, 0].sum(axis=1)
-            seconds = base_seconds + chosen_cost + np.where(drafts[pick].any(axis=1), fixed_draft, 0.0)
-            return base_tokens + chosen_gain, seconds
+            seconds = base_seconds + cost[at_depth, pick].sum(axis=1)
+            seconds += np.where(drafts[pick].any(axis=1), fixed_draft, 0.0)
+            return base_tokens + gain[at_depth, at_row, pick].sum(axis=1), seconds
 
         # Dinkelbach's iteration at every depth together; a depth that converged keeps its ratio (and its pick).
         ratio = np.full(len(depths), base_tokens / base_seconds)
-        pick = np.zeros((len(depths), rows), dtype=np.int64)
         for _ in range(16):  # converges in a few steps
-            pick = np.argmax(gain - ratio[:, None, None] * cost, axis=2)
+            pick = np.argmax(gain - ratio[:, None, None] * cost[:, None, :], axis=2)
             tokens, seconds = totals(pick)
             converged = np.abs(tokens / seconds - ratio) <= 1e-12 * ratio
             if converged.all():
                 break
             ratio = np.where(converged, ratio, tokens / seconds)
-        tokens, seconds = totals(pick)
         return _Picks(self, pick, trunk, forwards, tokens, seconds)
 
 

@@ -13,7 +13,7 @@ size now), so a dashboard works without PromQL, e.g. ``vllm:ouroboros_mean_accep
 from __future__ import annotations
 
 import contextlib
-from dataclasses import fields, replace
+from dataclasses import replace
 
 from prometheus_client import REGISTRY, Counter, Gauge
 
@@ -147,9 +147,8 @@ class MetricsExporter:
         self._pushed_lengths: dict[int, int] = {}
 
     def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
-        for field in fields(DraftStats):
-            if field.name in _STATS_COUNTERS:
-                self._add(_STATS_COUNTERS[field.name][0], getattr(stats, field.name), getattr(self._pushed, field.name))
+        for name, (counter, _) in _STATS_COUNTERS.items():
+            self._add(counter, getattr(stats, name), getattr(self._pushed, name))
         for rank, rounds in stats.accepted_rank.items():
             self._inc_labelled(_ACCEPTED_RANK, "rank", rank, rounds - self._pushed.accepted_rank.get(rank, 0))
         self._pushed = replace(stats, accepted_rank=dict(stats.accepted_rank))
