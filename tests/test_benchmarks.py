@@ -11,12 +11,14 @@ from typing import get_args
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
 
+from benchmarks import ceiling, latency, metrics, report  # noqa: E402
 from benchmarks import datasets as ds  # noqa: E402
-from benchmarks import latency, metrics, report  # noqa: E402
 from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
 from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
 from benchmarks.oracle import OracleProposer, ReferenceIndex  # noqa: E402
@@ -471,6 +473,22 @@ def test_latency_interpolation_and_projection():
 
 
 # ------------------------------------------------------------------------------------------------- the CLI
+
+
+@settings(max_examples=50, deadline=None)
+@given(alpha=st.floats(0.0, 1.0), depth=st.integers(1, 8))
+def test_ceiling_solves_the_acceptance_back_from_accepted_tokens(alpha, depth):
+    accepted = ceiling.accepted_per_round(alpha, depth)
+    assert ceiling.accepted_per_round(ceiling.solve_alpha(accepted, depth), depth) == pytest.approx(accepted, abs=1e-9)
+
+
+def test_ceiling_drafts_only_where_it_pays():
+    # Nothing accepted: proposing nothing is best. Everything accepted, verification and drafting free: all K.
+    assert ceiling.best_depth(0.0, rows=8, k=4, plain_step=0.23, token=0.016, forward=0.047) == (0, 0.23)
+    depth, seconds = ceiling.best_depth(1.0, rows=8, k=4, plain_step=0.23, token=0.0, forward=0.0)
+    assert (depth, seconds) == (4, pytest.approx(0.23 / 5))
+    # A verified token dearer than what it saves: 0, even at a high acceptance.
+    assert ceiling.best_depth(0.9, rows=8, k=4, plain_step=0.23, token=0.05, forward=0.047)[0] == 0
 
 
 def test_bench_subcommand_runs_the_harness_of_the_checkout(capfd):
