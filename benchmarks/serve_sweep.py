@@ -6,7 +6,12 @@ output tokens per second and the mean time per output token (TPOT), checks that 
 and stops the server by its PID. Results: ``serving.json`` (raw per-request numbers), ``report.md``, and
 ``serving.png``.
 
-  python -m benchmarks.serve_sweep --out docs/benchmarks/serving      # ~25 min on an idle 2-core CPU
+  python -m benchmarks.serve_sweep --out docs/benchmarks/serving      # ~15 min on an idle 2-core CPU
+
+Each client sends its next request the moment one ends. Started together, the clients of a plain server stay in
+lock step (every request of a wave ends together, then the next wave's prompts are read with nothing decoding),
+a pattern a server with independent users does not see and one that speculation, which ends requests at
+different times, breaks: ``--stagger SECONDS`` spreads the clients' first requests over that many seconds.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ class RequestResult:
         return (self.end_s - self.first_token_s) / (n - 1) if self.first_token_s is not None and n > 1 else None
 
 
-def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int, index: int) -> RequestResult:
-    """One streamed greedy completion; the time of its first and last token."""
+def stream_completion(
+    url: str, model: str, prompt: list[int], max_tokens: int, index: int, delay_s: float = 0.0
+) -> RequestResult:
+    """One streamed greedy completion, sent ``delay_s`` seconds from now; the time of its first and last token."""
+    time.sleep(delay_s)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "return_token_ids": True}  # fmt: skip
     request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
@@ -62,11 +70,16 @@ def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int, 
     return RequestResult(index, tokens, start, first, time.perf_counter())
 
 
-def run_level(server: ServerProcess, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
-    """Every prompt at this concurrency (a pool of ``concurrency`` clients); wall time from first send to last."""
+def run_level(
+    server: ServerProcess, prompts: list[list[int]], concurrency: int, max_tokens: int, stagger_s: float = 0.0
+) -> dict[str, Any]:
+    """Every prompt at this concurrency (a pool of ``concurrency`` clients, each sending its next request when one
+    ends); wall time from first send to last end. ``stagger_s``: the clients' first requests are spread evenly
+    over that many seconds instead of starting together, so that the clients do not run in lock step."""
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(stream_completion, server.url, server.model, p, max_tokens, i)
+        futures = [pool.submit(stream_completion, server.url, server.model, p, max_tokens, i,
+                               stagger_s * i / concurrency if i < concurrency else 0.0)
                    for i, p in enumerate(prompts)]  # fmt: skip
         results = [f.result() for f in futures]
     wall = time.perf_counter() - start
@@ -74,6 +87,7 @@ def run_level(server: ServerProcess, prompts: list[list[int]], concurrency: int,
     tpots = [r.tpot_s for r in results if r.tpot_s is not None]
     return {
         "concurrency": concurrency,
+        "stagger_s": stagger_s,
         "wall_s": wall,
         "output_tokens": tokens,
         "tokens_per_second": tokens / wall,
@@ -83,7 +97,7 @@ def run_level(server: ServerProcess, prompts: list[list[int]], concurrency: int,
 
 
 def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], levels: list[int], max_tokens: int,
-          out: Path) -> dict[str, Any]:  # fmt: skip
+          out: Path, stagger_s: float = 0.0) -> dict[str, Any]:  # fmt: skip
     server = ServerProcess(target, out / f"server-{name}.log", args)
     try:
         stream_completion(server.url, server.model, prompts[0], 8, -1)  # warm-up
@@ -92,7 +106,7 @@ def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], lev
             count = max(2 * level, 4)
             batch = [prompts[i % len(prompts)] for i in range(count)]
             print(f"{name}: concurrency {level}, {count} requests ...", flush=True)
-            runs.append(run_level(server, batch, level, max_tokens))
+            runs.append(run_level(server, batch, level, max_tokens, stagger_s))
             print(f"{name}: concurrency {level}: {runs[-1]['tokens_per_second']:.2f} tok/s", flush=True)
         stats = {m: server.metric(m) for m in ("vllm:ouroboros_mean_acceptance_length",)}
     finally:
@@ -150,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("-k", "--num-speculative-tokens", type=int, default=8)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="spread the clients' first requests over this many seconds (default 0: all at once)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,13 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     ours = ouroboros_args({"draft_model": draft, "stats_log_interval_s": 0}, args.num_speculative_tokens)
     started = time.time()
     load_start = load_average()
-    servers = [sweep(name, target, common + extra, prompts, args.concurrency, args.max_tokens, args.out)
+    servers = [sweep(name, target, common + extra, prompts, args.concurrency, args.max_tokens, args.out, args.stagger)
                for name, extra in (("plain", []), ("ouroboros", ours))]  # fmt: skip
     data = {
         "description": [
             f"- target `{args.target}`, draft `{args.draft}`, K = {args.num_speculative_tokens}, greedy, streaming, "
             f"{args.max_tokens} new tokens; {len(prompts)} prompts (HumanEval and MT-Bench), 2 x concurrency "
-            "requests (at least 4) per level",
+            "requests (at least 4) per level; "
+            + (
+                f"the clients' first requests spread over {args.stagger:g} s"
+                if args.stagger
+                else "all clients start together"
+            ),
             f"- machine: {describe_machine()['cpu_count']} cores; load average at start {load_start}, at end "
             f"{load_average()}; took {(time.time() - started) / 60:.1f} min",
         ],

@@ -491,6 +491,24 @@ def test_ceiling_drafts_only_where_it_pays():
     assert ceiling.best_depth(0.9, rows=8, k=4, plain_step=0.23, token=0.05, forward=0.047)[0] == 0
 
 
+def test_serving_sweep_spreads_the_clients_first_requests_when_asked(monkeypatch):
+    from benchmarks import serve_sweep
+
+    delays = {}
+
+    def fake_completion(url, model, prompt, max_tokens, index, delay_s=0.0):
+        delays[index] = delay_s
+        return serve_sweep.RequestResult(index, [1, 2, 3], 0.0, 0.1, 0.3)
+
+    monkeypatch.setattr(serve_sweep, "stream_completion", fake_completion)
+    server = SimpleNamespace(url="http://127.0.0.1:1", model="m")
+    level = serve_sweep.run_level(server, [[1]] * 8, concurrency=4, max_tokens=3, stagger_s=2.0)
+    assert [delays[i] for i in range(8)] == [0.0, 0.5, 1.0, 1.5, 0.0, 0.0, 0.0, 0.0]
+    assert level["stagger_s"] == 2.0 and level["output_tokens"] == 24
+    serve_sweep.run_level(server, [[1]] * 4, concurrency=4, max_tokens=3)
+    assert set(delays.values()) == {0.0}  # the default: every client starts at once
+
+
 def test_bench_subcommand_runs_the_harness_of_the_checkout(capfd):
     from ouroboros_vllm.tools.cli import main
 
