@@ -96,6 +96,11 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
     """Generate ``dataset`` at ``batch_size`` and measure it; a ``warm`` method first gets one untimed pass."""
     if method.warm:
         _generate(llm, dataset, batch_size)
+    # Every timed pass starts with the target's prefix cache empty: an engine that ran these prompts before (at
+    # another batch size, or in a warm pass) would read them from its cache, and engines differ in that (the
+    # stateful methods get an engine per batch size): plain's batch 8 after batch 1 read its prompts twice as
+    # fast as a fresh engine's. What prompts of one pass share stays cached, alike for every method.
+    prefix_cache_reset = bool(llm.reset_prefix_cache())
     counters_before = _spec_counters(llm)
     drafter_before = _drafter_stats(llm, method)
     plans_before = _plan_stats(llm, method)
@@ -111,6 +116,7 @@ def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -
         "dataset": dataset.name,
         "batch_size": batch_size,
         "max_tokens": dataset.max_tokens,
+        "prefix_cache_reset": prefix_cache_reset,
         "wall_s": wall_s,
         "num_output_tokens": sum(len(p["output_token_ids"]) for p in prompts),
         "decode_window_s": _sum_or_none(batch["decode_window_s"] for batch in batches),
@@ -162,6 +168,7 @@ def _prompt_record(prompt_id: str, output: Any) -> dict[str, Any]:
     return {
         "id": prompt_id,
         "num_prompt_tokens": len(output.prompt_token_ids),
+        "num_cached_tokens": getattr(output, "num_cached_tokens", None),  # read from the target's prefix cache
         "output_token_ids": list(completion.token_ids),
         "finish_reason": completion.finish_reason,
         # Engine-core monotonic timestamps (same clock: the engine runs in this process).

@@ -568,6 +568,12 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
             assert row.lossless and row.compared == batch_size, row.mismatched
             assert row.num_drafts and row.draft_share is not None
     assert rows[("oracle", "all", 1)].acceptance_rate == rows[("oracle", "all", 2)].acceptance_rate == 1.0
+    # Every timed pass starts from an empty prefix cache: the prompt that ran at batch size 1 is read again at 2.
+    assert all(run["prefix_cache_reset"] for result in data["results"] for run in result["runs"])
+    plain_runs = {run["batch_size"]: run for run in data["results"][0]["runs"]}
+    first = plain_runs[1]["prompts"][0]
+    again = next(p for p in plain_runs[2]["prompts"] if p["id"] == first["id"])
+    assert first["num_cached_tokens"] == again["num_cached_tokens"] == 0
     table = (out / "report.md").read_text()
     assert "yes (1/1)" in table and "yes (2/2)" in table and "DIFFER" not in table
     assert "1 at batch size 1, 2 at batch size 2" in table
