@@ -288,6 +288,11 @@ class _FakeLLM:
             "vllm:spec_decode_num_accepted_tokens": 0,
         }
         self.calls = 0
+        self.resets_after_calls: list[int] = []  # generate calls made before each prefix-cache reset
+
+    def reset_prefix_cache(self):
+        self.resets_after_calls.append(self.calls)
+        return True
 
     def generate(self, prompts, params, use_tqdm=False):
         self.calls += 1
@@ -319,6 +324,7 @@ def test_worker_counts_only_the_timed_pass_of_a_warm_method(capsys):
     dataset = DatasetJob("d", 8, [PromptJob("a", [1, 2, 3]), PromptJob("b", [4, 5])])
     run = worker._timed_run(llm, Method("m", "ngram", warm=True), dataset, batch_size=1)
     assert llm.calls == 4  # 2 prompts at batch size 1, twice: untimed, then timed
+    assert llm.resets_after_calls == [2] and run["prefix_cache_reset"]  # the timed pass starts from an empty cache
     assert run["spec"] == {"num_drafts": 2, "num_draft_tokens": 4, "num_accepted_tokens": 2}
     assert len(run["batches"]) == 2 and len(run["prompts"]) == 2
     assert [p["output_token_ids"] for p in run["prompts"]] == [[3, 2, 1], [5, 4]]
