@@ -98,18 +98,9 @@ def plan_step(
     rows' (prefill chunks); ``acceptance_scale`` multiplies every expected accepted token (the calibration of
     the acceptance model against what the target accepted).
 
-    A plain step is priced apart: a step that verifies proposals pays vLLM's rejection sampling whatever their
-    number, and a line fitted through speculative steps (on a CPU, where cost grows faster once the step's tokens
-    outnumber what reading the weights hides) puts the plain step well above its real cost, so every plan would
-    look better than proposing nothing (measured at batch 8: a fit of 293 ms + 9.4 ms a token, against plain
-    steps of 230-290 ms).
-
-    A plan must also keep the rows' mean time per token (each row's step time over the tokens it is expected to
-    emit, averaged over the rows) within a plain step's: a step is as slow for every row in it, and rows that
-    speculate well can raise the batch's tokens per second while the step they lengthen makes every other row's
-    tokens come slower. Served at 16 concurrent requests, that plan read 1.01x plain's throughput with a mean TPOT
-    8% worse (requests that drafted at 234-450 ms a token, the others at up to 1344 ms against plain's 552-717).
-    At one row the two tests are the same; with rows alike, nearly so."""
+    A plain step is priced apart (a line through speculative steps put it at 368 ms where 230-290 ms was measured,
+    at batch 8 on a CPU). A plan must also keep the rows' mean time per token within a plain step's: a step is as
+    slow for every row in it (both: docs/design.md, "The decision")."""
     options = _Options(rows, acceptance_scale)
     base_tokens = float(len(rows))
     base_seconds = target(len(rows) + other_tokens)

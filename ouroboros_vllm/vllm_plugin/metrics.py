@@ -13,6 +13,7 @@ size now), so a dashboard works without PromQL, e.g. ``vllm:ouroboros_mean_accep
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import replace
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -128,6 +129,11 @@ def registered() -> dict[str, Counter | Gauge]:
     return _metrics
 
 
+# Seconds between two pushes from engine steps (:meth:`MetricsExporter.due`): a GPU step takes a few ms and a scrape
+# comes every few seconds, so a push per step would be pure overhead. A finished request pushes at once.
+PUSH_INTERVAL_S = 0.1
+
+
 class MetricsExporter:
     """Pushes one proposer's counters to the process's Prometheus metrics, as increments since the last push."""
 
@@ -145,8 +151,14 @@ class MetricsExporter:
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
         self._pushed_lengths: dict[int, int] = {}
+        self._pushed_at = float("-inf")  # time.perf_counter() of the last push
+
+    def due(self) -> bool:
+        """Whether an engine step should push: :data:`PUSH_INTERVAL_S` has passed since the last push."""
+        return time.perf_counter() - self._pushed_at >= PUSH_INTERVAL_S
 
     def push(self, stats: DraftStats, pool: PhrasePool | None, tracked_requests: int) -> None:
+        self._pushed_at = time.perf_counter()
         for name, (counter, _) in _STATS_COUNTERS.items():
             self._add(counter, getattr(stats, name), getattr(self._pushed, name))
         for rank, rounds in stats.accepted_rank.items():

@@ -38,10 +38,6 @@ from ouroboros_vllm.vllm_plugin.metrics import MetricsExporter
 
 logger = init_logger(__name__)
 
-# Seconds between two pushes of the counters to Prometheus from engine steps (a finished request always pushes,
-# so a batch's last figures are never held back).
-METRICS_PUSH_INTERVAL_S = 0.1
-
 
 class OuroborosProposer(hooks.StepListener):
     """Drafts for each running request and lengthens the draft from the shared phrase pool.
@@ -86,7 +82,6 @@ class OuroborosProposer(hooks.StepListener):
         self._stats_logger = StatsLogger(self.config.stats_log_interval_s, logger)
         model_config = vllm_config.model_config
         self._metrics = MetricsExporter(str(getattr(model_config, "served_model_name", None) or model_config.model))
-        self._metrics_pushed_at = 0.0  # perf_counter of the last push
         # Token ids a target step can hold: when the draft's vocabulary covers them, no row needs checking.
         self._target_vocab_size = int(model_config.get_vocab_size())
         self.controller = AdaptiveController(self.num_speculative_tokens)
@@ -204,8 +199,7 @@ class OuroborosProposer(hooks.StepListener):
         if proposing:
             self.stats.steps += 1
         self._stats_logger.maybe_log(self.summary)
-        # A GPU step takes a few ms, a scrape comes every few seconds: a push per step would be pure overhead.
-        if time.perf_counter() - self._metrics_pushed_at >= METRICS_PUSH_INTERVAL_S:
+        if self._metrics.due():
             self._push_metrics()
         if self.pool_file is not None:
             self.pool_file.maybe_save(self.pool)
@@ -291,7 +285,6 @@ class OuroborosProposer(hooks.StepListener):
         self.stats.add(counts)
 
     def _push_metrics(self) -> None:
-        self._metrics_pushed_at = time.perf_counter()
         self._metrics.push(self.stats, self.pool if self.config.uses_pool else None, len(self.requests))
         if self.config.adaptive:
             self._metrics.push_adaptive(self.controller)
