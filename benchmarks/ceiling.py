@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import markdown_table
+
 
 def accepted_per_round(alpha: float, depth: int) -> float:
     """Expected accepted tokens of a ``depth``-token trunk at per-token acceptance ``alpha``."""
@@ -106,19 +108,21 @@ def main(argv: list[str] | None = None) -> int:
                       "share_of_oracle": share, "ceiling": plain / ceiling, "oracle": plain / oracle})  # fmt: skip
     print(f"batch {rows}, K {args.k}: plain step {1000 * p:.0f} ms, verified token {1000 * args.token:.1f} ms, "
           f"draft forward {1000 * args.forward:.0f} ms")  # fmt: skip
-    print("| dataset | alpha | best depth | decode per token | share of the oracle's saving | ceiling | oracle |")
-    print("|---|---|---|---|---|---|---|")
-    for row in table:
-        print(f"| {row['dataset']} | {row['alpha']:.2f} | {row['depth']} | {row['decode_speedup']:.2f}x "
-              f"| {row['share_of_oracle']:.0%} | {row['ceiling']:.2f}x | {row['oracle']:.2f}x |")  # fmt: skip
-    if table:
-        pooled = {"ceiling": plain_total / ceiling_total, "oracle": plain_total / oracle_total}
-        print(f"| pooled | | | | | {pooled['ceiling']:.2f}x | {pooled['oracle']:.2f}x |")
-        if args.out is not None:
-            settings = {k: v for k, v in vars(args).items() if k != "out"}
-            args.out.write_text(
-                json.dumps({"settings": settings, "datasets": table, "pooled": pooled}, indent=1, default=str)
-            )
+    header = ("dataset", "alpha", "best depth", "decode per token", "share of the oracle's saving", "ceiling", "oracle")
+    cells = [
+        [row["dataset"], f"{row['alpha']:.2f}", str(row["depth"]), f"{row['decode_speedup']:.2f}x",
+         f"{row['share_of_oracle']:.0%}", f"{row['ceiling']:.2f}x", f"{row['oracle']:.2f}x"]
+        for row in table
+    ]  # fmt: skip
+    pooled = {"ceiling": plain_total / ceiling_total, "oracle": plain_total / oracle_total} if table else None
+    if pooled is not None:
+        cells.append(["pooled", "", "", "", "", f"{pooled['ceiling']:.2f}x", f"{pooled['oracle']:.2f}x"])
+    print(markdown_table(header, cells))
+    if pooled is not None and args.out is not None:
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        args.out.write_text(
+            json.dumps({"settings": settings, "datasets": table, "pooled": pooled}, indent=1, default=str)
+        )
     return 0
 
 
