@@ -140,6 +140,9 @@ class StaticForward:
         self.cache.reserve(length)
         if self.cache.storage is not self._storage:  # resized: the graphs point at the old storage
             self._graphs.clear()
+            # Their memory pool goes with them: a capture into a pool no graph holds any more fails inside
+            # torch's caching allocator (seen on an H200, torch 2.11).
+            self._graph_pool = None
             self._storage = self.cache.storage
         key = (num_rows, width, length)
         if key not in self._inputs:
