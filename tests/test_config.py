@@ -1,5 +1,7 @@
 """OuroborosConfig: every bad setting is refused with one message naming the key and what it accepts."""
 
+import os
+
 import pydantic
 import pytest
 
@@ -141,3 +143,18 @@ def test_pool_path_needs_the_shared_pool():
 def test_section_must_be_an_object():
     with pytest.raises(OuroborosConfigError, match=r'additional_config\["ouroboros"\] must be a JSON object'):
         OuroborosConfig.from_additional_config({"ouroboros": ["draft"]})
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_cpu_env_defaults_leave_the_platform_to_vllm_on_a_gpu(monkeypatch, cuda):
+    import torch
+
+    from ouroboros_vllm.tools.offline import CPU_ENV_DEFAULTS, apply_cpu_env_defaults
+
+    for key in CPU_ENV_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    apply_cpu_env_defaults()
+
+    assert os.environ.get("VLLM_TARGET_DEVICE") == (None if cuda else "cpu")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"

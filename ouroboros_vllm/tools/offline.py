@@ -23,9 +23,14 @@ CPU_ENV_DEFAULTS = {
 
 
 def apply_cpu_env_defaults() -> None:
-    """Set :data:`CPU_ENV_DEFAULTS` where the user has not set them (call before importing vLLM)."""
+    """Set :data:`CPU_ENV_DEFAULTS` where the user has not set them (call before importing vLLM). Where torch sees
+    a CUDA device, vLLM picks its platform itself: ``VLLM_TARGET_DEVICE=cpu`` would put the engine on the CPU."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
     for key, value in CPU_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        if not (on_gpu and key == "VLLM_TARGET_DEVICE"):
+            os.environ.setdefault(key, value)
 
 
 def speculative_config(num_speculative_tokens: int) -> dict[str, Any]:
