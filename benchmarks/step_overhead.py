@@ -51,13 +51,35 @@ class Timers:
         self.current: dict[str, float] = defaultdict(float)
         self.steps: list[dict[str, float]] = []
         self.recording = False
+        self.sync: Callable[[], None] = lambda: None  # torch.cuda.synchronize on a GPU: device time is timed
+        self.in_graph_run = False
 
-    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    def time_graph_runs(self, name: str) -> None:
+        """Time the static forward's graph launches (capture or replay) as ``name``, synchronised: a replay runs
+        the decoder's kernels without calling its module, so its forward hooks never see it."""
+        from ouroboros_vllm.runtime.static_forward import StaticForward
+
+        run = self.wrap(name, StaticForward._run, synced=True)
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            self.in_graph_run = True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.in_graph_run = False
+
+        StaticForward._run = marked  # type: ignore[method-assign]
+
+    def wrap(self, name: str, function: Callable[..., Any], *, synced: bool = False) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if synced:
+                self.sync()
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
+                if synced:
+                    self.sync()
                 self.current[name] += time.perf_counter() - start
                 if name == "propose":
                     self._end_step()
@@ -77,11 +99,18 @@ class Timers:
     def time_module(self, name: str, module: Any) -> None:
         """Time a torch module's calls (forward hooks) as ``name``."""
         started: list[float] = []
-        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+
+        def begin(*_: Any) -> None:
+            self.sync()
+            started.append(time.perf_counter())
 
         def done(*_: Any) -> None:
-            self.current[name] += time.perf_counter() - started.pop()
+            self.sync()
+            seconds = time.perf_counter() - started.pop()
+            if not self.in_graph_run:  # a graph's capture: its replay wrapper counts it already
+                self.current[name] += seconds
 
+        module.register_forward_pre_hook(begin)
         module.register_forward_hook(done)
 
     def install(self) -> None:
@@ -121,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--settings", default="{}", help='more of additional_config["ouroboros"], as JSON')
+    parser.add_argument("--llm", default="{}", help="more LLM() keyword arguments, as JSON (on a GPU: dtype)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     from ouroboros_vllm.tools import models
@@ -139,14 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     timers.install()
     from vllm import SamplingParams
 
-    llm = make_llm(target, ouroboros=settings, num_speculative_tokens=args.k, max_num_seqs=max(args.batch_size, 1))
+    llm_kwargs = {"max_num_seqs": max(args.batch_size, 1)} | json.loads(args.llm)
+    llm = make_llm(target, ouroboros=settings, num_speculative_tokens=args.k, **llm_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     topics = ["def parse_config(path):", "The history of the printing press", "SELECT name, count(*) FROM",
               "Write a haiku about rain.", "import numpy as np\n\nclass Matrix:", "Dear hiring manager,"]  # fmt: skip
     prompts = [f"{topics[i % len(topics)]} #{i}" for i in range(args.batch_size)]
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up: one-time costs stay out of the steps
     drafter = engine_proposer(llm).drafter
-    if drafter is not None:  # the draft model's compute: its decoder and lm_head calls
+    if drafter is not None:  # the draft model's compute: its decoder and lm_head calls, graph replays on a GPU
+        import torch
+
+        if torch.cuda.is_available():
+            timers.sync = torch.cuda.synchronize
+            timers.time_graph_runs("draft_model")
         timers.time_module("draft_model", drafter.model.get_decoder())
         timers.time_module("draft_model", drafter.model.get_output_embeddings())
     timers.current.clear()
