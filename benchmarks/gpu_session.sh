@@ -1,27 +1,59 @@
 #!/usr/bin/env bash
 # Issue 13's measurements on a lent GPU machine, as one command (device time is about 15 minutes a session).
 #
-# On the CPU machine first: XZ_THREADS=1 nice -n 19 ../shared/tools/gpu-vllm/make_bundle.sh .gpu-vllm \
-#   T=$(ouroboros-vllm models path qwen2.5-coder-1.5b-instruct) D=$(ouroboros-vllm models path qwen2.5-coder-0.5b-instruct)
-# then, per that tool's README, device call 1 (carry .gpu-vllm/c1) stages part0, and call 2, within 30 s,
-# carry [".gpu-vllm/c2"], timeout_s 600, runs:   bash benchmarks/gpu_session.sh .gpu-vllm/c2
+# On the CPU machine first (the repo's files travel with each part, so the parts are 56 MiB):
+#   PART_MIB=56 XZ_THREADS=1 nice -n 19 ../shared/tools/gpu-vllm/make_bundle.sh .gpu-vllm \
+#     T=$(ouroboros-vllm models path qwen2.5-coder-1.5b-instruct) D=$(ouroboros-vllm models path qwen2.5-coder-0.5b-instruct)
+# and the wheels vLLM 0.33 needs that neither the bundle nor the GPU image holds (Python 3.12, x86-64):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-vllm/extra \
+#     "llguidance>=1.7,<1.8" "orjson>=3.11.6" "compressed-tensors==0.17.0" loguru uvicorn watchfiles
+# then, per that tool's README, device call 1 (carry [".gpu-vllm/c1"]) stages part0, and call 2, within 30 s,
+# carry [".gpu-vllm/c2", ".gpu-vllm/extra"], timeout_s 600, runs:   bash benchmarks/gpu_session.sh .gpu-vllm/c2
 #
-# Order (the cheapest and most telling first, each step under its own timeout, results in $OUT after each):
-#   1. our draft forward, packed and static (CUDA graphs), 1-16 rows, on the 0.5B shape in bf16
+# Order (what the issue's "done when" needs first; each step under its own timeout, sized from what is left of
+# BUDGET seconds, results in $OUT after each step, one log for all of it):
+#   1. engines through device_smoke.py at batch 1 and 16 (random bf16 weights built from the real configs):
+#      plain; ours ("greedy", fixed K=4) and vLLM's draft_model with the target as its own draft (acceptance
+#      near 1); ours with default settings (K=8); ours and vLLM's draft_model with the random 0.5B (near 0);
+#   2. our draft forward, packed and static (CUDA graphs), 1-16 rows, on the 0.5B shape in bf16
 #      (benchmarks.draft_forward; checks graph replays against the grid run eagerly);
-#   2. engines through device_smoke.py at batch 1 and 16 (random bf16 weights built from the real configs):
-#      plain; vLLM's draft_model and ours ("greedy", fixed K) with the target as its own draft (acceptance
-#      near 1) and with the random 0.5B (near 0); ours with default settings.
+#   3. the plugin's own time per step at batch 16 (benchmarks.step_overhead, the target drafting for itself).
 # Everything is reported, nothing asserted: random weights leave bf16 near-ties that flip.
 set -uo pipefail
 C=${1:?usage: gpu_session.sh FOLDER_OF_THE_LAST_PART (e.g. .gpu-vllm/c2)}
+BUDGET=${BUDGET:-570}  # seconds this script may take (the device call's limit is 600)
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1  # one log for all of it, in $OUT as it grows
+T0=$SECONDS
 # shellcheck disable=SC1091
 source "$C/device_setup.sh" || exit $?
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+# vLLM 0.33 imports these when it starts (llguidance, orjson), when it loads a model (compressed-tensors, which
+# needs loguru) or in its server (uvicorn, watchfiles), and neither the bundle nor the GPU image holds them (each
+# found by a failed GPU run, 2026-11-30): carried beside the bundle in $C/../extra (see the header).
+EXTRA=$(dirname "$C")/extra
+if compgen -G "$EXTRA/*.whl" >/dev/null; then
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --disable-pip-version-check --upgrade --target /tmp/site "$EXTRA"/*.whl || exit 6
+  echo "gpu_session: $(ls "$EXTRA"/*.whl | wc -l) extra wheels installed from $EXTRA"
+fi
+left() { echo $((BUDGET - (SECONDS - T0))); }
+step() {  # NAME SECONDS COMMAND...: run it with a timeout, log its output and exit status
+  local name=$1 limit=$2
+  shift 2
+  [ "$limit" -gt 20 ] || { echo "gpu_session: $name skipped (${limit} s left)"; return; }
+  echo "gpu_session: $name (at most $limit s, $((SECONDS - T0)) s in)"
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -e "^Loading" -e "it/s\]$"
+  echo "gpu_session: $name exit ${PIPESTATUS[0]} after $((SECONDS - T0)) s"
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c 'import importlib.metadata as m, sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| vllm",
+      m.version("vllm"), "| transformers", m.version("transformers"), "|", torch.cuda.get_device_name())'
+} 2>&1 | tee "$OUT/device.txt"
 
-SMOKE=(python3 "$C/device_smoke.py" --model T=T --model D=D --batches 1,16 --max-tokens 64 --timeout 100)
 ours() {  # LABEL DRAFT K MORE: our proposer as a --spec
   echo "$1={\"speculative_config\": {\"method\": \"custom_class\", \"model\": \"ouroboros_vllm.OuroborosProposer\",
  \"num_speculative_tokens\": $3}, \"additional_config\": {\"ouroboros\": {\"draft_model\": \"@$2\"$4}}}"
@@ -31,13 +63,17 @@ vllm_draft() {  # LABEL DRAFT K: vLLM's own draft_model method as a --spec
 }
 FIXED=', "drafting": "greedy", "adaptive": false'
 SPECS=(
-  --spec "$(vllm_draft vllm-self T 4)" --spec "$(ours ours-self T 4 "$FIXED")"
-  --spec "$(vllm_draft vllm-random D 4)" --spec "$(ours ours-random D 4 "$FIXED")"
+  --spec "$(ours ours-self T 4 "$FIXED")" --spec "$(vllm_draft vllm-self T 4)"
   --spec "$(ours ours-default D 8 '')"
+  --spec "$(ours ours-random D 4 "$FIXED")" --spec "$(vllm_draft vllm-random D 4)"
 )
 
-# 1. The draft forward alone, on the 0.5B shape built with random bf16 weights as device_smoke builds it.
-timeout 120 python3 - "$C" <<'PY' 2>&1 | tee "$OUT/build.log"
+# 1. The engines, each in its own process (--timeout seconds each); builds /tmp/m/T and /tmp/m/D.
+step smoke $(($(left) - 170)) python3 "$C/device_smoke.py" --model T=T --model D=D --batches 1,16 \
+  --max-tokens 64 --timeout 85 --out "$OUT" "${SPECS[@]}"
+
+# 2. The draft forward alone, on the random 0.5B the smoke built (built here if the smoke did not get that far).
+[ -f /tmp/m/D/config.json ] || step build-draft 60 python3 - "$C" <<'PY'
 import os, shutil, sys, tarfile
 sys.path.insert(0, sys.argv[1])
 import device_smoke as smoke
@@ -47,9 +83,11 @@ with tarfile.open(os.path.join(sys.argv[1], "assets.tar.xz")) as tar:
     tar.extractall(assets, filter="data")
 smoke.build(*smoke.resolve("D=D", assets), seed=0)
 PY
-timeout 120 python3 -m benchmarks.draft_forward --model /tmp/m/D --device cuda --precision bfloat16 \
-  --rows 1 2 4 8 16 --context 512 --out "$OUT/draft_forward.json" 2>&1 | grep -v "^Loading" | tee "$OUT/draft_forward.log"
+step draft-forward $(($(left) - 90)) python3 -m benchmarks.draft_forward --model /tmp/m/D --device cuda \
+  --precision bfloat16 --rows 1 2 4 8 16 --context 512 --repeats 20 --out "$OUT/draft_forward.json"
 
-# 2. The engines (each in its own process, --timeout seconds each).
-timeout 420 "${SMOKE[@]}" "${SPECS[@]}" --out "$OUT" 2>&1 | tee "$OUT/smoke.log"
-echo "gpu_session: done; results in $OUT"
+# 3. The plugin's own time per step at batch 16, the random 1.5B drafting for itself (every proposal accepted).
+VLLM_TARGET_DEVICE=cuda step step-overhead $(($(left) - 5)) python3 -m benchmarks.step_overhead --target /tmp/m/T \
+  --batch-size 16 --max-tokens 48 -k 4 --settings '{"drafting": "greedy", "adaptive": false}' \
+  --llm '{"dtype": "bfloat16", "gpu_memory_utilization": 0.5}' --out "$OUT/step_overhead.json"
+echo "gpu_session: done in $((SECONDS - T0)) s; results in $OUT"
