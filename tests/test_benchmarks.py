@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
 
-from benchmarks import ceiling, latency, metrics, report  # noqa: E402
+from benchmarks import ceiling, gpu_projection, latency, metrics, report  # noqa: E402
 from benchmarks import datasets as ds  # noqa: E402
 from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
 from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
@@ -495,6 +495,34 @@ def test_ceiling_drafts_only_where_it_pays():
     assert (depth, seconds) == (4, pytest.approx(0.23 / 5))
     # A verified token dearer than what it saves: 0, even at a high acceptance.
     assert ceiling.best_depth(0.9, rows=8, k=4, plain_step=0.23, token=0.05, forward=0.047)[0] == 0
+
+
+def test_gpu_projection_counts_each_step_once_and_pools_by_emitted_tokens(tmp_path, capsys):
+    def run(dataset, method, emitted, accepted, verified, forwards):
+        stats = {"rounds": 1, "accepted_tokens": accepted, "verified_tokens": verified, "draft_forwards": forwards}
+        return {"method": method, "runs": [{"dataset": dataset, "batch_size": 1, "num_output_tokens": emitted,
+                                            "drafter_stats": stats}]}  # fmt: skip
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"results": [
+        {"method": "plain", "runs": [{"dataset": "a", "batch_size": 1, "num_output_tokens": 100}]},
+        run("a", "ours", 100, 75, 100, 0), run("b", "ours", 300, 0, 300, 300),
+    ]}))  # fmt: skip
+    costs = gpu_projection.GpuCosts(plain_step=0.02, token=0.0, forward=0.0)
+    rows, pooled = gpu_projection.project(results, costs)
+    # 75 of 100 tokens accepted, verification and drafting free: 25 steps instead of 100.
+    assert {(r["dataset"], r["method"]): r["speedup"] for r in rows} == {("a", "ours"): 4.0, ("b", "ours"): 1.0}
+    assert pooled == {"ours": pytest.approx(400 / (25 + 300))}  # datasets weigh by their tokens
+    assert gpu_projection.GpuCosts(0.02, 0.0, 0.01).mode_seconds(gpu_projection.Counts(300, 0, 300, 300)) == (
+        pytest.approx(300 * 0.03)
+    )
+    assert costs.oracle_speedup(4) == 5.0
+    out = tmp_path / "projection.json"
+    gpu_projection.main(["--acceptance-run", str(results), "--plain-step", "0.02", "--draft-forward", "0.004",
+                         "--out", str(out)])  # fmt: skip
+    written = json.loads(out.read_text())
+    assert written["projection"] is True and set(written["pooled"]) == {"ours"}
+    assert "PROJECTION" in capsys.readouterr().out
 
 
 def test_serving_sweep_spreads_the_clients_first_requests_when_asked(monkeypatch):
