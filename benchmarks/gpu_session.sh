@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's measurements on a lent GPU machine, as one command (device time is about 15 minutes a session).
 #
-# On the CPU machine first (the repo's files travel with each part, so the parts are 56 MiB):
-#   PART_MIB=56 XZ_THREADS=1 nice -n 19 ../shared/tools/gpu-vllm/make_bundle.sh .gpu-vllm \
+# On the CPU machine first (the repo's files travel with each part, so the parts are 52 MiB):
+#   PART_MIB=52 XZ_THREADS=1 nice -n 19 ../shared/tools/gpu-vllm/make_bundle.sh .gpu-vllm \
 #     T=$(ouroboros-vllm models path qwen2.5-coder-1.5b-instruct) D=$(ouroboros-vllm models path qwen2.5-coder-0.5b-instruct)
 # and the wheels vLLM 0.33 needs that neither the bundle nor the GPU image holds (Python 3.12, x86-64):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -10,15 +10,18 @@
 #     "llguidance>=1.7,<1.8" "orjson>=3.11.6" "compressed-tensors==0.17.0" loguru uvicorn watchfiles
 # then, per that tool's README, device call 1 (carry [".gpu-vllm/c1"]) stages part0, and call 2, within 30 s,
 # carry [".gpu-vllm/c2", ".gpu-vllm/extra"], timeout_s 600, runs:   bash benchmarks/gpu_session.sh .gpu-vllm/c2
+# (the first session's figures are in docs/benchmarks/gpu/; an engine takes 45-65 s there, 20 of them imports).
 #
 # Order (what the issue's "done when" needs first; each step under its own timeout, sized from what is left of
 # BUDGET seconds, results in $OUT after each step, one log for all of it):
-#   1. engines through device_smoke.py at batch 1 and 16 (random bf16 weights built from the real configs):
-#      plain; ours ("greedy", fixed K=4) and vLLM's draft_model with the target as its own draft (acceptance
-#      near 1); ours with default settings (K=8); ours and vLLM's draft_model with the random 0.5B (near 0);
-#   2. our draft forward, packed and static (CUDA graphs), 1-16 rows, on the 0.5B shape in bf16
-#      (benchmarks.draft_forward; checks graph replays against the grid run eagerly);
-#   3. the plugin's own time per step at batch 16 (benchmarks.step_overhead, the target drafting for itself).
+#   1. engines through device_smoke.py at batch 1 and 16 (random bf16 weights built from the real configs), K=4:
+#      plain eager (the smoke's reference), then with vLLM's CUDA graphs for the target (full decode graphs, no
+#      torch.compile): plain; ours with default settings and vLLM's draft_model, both drafting with the random
+#      0.5B (acceptance near 0: what drafting costs when it cannot pay); ours (fixed "greedy") and vLLM's
+#      draft_model with the target as its own draft (acceptance near 1);
+#   2. the plugin's own time per step at batch 16 (benchmarks.step_overhead, the target drafting for itself);
+#   3. our draft forward, packed and static (CUDA graphs), 1-16 rows, on the 0.5B shape in bf16, if time is left
+#      (benchmarks.draft_forward; the first session measured it).
 # Everything is reported, nothing asserted: random weights leave bf16 near-ties that flip.
 set -uo pipefail
 C=${1:?usage: gpu_session.sh FOLDER_OF_THE_LAST_PART (e.g. .gpu-vllm/c2)}
@@ -62,18 +65,21 @@ vllm_draft() {  # LABEL DRAFT K: vLLM's own draft_model method as a --spec
   echo "$1={\"speculative_config\": {\"method\": \"draft_model\", \"model\": \"@$2\", \"num_speculative_tokens\": $3}}"
 }
 FIXED=', "drafting": "greedy", "adaptive": false'
+# vLLM's full CUDA graphs for decode steps (verification included), without torch.compile (minutes under gVisor).
+GRAPHS='"enforce_eager": false, "compilation_config": {"mode": 0, "max_cudagraph_capture_size": 160}'
+graphs() { echo "${1%\}}, $GRAPHS}"; }  # a --spec with the graph settings added to its LLM() arguments
 SPECS=(
-  --spec "$(ours ours-self T 4 "$FIXED")" --spec "$(vllm_draft vllm-self T 4)"
-  --spec "$(ours ours-default D 8 '')"
-  --spec "$(ours ours-random D 4 "$FIXED")" --spec "$(vllm_draft vllm-random D 4)"
+  --spec "plain-graphs={$GRAPHS}"
+  --spec "$(graphs "$(ours ours-default-graphs D 4 '')")" --spec "$(graphs "$(vllm_draft vllm-draft-graphs D 4)")"
+  --spec "$(graphs "$(ours ours-self-graphs T 4 "$FIXED")")" --spec "$(graphs "$(vllm_draft vllm-self-graphs T 4)")"
 )
 
 # 1. The engines, each in its own process (--timeout seconds each); builds /tmp/m/T and /tmp/m/D.
-step smoke $(($(left) - 170)) python3 "$C/device_smoke.py" --model T=T --model D=D --batches 1,16 \
-  --max-tokens 64 --timeout 85 --out "$OUT" "${SPECS[@]}"
+step smoke $(($(left) - 150)) python3 "$C/device_smoke.py" --model T=T --model D=D --batches 1,16 \
+  --max-tokens 128 --timeout 90 --out "$OUT" "${SPECS[@]}"
 
-# 2. The draft forward alone, on the random 0.5B the smoke built (built here if the smoke did not get that far).
-[ -f /tmp/m/D/config.json ] || step build-draft 60 python3 - "$C" <<'PY'
+# The random models the smoke builds, built here if it did not get that far.
+[ -f /tmp/m/T/config.json ] && [ -f /tmp/m/D/config.json ] || step build-models 60 python3 - "$C" <<'PY'
 import os, shutil, sys, tarfile
 sys.path.insert(0, sys.argv[1])
 import device_smoke as smoke
@@ -81,13 +87,16 @@ assets = os.path.join(smoke.M, "_assets")
 shutil.rmtree(assets, ignore_errors=True)
 with tarfile.open(os.path.join(sys.argv[1], "assets.tar.xz")) as tar:
     tar.extractall(assets, filter="data")
-smoke.build(*smoke.resolve("D=D", assets), seed=0)
+for name in ("T", "D"):
+    smoke.build(*smoke.resolve(f"{name}={name}", assets), seed=0)
 PY
-step draft-forward $(($(left) - 90)) python3 -m benchmarks.draft_forward --model /tmp/m/D --device cuda \
-  --precision bfloat16 --rows 1 2 4 8 16 --context 512 --repeats 20 --out "$OUT/draft_forward.json"
 
-# 3. The plugin's own time per step at batch 16, the random 1.5B drafting for itself (every proposal accepted).
-VLLM_TARGET_DEVICE=cuda step step-overhead $(($(left) - 5)) python3 -m benchmarks.step_overhead --target /tmp/m/T \
+# 2. The plugin's own time per step at batch 16, the random 1.5B drafting for itself (every proposal accepted).
+VLLM_TARGET_DEVICE=cuda step step-overhead $(($(left) - 50)) python3 -m benchmarks.step_overhead --target /tmp/m/T \
   --batch-size 16 --max-tokens 48 -k 4 --settings '{"drafting": "greedy", "adaptive": false}' \
   --llm '{"dtype": "bfloat16", "gpu_memory_utilization": 0.5}' --out "$OUT/step_overhead.json"
+
+# 3. Our draft forward alone, on the random 0.5B.
+step draft-forward $(($(left) - 5)) python3 -m benchmarks.draft_forward --model /tmp/m/D --device cuda \
+  --precision bfloat16 --rows 1 2 4 8 16 --context 512 --repeats 10 --out "$OUT/draft_forward.json"
 echo "gpu_session: done in $((SECONDS - T0)) s; results in $OUT"
