@@ -136,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="KV cache per engine (default: what the longest prompts need at the largest batch size)",
     )
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the methods after plain in reverse order: two runs, one each way, cancel the machine's drift "
+        "between the methods of a run (it moves by 10-20%% over minutes on a small CPU)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<timestamp>)")
     parser.add_argument(
         "--report-only",
@@ -212,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_gib,
         warmup,
         references=str(references),
+        reverse=args.reverse,
     )
     print(
         f"benchmark ({profile.name}): {target_name} / {draft_name}, methods {', '.join(m.name for m in methods)}, "
@@ -339,8 +346,10 @@ def plan_jobs(
     kv_cache_gib: float,
     warmup: list[int],
     references: str,
+    reverse: bool = False,
 ) -> list[tuple[Method, Job]]:
-    """Plain first (the others are checked against it, the oracle replays it), then each method at each K.
+    """Plain first (the others are checked against it, the oracle replays it), then each method at each K, in
+    registry order or, with ``reverse``, the other way round.
 
     A stateful method (its cache or pool outlives requests) gets one engine per batch size, so the second batch
     size does not meet prompts it has already seen.
@@ -368,6 +377,9 @@ def plan_jobs(
                     )
                 )
     jobs.sort(key=lambda item: item[0].name != BASELINE)  # stable: registry order otherwise
+    if reverse:
+        first = sum(method.name == BASELINE for method, _ in jobs)
+        jobs[first:] = jobs[first:][::-1]
     return jobs
 
 

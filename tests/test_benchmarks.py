@@ -197,6 +197,8 @@ def test_plan_runs_plain_first_and_splits_stateful_methods():
         ("oracle", 4, [1, 8]),
     ]
     assert jobs[-1][1].references == "/r.json" and jobs[0][1].references is None
+    reverse = plan_jobs(methods, [2, 4], [1, 8], "T", "D", data, 64, 0.25, [1], references="/r.json", reverse=True)
+    assert reverse == jobs[:1] + jobs[1:][::-1]  # plain still first
 
 
 def test_job_round_trips_through_json(tmp_path):
