@@ -4,18 +4,23 @@ Speculative decoding trades one target forward of 1 token for one of K+1 tokens 
 much that pays depends on the device: on a 2-core CPU a forward of 5 tokens costs ~1.3x one of 1 token, on a
 GPU barely more. This script measures that curve in plain PyTorch/transformers with the model's real shapes
 (a forward of n new tokens on top of a KV cache of --context tokens; median of --repeats), and projects a
-benchmark run's tau onto a device whose curve was measured:
+benchmark run (batch size 1) onto a device whose curve was measured. For our methods, from what our drafter
+counted in the run (decode tokens N, accepted A, steps that carried a draft S, tokens they verified V, draft
+forwards F):
+
+    speedup ≈ N * t(1) / ((N - A - S) * t(1) + S * t(1 + V/S) + F * d(1))
+
+every target step priced by its width, the steps without a draft as plain ones. For the others (no such counts):
 
     speedup ≈ tau * t(1) / (t(K+1) + draft cost per step)
 
 t(n) is the target's forward latency for n new tokens (interpolated between measured points), tau is vLLM's
-mean acceptance length from the run (pooled over datasets, batch size 1). The draft cost per step is 0 for
-lookup methods and pool_only (CPU work that overlaps nothing but is small next to a forward) and F * d(1) for
-draft-model methods when the draft's curve d is given (--draft-latency), F the draft forwards per step (K for
-vLLM's draft_model and our 'greedy', gamma for our modes that fill the rest from the pool; phrase drafting
-makes fewer, slightly wider forwards); without the curve the projection of those methods is an upper bound.
-It assumes every target step carries a draft (vLLM's tau counts only steps
-that do), batch size 1, and no other overheads (scheduling, sampling): it is a projection, not a measurement.
+mean acceptance length from the run. The draft cost per step is 0 for lookup methods (CPU work that overlaps
+nothing but is small next to a forward) and F * d(1) for vLLM's draft_model when the draft's curve d is given
+(--draft-latency), F = K; without the curve the projection of draft-model methods is an upper bound. Both assume
+batch size 1, every draft forward as cheap as a one-token one (phrase drafting's are wider: 9 tokens cost 1.15
+of one on an H100), and no other overheads (scheduling, sampling, the plugin's own Python): a projection, not a
+measurement. The counts come from choices made on the run's machine (the adaptive planner priced them there).
 
   python -m benchmarks.latency --model qwen2.5-coder-1.5b-instruct --out latency-target.json
   python -m benchmarks.latency --model FOLDER_WITH_CONFIG_JSON --random-weights --dtype bfloat16   # no weights
@@ -38,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from benchmarks.methods import Method
+    from benchmarks.metrics import Summary
 
 DEFAULT_TOKENS = "1-9,12,16,24,32,48,64"
 
@@ -241,6 +247,18 @@ def draft_forwards_per_step(method: Method | None, k: int) -> int:
     return k
 
 
+def projected_from_counts(s: Summary, target: Mapping[int, float], draft: Mapping[int, float] | None) -> float | None:
+    """N * t(1) over the run's target steps, each priced by its width, plus its draft forwards at d(1); None
+    without our drafter's counts."""
+    forwards, steps, verified = s.drafter.get("draft_forwards"), s.num_drafts, s.num_draft_tokens
+    if forwards is None or not steps or not verified or not s.decode_tokens:
+        return None
+    plain_steps = s.decode_tokens - (s.num_accepted_tokens or 0) - steps
+    drafting = draft_cost(forwards, draft) or 0.0
+    seconds = plain_steps * latency_at(target, 1) + steps * latency_at(target, 1 + verified / steps) + drafting
+    return s.decode_tokens * latency_at(target, 1) / seconds
+
+
 def draft_cost(forwards: int, draft: Mapping[int, float] | None) -> float | None:
     """Seconds of drafting per step: ``forwards`` one-token forwards of the draft; ``None`` when the draft's
     curve is not known."""
@@ -269,7 +287,12 @@ def project(results_path: Path, target_path: Path, draft_path: Path | None) -> d
     for s in summarize(run["results"]):
         if s.status != "ok" or s.k is None or s.tau is None or s.batch_size != 1:
             continue
-        cost = draft_cost(draft_forwards_per_step(methods.get(s.method), s.k), draft)
+        from_counts = projected_from_counts(s, target, draft)
+        if from_counts is not None:
+            projected, counted, basis = from_counts, draft is not None or not s.drafter["draft_forwards"], "counts"
+        else:
+            cost = draft_cost(draft_forwards_per_step(methods.get(s.method), s.k), draft)
+            projected, counted, basis = projected_speedup(s.tau, s.k, target, cost or 0.0), cost is not None, "tau"
         rows.append(
             {
                 "method": s.method,
@@ -277,14 +300,15 @@ def project(results_path: Path, target_path: Path, draft_path: Path | None) -> d
                 "dataset": s.dataset,
                 "tau": s.tau,
                 "measured_speedup_here": s.speedup,
-                "projected_speedup": projected_speedup(s.tau, s.k, target, cost or 0.0),
-                "draft_cost_counted": cost is not None,
+                "projected_speedup": projected,
+                "draft_cost_counted": counted,
+                "basis": basis,
             }
         )
     rows.sort(key=lambda r: (r["dataset"] != ALL_DATASETS, r["dataset"], r["method"], r["k"]))
     return {
         "kind": "projection",
-        "formula": "speedup ≈ tau * t(1) / (t(K+1) + draft cost per step)",
+        "formula": "ours: N t(1) / ((N-A-S) t(1) + S t(1+V/S) + F d(1)); others: tau t(1) / (t(K+1) + draft cost)",
         "results": str(results_path),
         "target_latency": str(target_path),
         "draft_latency": str(draft_path) if draft_path else None,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # benchmarks/ is not an installed package
 
-from benchmarks import ceiling, gpu_projection, latency, metrics, report  # noqa: E402
+from benchmarks import ceiling, combine, latency, metrics, report  # noqa: E402
 from benchmarks import datasets as ds  # noqa: E402
 from benchmarks.jobs import DatasetJob, Job, PromptJob  # noqa: E402
 from benchmarks.methods import METHODS, Method, ouroboros_method_name, select_methods, unavailable_reason  # noqa: E402
@@ -480,6 +480,20 @@ def test_latency_interpolation_and_projection():
     assert latency.parse_tokens("1-3,8,2") == [1, 2, 3, 8]
 
 
+def test_latency_projection_prices_each_counted_step_by_its_width():
+    from benchmarks.metrics import Summary
+
+    target, draft = {1: 0.010, 5: 0.012}, {1: 0.004}
+    # 100 decode tokens: 20 steps verified 4 tokens and accepted 3 of them (80 tokens), 20 steps drafted nothing.
+    s = Summary("ouroboros", 4, "d", 1, decode_tokens=100, num_drafts=20, num_draft_tokens=80, num_accepted_tokens=60)
+    s.drafter = {"draft_forwards": 30}
+    seconds = 20 * 0.010 + 20 * 0.012 + 30 * 0.004
+    assert latency.projected_from_counts(s, target, draft) == pytest.approx(100 * 0.010 / seconds)
+    assert latency.projected_from_counts(s, target, None) == pytest.approx(100 * 0.010 / (seconds - 30 * 0.004))
+    s.drafter = {}  # not ours: the tau formula applies instead
+    assert latency.projected_from_counts(s, target, draft) is None
+
+
 # ------------------------------------------------------------------------------------------------- the CLI
 
 
@@ -499,32 +513,27 @@ def test_ceiling_drafts_only_where_it_pays():
     assert ceiling.best_depth(0.9, rows=8, k=4, plain_step=0.23, token=0.05, forward=0.047)[0] == 0
 
 
-def test_gpu_projection_counts_each_step_once_and_pools_by_emitted_tokens(tmp_path, capsys):
-    def run(dataset, method, emitted, accepted, verified, forwards):
-        stats = {"rounds": 1, "accepted_tokens": accepted, "verified_tokens": verified, "draft_forwards": forwards}
-        return {"method": method, "runs": [{"dataset": dataset, "batch_size": 1, "num_output_tokens": emitted,
-                                            "drafter_stats": stats}]}  # fmt: skip
+def test_combine_sums_the_runs_times_before_dividing(tmp_path, capsys):
+    def results(walls):  # {method: {dataset: wall}} -> a results.json at batch 1
+        path = tmp_path / f"r{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"results": [
+            {"method": m, "runs": [{"dataset": d, "batch_size": 1, "wall_s": w} for d, w in per.items()]}
+            for m, per in walls.items()
+        ]}))  # fmt: skip
+        return path
 
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps({"results": [
-        {"method": "plain", "runs": [{"dataset": "a", "batch_size": 1, "num_output_tokens": 100}]},
-        run("a", "ours", 100, 75, 100, 0), run("b", "ours", 300, 0, 300, 300),
-    ]}))  # fmt: skip
-    costs = gpu_projection.GpuCosts(plain_step=0.02, token=0.0, forward=0.0)
-    rows, pooled = gpu_projection.project(results, costs)
-    # 75 of 100 tokens accepted, verification and drafting free: 25 steps instead of 100.
-    assert {(r["dataset"], r["method"]): r["speedup"] for r in rows} == {("a", "ours"): 4.0, ("b", "ours"): 1.0}
-    assert pooled == {"ours": pytest.approx(400 / (25 + 300))}  # datasets weigh by their tokens
-    assert gpu_projection.GpuCosts(0.02, 0.0, 0.01).mode_seconds(gpu_projection.Counts(300, 0, 300, 300)) == (
-        pytest.approx(300 * 0.03)
-    )
-    assert costs.oracle_speedup(4) == 5.0
-    out = tmp_path / "projection.json"
-    gpu_projection.main(["--acceptance-run", str(results), "--plain-step", "0.02", "--draft-forward", "0.004",
-                         "--out", str(out)])  # fmt: skip
-    written = json.loads(out.read_text())
-    assert written["projection"] is True and set(written["pooled"]) == {"ours"}
-    assert "PROJECTION" in capsys.readouterr().out
+    # The machine slowed down between plain and "a" in the first run, and the other way round in the second.
+    first = results({"plain": {"x": 10.0, "y": 10.0}, "a": {"x": 10.0, "y": 5.0}})
+    second = results({"plain": {"x": 20.0, "y": 10.0}, "a": {"x": 5.0, "y": 5.0}, "b": {"x": 1.0}})
+    table = combine.combine([first, second], batch_size=1)
+    assert table["datasets"]["x"]["a"] == {"speedup": 30 / 15, "runs": [1.0, 4.0]}
+    assert table["pooled"]["a"]["speedup"] == pytest.approx(50 / 25)
+    assert table["pooled"]["a"]["runs"] == [pytest.approx(20 / 15), pytest.approx(30 / 10)]
+    assert "b" not in table["pooled"]  # a method missing from a run is left out, not guessed
+    out = tmp_path / "combined.json"
+    assert combine.main([str(first), str(second), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pooled"]["a"]["speedup"] == pytest.approx(2.0)
+    assert "| pooled | 2.00x (1.33 / 3.00) |" in capsys.readouterr().out
 
 
 def test_serving_sweep_spreads_the_clients_first_requests_when_asked(monkeypatch):
