@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Issue 13's measurements on a lent GPU machine, as one command (device time is about 15 minutes a session).
 #
-# On the CPU machine first (the repo's files travel with each part, so the parts are 52 MiB):
-#   PART_MIB=52 XZ_THREADS=1 nice -n 19 ../shared/tools/gpu-vllm/make_bundle.sh .gpu-vllm \
+# On the CPU machine first (vLLM 0.33's CUDA wheel, slimmed, and the wheels it needs that the GPU image lacks):
+#   XZ_THREADS=1 nice -n 19 benchmarks/gpu_vllm/make_bundle.sh .gpu-vllm \
 #     T=$(ouroboros-vllm models path qwen2.5-coder-1.5b-instruct) D=$(ouroboros-vllm models path qwen2.5-coder-0.5b-instruct)
-# and the wheels vLLM 0.33 needs that neither the bundle nor the GPU image holds (Python 3.12, x86-64):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_31_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-vllm/extra \
-#     "llguidance>=1.7,<1.8" "orjson>=3.11.6" "compressed-tensors==0.17.0" loguru uvicorn watchfiles
-# then, per that tool's README, device call 1 (carry [".gpu-vllm/c1"]) stages part0, and call 2, within 30 s,
-# carry [".gpu-vllm/c2", ".gpu-vllm/extra"], timeout_s 600, runs:   bash benchmarks/gpu_session.sh .gpu-vllm/c2
+# then, per benchmarks/gpu_vllm/README.md, device call 1 (carry [".gpu-vllm/c1"]) stages part0, and call 2,
+# within 30 s, carry [".gpu-vllm/c2"], timeout_s 600, runs:   bash benchmarks/gpu_session.sh .gpu-vllm/c2
 # (the first session's figures are in docs/benchmarks/gpu/; an engine takes 45-65 s there, 20 of them imports).
 #
 # Order (what the issue's "done when" needs first; each step under its own timeout, sized from what is left of
@@ -32,15 +28,6 @@ exec > >(tee -a "$OUT/session.log") 2>&1  # one log for all of it, in $OUT as it
 T0=$SECONDS
 # shellcheck disable=SC1091
 source "$C/device_setup.sh" || exit $?
-# vLLM 0.33 imports these when it starts (llguidance, orjson), when it loads a model (compressed-tensors, which
-# needs loguru) or in its server (uvicorn, watchfiles), and neither the bundle nor the GPU image holds them (each
-# found by a failed GPU run, 2026-11-30): carried beside the bundle in $C/../extra (see the header).
-EXTRA=$(dirname "$C")/extra
-if compgen -G "$EXTRA/*.whl" >/dev/null; then
-  PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --disable-pip-version-check --upgrade --target /tmp/site "$EXTRA"/*.whl || exit 6
-  echo "gpu_session: $(ls "$EXTRA"/*.whl | wc -l) extra wheels installed from $EXTRA"
-fi
 left() { echo $((BUDGET - (SECONDS - T0))); }
 step() {  # NAME SECONDS COMMAND...: run it with a timeout, log its output and exit status
   local name=$1 limit=$2
@@ -67,7 +54,8 @@ vllm_draft() {  # LABEL DRAFT K: vLLM's own draft_model method as a --spec
 FIXED=', "drafting": "greedy", "adaptive": false'
 # vLLM's full CUDA graphs for decode steps (verification included), without torch.compile (minutes under gVisor).
 GRAPHS='"enforce_eager": false, "compilation_config": {"mode": 0, "max_cudagraph_capture_size": 160}'
-graphs() { echo "${1%\}}, $GRAPHS}"; }  # a --spec with the graph settings added to its LLM() arguments
+# A --spec with the graph settings added to its LLM() arguments, its outputs compared with plain's with graphs.
+graphs() { echo "${1%\}}, $GRAPHS, \"_reference\": \"plain-graphs\"}"; }
 SPECS=(
   --spec "plain-graphs={$GRAPHS}"
   --spec "$(graphs "$(ours ours-default-graphs D 4 '')")" --spec "$(graphs "$(vllm_draft vllm-draft-graphs D 4)")"
@@ -75,13 +63,14 @@ SPECS=(
 )
 
 # 1. The engines, each in its own process (--timeout seconds each); builds /tmp/m/T and /tmp/m/D.
-step smoke $(($(left) - 150)) python3 "$C/device_smoke.py" --model T=T --model D=D --batches 1,16 \
+SMOKE=benchmarks/gpu_vllm/device_smoke.py  # the checkout's copy: it travels with every call
+step smoke $(($(left) - 150)) python3 $SMOKE --assets "$C/assets.tar.xz" --model T=T --model D=D --batches 1,16 \
   --max-tokens 128 --timeout 90 --out "$OUT" "${SPECS[@]}"
 
 # The random models the smoke builds, built here if it did not get that far.
 [ -f /tmp/m/T/config.json ] && [ -f /tmp/m/D/config.json ] || step build-models 60 python3 - "$C" <<'PY'
 import os, shutil, sys, tarfile
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, "benchmarks/gpu_vllm")
 import device_smoke as smoke
 assets = os.path.join(smoke.M, "_assets")
 shutil.rmtree(assets, ignore_errors=True)
