@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ceiling import runs_by_dataset
+from benchmarks.methods import BASELINE
 from benchmarks.report import markdown_table
-
-BASELINE = "plain"
 
 
 def combine(paths: list[Path], batch_size: int) -> dict[str, Any]:

@@ -81,7 +81,7 @@ for name in ("T", "D"):
 PY
 
 # 2. The plugin's own time per step at batch 16, the random 1.5B drafting for itself (every proposal accepted).
-VLLM_TARGET_DEVICE=cuda step step-overhead $(($(left) - 50)) python3 -m benchmarks.step_overhead --target /tmp/m/T \
+step step-overhead $(($(left) - 50)) python3 -m benchmarks.step_overhead --target /tmp/m/T \
   --batch-size 16 --max-tokens 48 -k 4 --settings '{"drafting": "greedy", "adaptive": false}' \
   --llm '{"dtype": "bfloat16", "gpu_memory_utilization": 0.5}' --out "$OUT/step_overhead.json"
 
