@@ -23,7 +23,8 @@ from ouroboros_vllm.algorithm.adaptive import (
     AdaptiveController,
 )
 from ouroboros_vllm.algorithm.cost_model import CostModel, LinearCost, OnlineLinearFit
-from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, catch_up_pays, plan_step
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, plan_step
+from ouroboros_vllm.algorithm.step_plans import catch_up_pays
 
 
 def row(budget=8, trunk=0.8, pool=0.3, hit=0.5, can_draft=True) -> RowOutlook:

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.cost_model import LinearCost
 from ouroboros_vllm.algorithm.lengths import MIN_FINISHED, OutputLengths
-from ouroboros_vllm.algorithm.planner import RowOutlook, catch_up_pays
+from ouroboros_vllm.algorithm.planner import RowOutlook
 from ouroboros_vllm.algorithm.request import RequestState
+from ouroboros_vllm.algorithm.step_plans import catch_up_pays
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,7 +17,7 @@ Five things keep the model honest:
   step that would propose runs plain instead. It costs what plain decoding costs; it forgoes a step's speculation;
 - a request is only known once the draft has drafted for it: its first proposal drafts its full trunk, unless
   the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
-  request has left (:func:`~ouroboros_vllm.algorithm.planner.catch_up_pays`);
+  request has left (:func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`);
 - a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
   its acceptance are only measured when it drafts): up to :data:`EXPLORE_SHARE` of the time measured since the
   draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost.
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance, Rate
+from ouroboros_vllm.algorithm.acceptance import PROFILED, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step
 from ouroboros_vllm.algorithm.planner import (
     DraftShape,
@@ -56,6 +56,7 @@ CALIBRATION_BOUNDS = (0.5, 1.5)
 TRUSTED_DRAFT_SAMPLES = 32  # draft forwards measured before the planner may decline a row's catch-up
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
+PROFILE_SHOWN = 4  # positions of the acceptance profiles the log line shows
 
 
 @dataclass
@@ -272,4 +273,11 @@ class AdaptiveController:
         if s.predicted_accepted:
             ratio += f", predicted/verified accepted tokens {s.predicted_accepted / max(s.verified_accepted, 1):.2f}"
         declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
-        return f"proposed lengths {s.histogram() or '-'}{declined}; {self.costs.summary()}{ratio}"
+        profiles = " ".join(
+            f"{source} {','.join(f'{x:+.2f}' for x in self.acceptance.offsets(source)[:PROFILE_SHOWN])}"
+            for source in PROFILED
+        )
+        return (
+            f"proposed lengths {s.histogram() or '-'}{declined}; {self.costs.summary()}{ratio}; "
+            f"acceptance log-odds by position: {profiles}"
+        )

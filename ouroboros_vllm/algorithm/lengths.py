@@ -2,7 +2,7 @@
 
 A request's ``max_tokens`` bounds its answer, but most answers end earlier, at an end of sequence (at batch 8 on
 the benchmark's translation and QA prompts, 22-24 tokens of 64). What a request will still emit decides whether
-the draft's catch-up on its prompt can pay back (:func:`~ouroboros_vllm.algorithm.planner.catch_up_pays`): priced
+the draft's catch-up on its prompt can pay back (:func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`): priced
 over ``max_tokens``, a request with a short answer gets its prompt read for nothing. So the process keeps what
 recent requests emitted in all, and a running request that has emitted ``n`` tokens is expected to emit what the
 recent requests that got past ``n`` emitted after it (the mean residual length), at most its own limit.

@@ -9,7 +9,8 @@ For every request in the step the planner weighs three kinds of proposal:
   draft's forwards, which every drafting row shares.
 
 A token is worth the chance that it is emitted (every token before it accepted, and itself), from the request's
-acceptance estimates; it costs the target's per-token step time, and a trunk its share of the draft's forwards.
+acceptance estimates and the process's profile of them by position; it costs the target's per-token step time,
+and a trunk its share of the draft's forwards.
 The step's yield is (tokens emitted) / (seconds), a ratio of sums: Dinkelbach's method finds the plan that
 maximises it by choosing, at the current ratio R, each row's option with the most ``gain - R * cost``, then
 updating R, a few times. The shared parts (one depth for every drafting row, the draft's fixed cost per forward)
@@ -26,12 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ouroboros_vllm.algorithm.acceptance import conditional_rates, reach_chances
 from ouroboros_vllm.algorithm.cost_model import LinearCost
-
-# A request the draft has not drafted for yet is judged as if it were this draftable (about what code or a
-# repeated text reaches): the process-wide rate it would otherwise start from may come from other text, and a
-# request that is never tried never shows what it is worth. A catch-up that would not pay even then is declined.
-TRY_RATE = 0.8
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,8 @@ class RowOutlook:
     # Tokens the draft's cache lacks before it can draft for the row (its prompt, or what was accepted while the
     # row did not draft; less a prompt prefix the draft's cache holds, and a share of one that rows catching up
     # together have in common, which is read once). Paid once, then the row drafts from a cache that keeps up:
-    # an investment, judged over the request's remaining tokens by :func:`catch_up_pays`; the per-step choice
-    # leaves it out.
+    # an investment, judged over the request's remaining tokens by
+    # :func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`; the per-step choice leaves it out.
     catch_up: float = 0
     untried: bool = False  # the draft model has not drafted for the row yet: its trunk rate is the process's guess
     remaining: float | None = None  # tokens the request is expected to still emit (None: not known)
@@ -56,6 +53,10 @@ class RowOutlook:
     alternatives: int = 0
     branch_len: int = 0
     branch_rate: float = 0.0
+    # The rates' profiles by position (log-odds offsets, see acceptance.PositionProfile); () leaves the rate as it
+    # is at every position.
+    trunk_offsets: tuple[float, ...] = ()
+    pool_offsets: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,62 +140,32 @@ def plan_seconds(
     return seconds
 
 
-def catch_up_pays(
-    row: RowOutlook,
-    ratio: float,
-    sharers: int,
-    target: LinearCost,
-    draft: LinearCost,
-    max_depth: int,
-    shape: DraftShape = DraftShape(),
-    per_token: float | None = None,
-) -> bool:
-    """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
-    request has left, against the catch-up's time (``per_token`` seconds a token, as measured on catch-ups; the
-    draft fit's slope when None), both priced at the step's yield ``ratio`` (tokens per second).
-
-    A step's trunk of ``d`` tokens gains its expected accepted tokens (an untried row's at :data:`TRY_RATE` at
-    least) less ``ratio`` times what it costs: its verification and its part of the draft's forwards (their
-    fixed cost split among ``sharers``, the rows that would draft together). The best depth's gain, times the
-    steps left at that depth, must cover the catch-up.
-    At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
-    spend on its prompt more than its drafts could ever save.
-    Up to ``max_depth + 1`` tokens are no catch-up: a row that drafted last step lacks what the target accepted
-    and its own token, and its next round feeds them as any round does (judged as a catch-up, a request whose
-    answer was expected to end soon lost its draft model for good, the tokens it lacked growing every step).
-    """
-    if not row.can_draft or row.catch_up <= max_depth + 1 or row.remaining is None:
-        return True
-    rate = max(row.trunk_rate, TRY_RATE) if row.untried else row.trunk_rate
-    per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
-    best_value, best_gain = 0.0, 0.0
-    for depth in range(1, min(max_depth, row.budget) + 1):
-        gain = sum(rate**i for i in range(1, depth + 1))
-        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0))
-        value = gain - ratio * (depth * target.slope + forwards * per_forward)
-        if value > best_value:
-            best_value, best_gain = value, gain
-    steps_left = row.remaining / (1.0 + best_gain)
-    return best_value * steps_left > ratio * (per_token or draft.slope) * row.catch_up
-
-
 def pool_gains(row: RowOutlook, width: int) -> np.ndarray:
     """Expected accepted pool tokens of a suffix of s = 0..width-1 nodes hung at the trunk's end: the s likeliest
-    nodes. A chain's j-th token is worth ``pool_rate^(j+1)``; with trees, an alternative branch's j-th token
-    ``branch_rate * pool_rate^j`` (as :func:`~ouroboros_vllm.algorithm.proposal.lengthen_tree` places them)."""
-    power = np.arange(1, width)
-    values = [row.pool_rate**power]
+    nodes. A chain's j-th token is worth the chance that its first j are accepted (``pool_rate^j`` without a
+    profile); with trees, an alternative branch's first token ``branch_rate``, and each later one that times the
+    chain's rate at its position (as :func:`~ouroboros_vllm.algorithm.proposal.lengthen_tree` places them)."""
+    conditional = conditional_rates(np.array([row.pool_rate]), row.pool_offsets, width - 1)[0]
+    values = [np.cumprod(conditional)]
     if row.alternatives and row.branch_len:
-        branch = row.branch_rate * row.pool_rate ** np.arange(min(row.branch_len, width - 1))
-        values += [branch] * row.alternatives
+        branch = row.branch_rate * np.cumprod(np.concatenate([[1.0], conditional[1:]]))
+        values += [branch[: min(row.branch_len, width - 1)]] * row.alternatives
     best = np.sort(np.concatenate(values))[::-1][: width - 1]
     return np.concatenate([[0.0], np.cumsum(best)])
 
 
+def _reach_chances(rows: Sequence[RowOutlook], rates: np.ndarray, profiled: str, length: int) -> np.ndarray:
+    """:func:`~ouroboros_vllm.algorithm.acceptance.reach_chances` of every row, [rows, length + 1], with each
+    row's offsets (the attribute ``profiled``): at once where the rows share one profile, as the proposer's do."""
+    offsets = [getattr(row, profiled) for row in rows]
+    if all(o == offsets[0] for o in offsets):
+        return reach_chances(rates, offsets[0] if offsets else (), length)
+    return np.concatenate([reach_chances(rates[i : i + 1], o, length) for i, o in enumerate(offsets)])
+
+
 def _pool_gains(rows: Sequence[RowOutlook], pool_rates: np.ndarray, width: int) -> np.ndarray:
     """:func:`pool_gains` of every row, [rows, width]: the chains' at once (most rows hang no alternatives)."""
-    power = np.arange(1, width)
-    chains = pool_rates[:, None] ** power
+    chains = _reach_chances(rows, pool_rates, "pool_offsets", width - 1)[:, 1:]
     gains = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(-np.sort(-chains, axis=1), axis=1)], axis=1)
     for i, row in enumerate(rows):
         if row.alternatives and row.branch_len:
@@ -214,7 +185,7 @@ class _Options:
         budgets = fields[:, 0].astype(np.int64)
         width = int(budgets.max(initial=0)) + 1
         power = np.arange(width)
-        trunk = fields[:, 1, None] ** power  # [rows, q]: rate^q
+        trunk = _reach_chances(rows, fields[:, 1], "trunk_offsets", width - 1)  # [rows, q]: q trunk tokens accepted
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
         pool_gain = fields[:, 2, None] * _pool_gains(rows, fields[:, 4], width)
         gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]

@@ -23,6 +23,7 @@ import numpy as np
 from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.lengths import OutputLengths
+from ouroboros_vllm.algorithm.planner import RowOutlook
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import (
     Proposal,
@@ -117,9 +118,9 @@ class RequestState:
             self.prior.record_trials(source, trials, successes)
 
     def _record_acceptance(self, source: str, proposed: int, accepted: int) -> None:
+        if self.prior is not None:  # the profile by position compares with the rate the proposal was made at
+            self.prior.record(source, proposed, accepted, self.acceptance.rate(source, self.prior.prior(source)))
         self.acceptance.record(source, proposed, accepted)
-        if self.prior is not None:
-            self.prior.record(source, proposed, accepted)
 
     @property
     def remaining(self) -> int | None:
@@ -153,6 +154,29 @@ class RequestState:
             self.acceptance.rate("trunk", prior.prior("trunk")),
             self.acceptance.rate("pool", prior.prior("pool")),
             self.pool_hits.rate(hit_prior),
+        )
+
+    def outlook(
+        self, budget: int, can_draft: bool, catch_up: float, lengths: OutputLengths, uses_pool: bool
+    ) -> RowOutlook:
+        """What the step planner knows of the request: at most ``budget`` tokens, the draft model serving it or not,
+        ``catch_up`` tokens its cache lacks, and its acceptance estimates with the process's profiles."""
+        trunk_rate, pool_rate, pool_hit = self.rates()
+        prior = self.prior or ProcessAcceptance()
+        return RowOutlook(
+            budget,
+            trunk_rate,
+            pool_rate if uses_pool else 0.0,
+            pool_hit if uses_pool else 0.0,
+            can_draft=can_draft,
+            catch_up=catch_up,
+            untried=self.acceptance.rates["trunk"].examined == 0,
+            remaining=self.expected_remaining(lengths),
+            alternatives=self.settings.num_candidates - 1 if uses_pool and self.tree else 0,
+            branch_len=self.settings.phrase_len,
+            branch_rate=self.branch_rate(),
+            trunk_offsets=prior.offsets("trunk"),
+            pool_offsets=prior.offsets("pool"),
         )
 
     def start_round(self, history: np.ndarray, trunk: int, draft_model: DraftModelInfo | None) -> DraftRound | None:

@@ -3,16 +3,25 @@
 The :class:`~ouroboros_vllm.algorithm.adaptive.AdaptiveController` chooses among them: the full plan (what the
 fixed modes propose, and what measures the costs), the pool's suffixes alone (a probe of the target's price of a
 token that costs no draft forward), the plan with every untried request's trunk drafted, and the rows left to the
-draft once the catch-ups that would not pay are declined.
+draft once the catch-ups that would not pay are declined (:func:`catch_up_pays`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
+from ouroboros_vllm.algorithm.acceptance import conditional_rates
 from ouroboros_vllm.algorithm.cost_model import LinearCost
-from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan, catch_up_pays
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, RowPlan, StepPlan
+
+# A request the draft has not drafted for yet is judged as if it were this draftable (about what code or a
+# repeated text reaches): the process-wide rate it would otherwise start from may come from other text, and a
+# request that is never tried never shows what it is worth. A catch-up that would not pay even then is declined.
+TRY_RATE = 0.8
 
 
 def full_plan(rows: Sequence[RowOutlook], max_depth: int) -> StepPlan:
@@ -62,6 +71,50 @@ def affordable_rows(
     if all(pays):
         return rows
     return [row if ok else replace(row, can_draft=False) for row, ok in zip(rows, pays, strict=True)]
+
+
+def catch_up_pays(
+    row: RowOutlook,
+    ratio: float,
+    sharers: int,
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    shape: DraftShape | None = None,
+    per_token: float | None = None,
+) -> bool:
+    """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
+    request has left, against the catch-up's time (``per_token`` seconds a token, as measured on catch-ups; the
+    draft fit's slope when None), both priced at the step's yield ``ratio`` (tokens per second).
+
+    A step's trunk of ``d`` tokens gains its expected accepted tokens (an untried row's at :data:`TRY_RATE` at
+    least) less ``ratio`` times what it costs: its verification and its part of the draft's forwards (their
+    fixed cost split among ``sharers``, the rows that would draft together). The best depth's gain, times the
+    steps left at that depth, must cover the catch-up.
+    At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
+    spend on its prompt more than its drafts could ever save.
+    Up to ``max_depth + 1`` tokens are no catch-up: a row that drafted last step lacks what the target accepted
+    and its own token, and its next round feeds them as any round does (judged as a catch-up, a request whose
+    answer was expected to end soon lost its draft model for good, the tokens it lacked growing every step).
+    """
+    if not row.can_draft or row.catch_up <= max_depth + 1 or row.remaining is None:
+        return True
+    deepest = min(max_depth, row.budget)
+    conditional = conditional_rates(np.array([row.trunk_rate]), row.trunk_offsets, deepest)[0]
+    if row.untried:
+        conditional = np.maximum(conditional, TRY_RATE)
+    gains = np.cumsum(np.cumprod(conditional))  # expected accepted tokens of a trunk of 1..deepest tokens
+    shape = shape or DraftShape()
+    per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
+    best_value, best_gain = 0.0, 0.0
+    for depth in range(1, deepest + 1):
+        gain = float(gains[depth - 1])
+        forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0))
+        value = gain - ratio * (depth * target.slope + forwards * per_forward)
+        if value > best_value:
+            best_value, best_gain = value, gain
+    steps_left = row.remaining / (1.0 + best_gain)
+    return best_value * steps_left > ratio * (per_token or draft.slope) * row.catch_up
 
 
 def try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:

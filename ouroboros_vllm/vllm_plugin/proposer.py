@@ -24,7 +24,7 @@ from vllm.logger import init_logger
 from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.drafting import DraftRound
 from ouroboros_vllm.algorithm.lengths import OutputLengths
-from ouroboros_vllm.algorithm.planner import RowOutlook, RowPlan
+from ouroboros_vllm.algorithm.planner import RowPlan
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
@@ -210,27 +210,13 @@ class OuroborosProposer(hooks.StepListener):
         """How many tokens each row proposes and how many of them the draft model drafts. Cold requests (seeded
         sampling among them) get fixed lengths: vLLM's rejection sampler draws a random number per proposed
         token, so a seeded output must not depend on a plan made from timings and other requests' acceptance."""
-        outlooks = []
-        pool = self.config.uses_pool
         histories, cached = [row[1] for row in rows], [len(row[0].draft.ids) for row in rows]
         # What the draft's cache lacks per row: prompt prefixes that rows hold or share are not read by each.
         catch_ups = self.drafter.catch_ups(histories, cached) if self.drafter else [0.0 for _ in rows]
-        for (state, _, budget, info), catch_up in zip(rows, catch_ups, strict=True):
-            trunk_rate, pool_rate, pool_hit = state.rates()
-            outlook = RowOutlook(
-                budget,
-                trunk_rate,
-                pool_rate if pool else 0.0,
-                pool_hit if pool else 0.0,
-                can_draft=info is not None,
-                catch_up=catch_up,
-                untried=state.acceptance.rates["trunk"].examined == 0,
-                remaining=state.expected_remaining(self.lengths),
-                alternatives=self.settings.num_candidates - 1 if pool and state.tree else 0,
-                branch_len=self.settings.phrase_len,
-                branch_rate=state.branch_rate(),
-            )
-            outlooks.append(outlook)
+        outlooks = [
+            state.outlook(budget, info is not None, catch_up, self.lengths, self.config.uses_pool)
+            for (state, _, budget, info), catch_up in zip(rows, catch_ups, strict=True)
+        ]
         plans = full_plan(outlooks, self.config.fixed_gamma_for(self.num_speculative_tokens)).rows
         planned = [i for i, (state, _, _, _) in enumerate(rows) if self.config.adaptive and not state.cold]
         if planned:
