@@ -56,13 +56,18 @@ def best_depth(alpha: float, rows: int, k: int, plain_step: float, token: float,
 
 
 def runs_by_dataset(path: Path, batch_size: int) -> dict[str, dict[str, dict[str, Any]]]:
-    """{dataset: {method: run}} of a results.json at ``batch_size``."""
+    """{dataset: {method: run}} of a results.json at ``batch_size``; a method timed beside a plain engine of its
+    own (``--paired``) has that engine's run of the dataset under ``"paired_baseline"``."""
     data = json.loads(path.read_text(encoding="utf-8"))
     runs: dict[str, dict[str, dict[str, Any]]] = {}
     for result in data["results"]:
+        paired = {
+            run["dataset"]: run for run in result.get("paired_baseline_runs") or [] if run["batch_size"] == batch_size
+        }
         for run in result["runs"]:
             if run["batch_size"] == batch_size:
-                runs.setdefault(run["dataset"], {})[result["method"]] = run
+                pair = {"paired_baseline": paired[run["dataset"]]} if run["dataset"] in paired else {}
+                runs.setdefault(run["dataset"], {})[result["method"]] = run | pair
     return runs
 
 

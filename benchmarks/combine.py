@@ -5,7 +5,7 @@ method's speedup within one run carries whatever the machine did between plain's
 opposite orders (``python -m benchmarks.run ... --reverse``) put each method early once and late once; their
 summed times cancel a drift that runs one way over both runs. Per dataset and pooled, each method's wall time
 summed over the runs against plain's summed the same way, each run's own figure beside it (their spread shows
-the drift).
+the drift). In a ``--paired`` run a method's plain is the plain engine that took turns with it.
 
   python -m benchmarks.combine RUN_DIR RUN_DIR --batch-size 1 --out combined.json
 """
@@ -30,22 +30,21 @@ def combine(paths: list[Path], batch_size: int) -> dict[str, Any]:
     datasets = [d for d in runs[0] if all(BASELINE in r.get(d, {}) for r in runs)]
     methods = sorted({m for r in runs for d in datasets for m in r[d]} - {BASELINE})
     walls = {  # (dataset, method) -> the wall time of each run
-        (d, m): [r[d][m]["wall_s"] for r in runs]
-        for d in datasets
-        for m in [BASELINE, *methods]
-        if all(m in r[d] for r in runs)
+        (d, m): [r[d][m]["wall_s"] for r in runs] for d in datasets for m in methods if all(m in r[d] for r in runs)
     }
+    # plain's beside each method: the method's own plain engine in a --paired run, else the run's plain
+    bases = {(d, m): [r[d][m].get("paired_baseline", r[d][BASELINE])["wall_s"] for r in runs] for d, m in walls}
     table: dict[str, Any] = {"datasets": {}, "pooled": {}}
     for m in methods:
         shared = [d for d in datasets if (d, m) in walls]
         for d in shared:
-            plain, mine = walls[d, BASELINE], walls[d, m]
+            plain, mine = bases[d, m], walls[d, m]
             table["datasets"].setdefault(d, {})[m] = {
                 "speedup": sum(plain) / sum(mine),
                 "runs": [p / w for p, w in zip(plain, mine, strict=True)],
             }
         if shared:
-            plain_runs = [sum(walls[d, BASELINE][i] for d in shared) for i in range(len(paths))]
+            plain_runs = [sum(bases[d, m][i] for d in shared) for i in range(len(paths))]
             mine_runs = [sum(walls[d, m][i] for d in shared) for i in range(len(paths))]
             table["pooled"][m] = {
                 "speedup": sum(plain_runs) / sum(mine_runs),

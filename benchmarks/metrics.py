@@ -129,8 +129,11 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[Summary]:
     """
     references = reference_outputs(results)
     rows: dict[tuple[str, int | None, str, int | None], Summary] = {}
+    paired: dict[tuple[str, int | None], dict[tuple[str, int | None], Summary]] = {}
     for result in results:
         method, k = result["method"], result["k"]
+        if result.get("paired_baseline_runs"):
+            paired[(method, k)] = _baseline_rows(result["paired_baseline_runs"])
         if result["status"] != "ok":
             # An unavailable method is unavailable at every K: one row says so.
             k_shown = None if result["status"] == "unavailable" else k
@@ -145,8 +148,18 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[Summary]:
                 row.add_run(run)
                 _check_outputs(row, run, references)
     summaries = list(rows.values())
-    _add_speedups(summaries)
+    _add_speedups(summaries, paired)
     return summaries
+
+
+def _baseline_rows(runs: list[dict[str, Any]]) -> dict[tuple[str, int | None], Summary]:
+    """A paired plain engine's runs as summaries by (dataset, batch size), pooled ones included."""
+    baseline: dict[tuple[str, int | None], Summary] = {}
+    for run in runs:
+        for dataset in (run["dataset"], ALL_DATASETS):
+            key = (dataset, run["batch_size"])
+            baseline.setdefault(key, Summary(BASELINE, None, dataset, run["batch_size"])).add_run(run)
+    return baseline
 
 
 def _check_outputs(row: Summary, run: dict[str, Any], references: dict[tuple[str, int, str], list[int]]) -> None:
@@ -159,10 +172,13 @@ def _check_outputs(row: Summary, run: dict[str, Any], references: dict[tuple[str
             row.mismatched.append(f"{run['dataset']}/{prompt['id']}")
 
 
-def _add_speedups(summaries: list[Summary]) -> None:
+def _add_speedups(
+    summaries: list[Summary], paired: dict[tuple[str, int | None], dict[tuple[str, int | None], Summary]]
+) -> None:
+    """Each row's speedups against plain's row, or against its own plain engine's (a ``--paired`` run)."""
     baseline = {(s.dataset, s.batch_size): s for s in summaries if s.method == BASELINE and s.status == "ok"}
     for row in summaries:
-        base = baseline.get((row.dataset, row.batch_size))
+        base = paired.get((row.method, row.k), baseline).get((row.dataset, row.batch_size))
         if base is None or row.status != "ok":
             continue
         if row.tokens_per_second and base.tokens_per_second:

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the methods after plain in reverse order: two runs, one each way, cancel the machine's drift "
         "between the methods of a run (it moves by 10-20%% over minutes on a small CPU)",
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="time each method against a plain engine of its own, both alive in one worker and taking turns "
+        "dataset by dataset (plain runs once per method; the machine's drift cancels within each pair)",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default results/<timestamp>)")
     parser.add_argument(
         "--report-only",
@@ -226,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    results = run_jobs(jobs, out, meta, references)
+    meta["paired"] = args.paired
+    results = run_jobs(jobs, out, meta, references, paired=args.paired)
     meta["elapsed_s"] = time.perf_counter() - started
     meta["load_average_end"] = load_average()
     write_results(out, meta, results)
@@ -392,24 +399,46 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_jobs(jobs: list[tuple[Method, Job]], out: Path, meta: dict[str, Any], references: Path) -> list[dict[str, Any]]:
+def run_jobs(
+    jobs: list[tuple[Method, Job]], out: Path, meta: dict[str, Any], references: Path, paired: bool = False
+) -> list[dict[str, Any]]:
+    """Run the jobs in order, plain first; with ``paired``, each method beside a plain engine of its own (see
+    ``benchmarks.worker``), its result carrying that plain engine's runs as ``paired_baseline_runs``; plain's own
+    result is then gathered from the pairs (and run alone first only where the oracle needs its outputs before
+    it runs)."""
     from tqdm import tqdm
 
     _exit_on_sigterm()
-    results: list[dict[str, Any]] = []
-    total = sum(job.num_units * (2 if method.warm else 1) for method, job in jobs)
+    plain_job = next(job for method, job in jobs if method.name == BASELINE)
+    plain_alone = not paired or any(method.kind == "oracle" for method, _ in jobs)
+    plain: dict[str, Any] = {"method": BASELINE, "k": None, "status": "ok", "reason": None, "runs": []}
+    results: list[dict[str, Any]] = [] if plain_alone else [plain]
+    timed = [(method, job) for method, job in jobs if plain_alone or method.name != BASELINE]
+    total = sum(job.num_units * (2 if method.warm else 1) for method, job in timed)
+    if paired:
+        total += sum(replace(plain_job, batch_sizes=job.batch_sizes).num_units for m, job in jobs if m.name != BASELINE)
     with tqdm(total=total, unit="prompt", dynamic_ncols=True) as bar:
         for index, (method, job) in enumerate(jobs):
             label = method.name if job.k is None else f"{method.name} K={job.k}"
             bar.set_description(label)
+            stem = out / "jobs" / f"{index:02d}-{method.name}-k{job.k}"
             reason = unavailable_reason(method, job.draft)
+            if method.name == BASELINE and not plain_alone:
+                continue
             if reason is not None:
                 result = {"method": method.name, "k": job.k, "status": "unavailable", "reason": reason, "runs": []}
                 bar.update(job.num_units * (2 if method.warm else 1))
-            else:
-                if method.name == BASELINE and index != 0:
+            elif method.name == BASELINE:
+                if index != 0:
                     raise AssertionError("plain must run first")
-                result = run_worker(job, out / "jobs" / f"{index:02d}-{method.name}-k{job.k}", bar)
+                result = run_worker([job], stem, bar)[0]
+            elif paired:
+                baseline, result = run_worker([replace(plain_job, batch_sizes=job.batch_sizes), job], stem, bar)
+                result["paired_baseline_runs"] = baseline["runs"] if baseline["status"] == "ok" else None
+                if not plain_alone and _gather_plain(plain, baseline):
+                    write_references(references, plain, job.datasets)
+            else:
+                result = run_worker([job], stem, bar)[0]
             result["load_average_after"] = load_average()
             results.append(result)
             tqdm.write(f"{label}: {describe_result(result)}")
@@ -422,6 +451,17 @@ def run_jobs(jobs: list[tuple[Method, Job]], out: Path, meta: dict[str, Any], re
     return results
 
 
+def _gather_plain(plain: dict[str, Any], baseline: dict[str, Any]) -> bool:
+    """Add a pair's plain runs that ``plain`` lacks (a dataset at a batch size); whether any was added."""
+    have = {(run["dataset"], run["batch_size"]) for run in plain["runs"]}
+    new = [run for run in baseline["runs"] if (run["dataset"], run["batch_size"]) not in have]
+    plain["runs"].extend(new)
+    plain.setdefault("engine_start_s", baseline.get("engine_start_s", 0.0))
+    if baseline["status"] != "ok" and not plain["runs"]:
+        plain.update(status=baseline["status"], reason=baseline["reason"])
+    return bool(new)
+
+
 def _exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so that run_worker's cleanup stops the running child."""
     import signal
@@ -432,13 +472,17 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
-    """Run one job in ``python -m benchmarks.worker``; its output goes to ``<stem>.log``, progress to ``bar``."""
-    job_path, result_path = stem.with_suffix(".job.json"), stem.with_suffix(".result.json")
+def run_worker(jobs: list[Job], stem: Path, bar: Any) -> list[dict[str, Any]]:
+    """Run ``jobs`` in one ``python -m benchmarks.worker`` (one engine each); its output goes to ``<stem>.log``,
+    progress to ``bar``. One result per job."""
     log_path = stem.with_suffix(".log")
-    job.write(job_path)
-    result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.worker", str(job_path), str(result_path)]
+    tags = [f".{i}" if len(jobs) > 1 else "" for i in range(len(jobs))]
+    paths = [(stem.with_suffix(f"{tag}.job.json"), stem.with_suffix(f"{tag}.result.json")) for tag in tags]
+    command = [sys.executable, "-m", "benchmarks.worker"]
+    for job, (job_path, result_path) in zip(jobs, paths, strict=True):
+        job.write(job_path)
+        result_path.unlink(missing_ok=True)
+        command += [str(job_path), str(result_path)]
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=worker_env()
@@ -456,18 +500,24 @@ def run_worker(job: Job, stem: Path, bar: Any) -> dict[str, Any]:
             process.kill()
             process.wait()
             raise
-    if result_path.is_file():
-        return {**read_result(result_path), "log": str(log_path)}
-    tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
-    return {
-        "method": job.method,
-        "k": job.k,
-        "status": "error",
-        "runs": [],
-        "log": str(log_path),
-        "reason": f"worker exited with status {process.returncode} without a result (killed for memory?); "
-        f"last lines: {' | '.join(tail)}",
-    }
+    results = []
+    for job, (_, result_path) in zip(jobs, paths, strict=True):
+        if result_path.is_file():
+            results.append({**read_result(result_path), "log": str(log_path)})
+            continue
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
+        results.append(
+            {
+                "method": job.method,
+                "k": job.k,
+                "status": "error",
+                "runs": [],
+                "log": str(log_path),
+                "reason": f"worker exited with status {process.returncode} without a result (killed for memory?); "
+                f"last lines: {' | '.join(tail)}",
+            }
+        )
+    return results
 
 
 def write_references(path: Path, plain: dict[str, Any], datasets: list[DatasetJob]) -> None:

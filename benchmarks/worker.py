@@ -1,8 +1,12 @@
-"""One benchmark engine in its own process: ``python -m benchmarks.worker JOB.json RESULT.json``.
+"""Benchmark engines in their own process: ``python -m benchmarks.worker JOB.json RESULT.json [JOB RESULT ...]``.
 
-Builds the method's engine (``ouroboros_vllm.tools.offline.make_llm``: fp32, eager, in-process, CPU defaults), warms
+Builds each job's engine (``ouroboros_vllm.tools.offline.make_llm``: fp32, eager, in-process, CPU defaults), warms
 it up on a prompt of no dataset, then times greedy generation of every dataset at every batch size, reads
-vLLM's spec-decode counters and the drafter's own time around each timed part, writes the result and exits.
+vLLM's spec-decode counters and the drafter's own time around each timed part, writes the results and exits.
+With several jobs (``benchmarks.run --paired``: plain and one method) the engines live side by side and take turns
+dataset by dataset, the first to go alternating, so that each method meets the machine in the state plain met it
+in a minute before or after: this machine's speed moves 10-20% over minutes, and two engines' passes minutes apart
+carry that into their ratio. Only one engine runs at a time.
 Progress goes to stdout as ``PROGRESS_PREFIX <units>`` lines; everything else printed is log.
 """
 
@@ -29,20 +33,13 @@ WARMUP_TOKENS = 8
 
 def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
-    job_path, result_path = (Path(p) for p in (argv if argv is not None else sys.argv[1:]))
-    job = Job.read(job_path)
-    method = next(m for m in METHODS if m.name == job.method)
-    result: dict[str, Any] = {"method": job.method, "k": job.k, "status": "ok", "reason": None, "runs": []}
-    try:
-        reason = _unavailable_here(method)
-        if reason is not None:
-            result.update(status="unavailable", reason=reason)
-        else:
-            result.update(run_job(job, method))
-    except Exception as error:  # reported in the result: the parent goes on with the other methods
-        result.update(status="error", reason=f"{type(error).__name__}: {error}")
-        traceback.print_exc()
-    result_path.write_text(json.dumps(result), encoding="utf-8")
+    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])]
+    if not paths or len(paths) % 2:
+        raise SystemExit("usage: python -m benchmarks.worker JOB.json RESULT.json [JOB.json RESULT.json ...]")
+    jobs = [Job.read(path) for path in paths[::2]]
+    results = run_jobs(jobs)
+    for result, result_path in zip(results, paths[1::2], strict=True):
+        result_path.write_text(json.dumps(result), encoding="utf-8")
     # vLLM's in-process engine leaves threads behind that can hang a normal interpreter exit.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -63,7 +60,44 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def run_job(job: Job, method: Method) -> dict[str, Any]:
+def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
+    """Every job's result: its engine started, then the jobs' (dataset, batch size) parts in turns, the first to go
+    rotating from one part to the next. A job whose engine fails to start, or whose run fails, gets an error result
+    and the others go on (the parent goes on with the other methods too)."""
+    results: list[dict[str, Any]] = []
+    engines: list[tuple[int, Any, Method]] = []  # (job index, engine, method) of the jobs that run
+    for index, job in enumerate(jobs):
+        method = next(m for m in METHODS if m.name == job.method)
+        results.append({"method": job.method, "k": job.k, "status": "ok", "reason": None, "runs": []})
+        try:
+            reason = _unavailable_here(method)
+            if reason is not None:
+                results[index].update(status="unavailable", reason=reason)
+                continue
+            llm, results[index]["engine_start_s"] = start_engine(job, method)
+            engines.append((index, llm, method))
+        except Exception as error:
+            _fail(results[index], error)
+    parts = [(dataset, batch_size) for dataset in jobs[0].datasets for batch_size in jobs[0].batch_sizes]
+    for turn, (dataset, batch_size) in enumerate(parts):
+        first = turn % max(len(engines), 1)
+        for index, llm, method in engines[first:] + engines[:first]:
+            if results[index]["status"] != "ok":
+                continue
+            try:
+                results[index]["runs"].append(_timed_run(llm, method, dataset, batch_size))
+            except Exception as error:
+                _fail(results[index], error)
+    return results
+
+
+def _fail(result: dict[str, Any], error: Exception) -> None:
+    result.update(status="error", reason=f"{type(error).__name__}: {error}")
+    traceback.print_exc()
+
+
+def start_engine(job: Job, method: Method) -> tuple[Any, float]:
+    """The job's engine, warmed up, and the seconds it took to start."""
     from ouroboros_vllm.tools.offline import apply_cpu_env_defaults
 
     apply_cpu_env_defaults()
@@ -84,12 +118,7 @@ def run_job(job: Job, method: Method) -> dict[str, Any]:
     llm.generate(
         [_tokens_prompt(job.warmup_prompt)], SamplingParams(temperature=0.0, max_tokens=WARMUP_TOKENS), use_tqdm=False
     )
-
-    runs = []
-    for dataset in job.datasets:
-        for batch_size in job.batch_sizes:
-            runs.append(_timed_run(llm, method, dataset, batch_size))
-    return {"engine_start_s": engine_start_s, "runs": runs}
+    return llm, engine_start_s
 
 
 def _timed_run(llm: Any, method: Method, dataset: DatasetJob, batch_size: int) -> dict[str, Any]:

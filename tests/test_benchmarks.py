@@ -335,6 +335,50 @@ def test_worker_counts_only_the_timed_pass_of_a_warm_method(capsys):
     assert capsys.readouterr().out.count(worker.PROGRESS_PREFIX) == 4  # the parent counts warm passes too
 
 
+def test_a_paired_worker_runs_its_engines_in_turns_and_keeps_going_when_one_fails(monkeypatch, capsys):
+    """Two engines take turns dataset by dataset, the first to go alternating; a third whose engine fails to
+    start gets an error result and costs the others nothing."""
+    from benchmarks import worker
+
+    order: list[str] = []
+
+    class Recording(_FakeLLM):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def generate(self, prompts, params, use_tqdm=False):
+            order.append(self.name)
+            return super().generate(prompts, params, use_tqdm)
+
+    def start_engine(job, method):
+        if job.method == "ngram":
+            raise RuntimeError("no memory left")
+        return Recording(job.method), 1.0
+
+    monkeypatch.setattr(worker, "start_engine", start_engine)
+    datasets = [DatasetJob(name, 8, [PromptJob("a", [1, 2, 3])]) for name in ("d1", "d2", "d3")]
+    names = ("plain", "ngram", "draft_model")
+    jobs = [Job(name, 4 if name != "plain" else None, "t", None, [1], datasets, 64, 0.1) for name in names]
+    plain, failed, draft = worker.run_jobs(jobs)
+    assert order == ["plain", "draft_model", "draft_model", "plain", "plain", "draft_model"]
+    assert [run["dataset"] for run in plain["runs"]] == [run["dataset"] for run in draft["runs"]] == ["d1", "d2", "d3"]
+    assert failed["status"] == "error" and "no memory left" in failed["reason"] and not failed["runs"]
+    assert plain["status"] == draft["status"] == "ok" and plain["engine_start_s"] == 1.0
+    capsys.readouterr()
+
+
+def test_a_paired_method_is_timed_against_its_own_plain_engine():
+    plain, method = _fake_results()[:2]
+    slow_plain = [{**run, "wall_s": run["wall_s"] * 2} for run in plain["runs"]]
+    rows = {(s.method, s.dataset, s.batch_size): s for s in metrics.summarize([plain, method])}
+    with_pair = [plain, {**method, "paired_baseline_runs": slow_plain}]
+    paired = {(s.method, s.dataset, s.batch_size): s for s in metrics.summarize(with_pair)}
+    for key, row in rows.items():
+        if row.speedup is not None and row.method != "plain":
+            assert paired[key].speedup == pytest.approx(2 * row.speedup)
+
+
 # ------------------------------------------------------------------------------------------------- metrics
 
 
@@ -536,6 +580,18 @@ def test_combine_sums_the_runs_times_before_dividing(tmp_path, capsys):
     assert "| pooled | 2.00x (1.33 / 3.00) |" in capsys.readouterr().out
 
 
+def test_combine_takes_a_paired_methods_own_plain_engine(tmp_path):
+    run = lambda d, w: {"dataset": d, "batch_size": 1, "wall_s": w}  # noqa: E731
+    path = tmp_path / "paired.json"
+    path.write_text(json.dumps({"results": [
+        {"method": "plain", "runs": [run("x", 10.0)]},
+        {"method": "a", "runs": [run("x", 4.0)], "paired_baseline_runs": [run("x", 12.0)]},
+        {"method": "b", "runs": [run("x", 5.0)]},
+    ]}))  # fmt: skip
+    table = combine.combine([path], batch_size=1)
+    assert table["datasets"]["x"]["a"]["speedup"] == 3.0 and table["datasets"]["x"]["b"]["speedup"] == 2.0
+
+
 def test_serving_sweep_spreads_the_clients_first_requests_when_asked(monkeypatch):
     from benchmarks import serve_sweep
 
@@ -625,6 +681,27 @@ def test_harness_end_to_end_on_tiny_models(tiny, tmp_path, monkeypatch):
     assert (out / "speedup_k4_bs1.png").stat().st_size > 0 and (out / "speedup_k4_bs2.png").stat().st_size > 0
     (out / "report.md").unlink()
     assert main(["--report-only", str(out)]) == 0 and (out / "report.md").read_text() == table
+
+
+@pytest.mark.engine
+def test_a_paired_run_times_each_method_beside_a_plain_engine_of_its_own(tiny, tmp_path, monkeypatch):
+    """``--paired``: plain and the method in one worker, taking turns; plain's result gathered from the pair."""
+    from benchmarks.run import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "paired"
+    args = ["--target", str(tiny.target), "--draft", str(tiny.draft_similar), "--datasets", "humaneval", "mbpp"]
+    args += ["--methods", "plain", "ouroboros-greedy", "--num-prompts", "1", "--batch-sizes", "1", "--max-tokens", "8"]
+    assert main([*args, "--kv-cache-gib", "0.25", "--paired", "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    plain, greedy = data["results"]
+    assert data["meta"]["paired"] and plain["method"] == "plain" and greedy["method"] == "ouroboros-greedy"
+    assert [run["dataset"] for run in plain["runs"]] == ["humaneval", "mbpp"]
+    assert [run["dataset"] for run in greedy["paired_baseline_runs"]] == ["humaneval", "mbpp"]
+    assert plain["runs"] == greedy["paired_baseline_runs"]  # the only pair: plain's result is its plain engine's
+    row = next(s for s in metrics.summarize(data["results"]) if s.method == "ouroboros-greedy" and s.dataset == "all")
+    assert row.lossless and row.compared == 2 and row.speedup is not None
+    assert len(list((out / "jobs").glob("*.log"))) == 1  # one worker held both engines
 
 
 @pytest.mark.engine
