@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -120,3 +122,20 @@ def test_a_catch_up_is_judged_with_the_profile_of_the_trunk():
         4, 0.6, 0.0, 0.0, can_draft=True, catch_up=3000, untried=False, remaining=40, trunk_offsets=(2.0, 2.5)
     )
     assert catch_up_pays(rising, ratio, 1, TARGET, DRAFT, 4)
+
+
+def test_a_long_prompt_at_batch_1_is_caught_up_when_its_answer_pays_for_it_at_plain_decodings_yield():
+    """Summarization at batch 1, as logged: an untried request with a 675-token prompt and 63 tokens to go. Its
+    catch-up (1.6 s) saves about 6 s; priced at the speculative plan's yield (12.5 tokens/s) it looked unpaid."""
+    from ouroboros_vllm.algorithm.planner import RowPlan, StepPlan
+    from ouroboros_vllm.algorithm.step_plans import affordable_rows
+
+    row = RowOutlook(4, 0.894, 0.0, 0.0, can_draft=True, catch_up=675, untried=True, remaining=63)
+    target, draft, shape = LinearCost(0.1886, 0.0), LinearCost(0.0316, 0.0018), DraftShape(1.2, 4.48)
+    plan = StepPlan([RowPlan(4, 4)], depth=4, forwards=4, expected_tokens=4.0, expected_seconds=0.32)
+    declined = affordable_rows([row], plan, target, draft, 4, shape, catch_up_price=0.0024)
+    assert not declined[0].can_draft  # the plan's yield: 12.5 tokens/s
+    kept = affordable_rows([row], plan, target, draft, 4, shape, catch_up_price=0.0024, plain_yield=1 / 0.23)
+    assert kept[0].can_draft
+    short = replace(row, remaining=6)  # an answer about to end is still not worth the prompt
+    assert not affordable_rows([short], plan, target, draft, 4, shape, None, 0.0024, 1 / 0.23)[0].can_draft

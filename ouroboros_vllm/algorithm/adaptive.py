@@ -185,7 +185,9 @@ class AdaptiveController:
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
             later = self._prices_at(requests, len(rows), time_scale)
             price = self.catch_up_price(draft.slope)
-            affordable = affordable_rows(rows, plan, target, draft, max_depth, shape, later, price) if trusted else rows
+            plain_yield = len(rows) / (plain or target)(len(rows))
+            args = (rows, plan, target, draft, max_depth, shape, later, price, plain_yield)
+            affordable = affordable_rows(*args) if trusted else rows
             if affordable is not rows:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
