@@ -171,6 +171,11 @@ def describe_run(meta: dict[str, Any]) -> list[str]:
         )
         + f"; command: `{meta['command']}`",
     ]
+    if meta.get("paired"):
+        lines.append(
+            "- paired (`--paired`): each method took turns with a plain engine of its own, dataset by dataset; its "
+            "speedups are against that engine (plain's row: the first pair to run each dataset)"
+        )
     for name, info in meta.get("datasets", {}).items():
         prompts = f"{info['num_prompts']} prompt" + ("s" if info["num_prompts"] != 1 else "")
         by_batch = info.get("num_prompts_by_batch_size", {})

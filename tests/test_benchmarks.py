@@ -702,6 +702,7 @@ def test_a_paired_run_times_each_method_beside_a_plain_engine_of_its_own(tiny, t
     row = next(s for s in metrics.summarize(data["results"]) if s.method == "ouroboros-greedy" and s.dataset == "all")
     assert row.lossless and row.compared == 2 and row.speedup is not None
     assert len(list((out / "jobs").glob("*.log"))) == 1  # one worker held both engines
+    assert "paired (`--paired`)" in (out / "report.md").read_text()
 
 
 @pytest.mark.engine
