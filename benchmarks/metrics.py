@@ -141,25 +141,35 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[Summary]:
                 method, k_shown, ALL_DATASETS, None, result["status"], result["reason"]
             )
             continue
-        for run in result["runs"]:
-            for dataset in (run["dataset"], ALL_DATASETS):
-                key = (method, k, dataset, run["batch_size"])
-                row = rows.setdefault(key, Summary(method, k, dataset, run["batch_size"]))
-                row.add_run(run)
-                _check_outputs(row, run, references)
+        _add_runs(rows, method, k, result["runs"], references)
     summaries = list(rows.values())
     _add_speedups(summaries, paired)
     return summaries
 
 
-def _baseline_rows(runs: list[dict[str, Any]]) -> dict[tuple[str, int | None], Summary]:
-    """A paired plain engine's runs as summaries by (dataset, batch size), pooled ones included."""
-    baseline: dict[tuple[str, int | None], Summary] = {}
+def _add_runs(
+    rows: dict[tuple[str, int | None, str, int | None], Summary],
+    method: str,
+    k: int | None,
+    runs: list[dict[str, Any]],
+    references: dict[tuple[str, int, str], list[int]] | None = None,
+) -> None:
+    """Add each run to its dataset's row and to the pooled row of ``rows`` (keyed (method, k, dataset, batch
+    size)), its outputs checked against ``references`` when given."""
     for run in runs:
         for dataset in (run["dataset"], ALL_DATASETS):
-            key = (dataset, run["batch_size"])
-            baseline.setdefault(key, Summary(BASELINE, None, dataset, run["batch_size"])).add_run(run)
-    return baseline
+            key = (method, k, dataset, run["batch_size"])
+            row = rows.setdefault(key, Summary(method, k, dataset, run["batch_size"]))
+            row.add_run(run)
+            if references is not None:
+                _check_outputs(row, run, references)
+
+
+def _baseline_rows(runs: list[dict[str, Any]]) -> dict[tuple[str, int | None], Summary]:
+    """A paired plain engine's runs as summaries by (dataset, batch size), pooled ones included."""
+    rows: dict[tuple[str, int | None, str, int | None], Summary] = {}
+    _add_runs(rows, BASELINE, None, runs)
+    return {(dataset, batch_size): row for (_, _, dataset, batch_size), row in rows.items()}
 
 
 def _check_outputs(row: Summary, run: dict[str, Any], references: dict[tuple[str, int, str], list[int]]) -> None:
