@@ -718,3 +718,26 @@ def test_a_catch_up_is_priced_at_what_catch_up_forwards_cost():
     ratio = 8 / target(8)
     assert catch_up_pays(row, ratio, 8, target, draft, 4)
     assert not catch_up_pays(row, ratio, 8, target, draft, 4, per_token=controller.catch_up_price(draft.slope))
+
+
+def test_a_catch_up_is_priced_at_the_forwards_of_the_rows_that_will_draft_not_of_every_row_the_plan_drafts():
+    """Batch 8: a plan that drafts every row shares each forward eight ways, but the rows whose catch-ups do not pay
+    will not draft. A catch-up judged as if they did paid for 2.5 accepted tokens each in the policy replay of the
+    batch-8 benchmark (docs/benchmarks.md); judged with the rows that will draft, it is declined."""
+    from ouroboros_vllm.algorithm.planner import RowPlan, StepPlan
+    from ouroboros_vllm.algorithm.step_plans import affordable_rows
+
+    target, draft, shape = LinearCost(0.134, 0.012), LinearCost(0.0325, 0.00182), DraftShape()
+    plain_yield = 8 / target(8)
+    caught_up = catch_up_row(2, 40, trunk=0.9, untried=False)
+    behind = catch_up_row(60, 40, trunk=0.85, untried=False)
+    unpaid = catch_up_row(900, 40, trunk=0.85, untried=False)  # a long prompt: never worth it at batch 8
+    plan = StepPlan([RowPlan(1, 1)] * 8, depth=1, forwards=1, expected_tokens=14.0, expected_seconds=0.35)
+
+    # Seven rows whose catch-ups do not pay: the one behind by 60 tokens would draft with the caught-up row alone.
+    rows = [caught_up, behind] + [unpaid] * 6
+    kept = affordable_rows(rows, plan, target, draft, 4, shape, None, 0.0023, plain_yield)
+    assert [row.can_draft for row in kept] == [True, False] + [False] * 6
+    # Seven rows behind by 60 tokens: each pays when the eight share the forwards, so all are kept.
+    rows = [caught_up] + [behind] * 7
+    assert affordable_rows(rows, plan, target, draft, 4, shape, None, 0.0023, plain_yield) is rows

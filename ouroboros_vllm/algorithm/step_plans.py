@@ -52,7 +52,11 @@ def affordable_rows(
 ) -> Sequence[RowOutlook]:
     """``rows``, with the draft model taken from each row whose catch-up does not pay (``rows`` itself when every
     one's does), priced at ``plain_yield`` (the rows' tokens per second without speculation; None: ``plan``'s
-    yield) with the rows it drafts for sharing the draft's forwards.
+    yield) with the rows that will draft sharing the draft's forwards: those ``plan`` drafts whose catch-ups pay
+    (or who need none), found by dropping the rows that do not pay and judging the rest again. Every row of
+    ``plan`` counted as a sharer, a row behind by a few dozen tokens looked paid at batch 8 while the rows it would
+    share with were declined: such catch-ups bought 2.5 accepted tokens each (policy replay of the batch-8
+    benchmark, docs/benchmarks.md).
 
     A second spent on a catch-up, or on drafting for the row, is worth what the step would emit in it without
     that drafting: at batch 1, the row's own plain decoding. ``plan``'s yield counts the drafting the catch-up is
@@ -72,11 +76,19 @@ def affordable_rows(
     ratio = plan.expected_tokens / plan.expected_seconds if plain_yield is None else plain_yield
     if later is not None:
         target, ratio = later.target, max(ratio, later.plain_yield)
-    drafting = sum(1 for row in plan.rows if row.trunk)
-    pays = [
-        catch_up_pays(row, ratio, drafting + (not planned.trunk), target, draft, max_depth, shape, catch_up_price)
-        for row, planned in zip(rows, plan.rows, strict=True)
-    ]
+    # The rows that would share the draft's forwards: those the plan drafts whose catch-up pays (or who need none),
+    # found by dropping the ones that do not pay and judging the rest again with fewer to share with.
+    drafting = {i for i, planned in enumerate(plan.rows) if planned.trunk}
+    while True:
+        sharers = [len(drafting) + (i not in drafting) for i in range(len(rows))]
+        pays = [
+            catch_up_pays(row, ratio, n, target, draft, max_depth, shape, catch_up_price)
+            for row, n in zip(rows, sharers, strict=True)
+        ]
+        unpaid = {i for i in drafting if not pays[i]}
+        if not unpaid:
+            break
+        drafting -= unpaid
     if all(pays):
         return rows
     return [row if ok else replace(row, can_draft=False) for row, ok in zip(rows, pays, strict=True)]
@@ -85,7 +97,7 @@ def affordable_rows(
 def catch_up_pays(
     row: RowOutlook,
     ratio: float,
-    sharers: int,
+    sharers: float,
     target: LinearCost,
     draft: LinearCost,
     max_depth: int,
