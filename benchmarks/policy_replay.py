@@ -6,7 +6,8 @@ replays the decisions without the machine. For greedy decoding a draft-model tru
 proposed at output position t, it is accepted up to the first position where the draft's greedy token, given
 plain's output before it, differs from plain's (every earlier token accepted means the draft saw plain's prefix).
 One forward of the draft over a prompt and its plain output gives that agreement at every position
-(:func:`record_agreement`, kept in ``agreement.json``).
+(:func:`record_agreement`, kept beside the run as ``agreement-<draft>-<precision>.json``; with int8 weights the
+activations are quantized per forward, so at a near-tie it may differ from the engine's incremental forwards).
 
 Over it, continuous batching in lockstep (a finished row is replaced by the next request; prefill left out: it is
 the same for every policy) replays, per batch size:
@@ -20,9 +21,11 @@ the same for every policy) replays, per batch size:
   agreement would be worth with this draft at these costs (chosen step by step, so not a strict bound, but no
   realistic policy comes near it).
 
-What it leaves out: pool suffixes and phrase drafting (one trunk token a forward: the ``greedy`` drafting mode's
-proposals), and the machine's noise unless ``--noise`` asks for it (a seeded log-normal factor on every time the
-planner is shown, the times charged staying the table's).
+What it leaves out: pool suffixes, phrase drafting and trees (one trunk token a forward: the ``greedy`` drafting
+mode's proposals; the pool's acceptance depends on its state and the target's feedback, not on the text alone),
+and the machine's noise unless ``--noise`` asks for it (a seeded log-normal factor on every time the planner is
+shown, the times charged staying the table's). The draft's prompt-prefix sharing is modelled as if every prompt
+read before were still held. ``--draft-context N`` replays a draft that reads only a prompt's last N tokens.
 
   python -m benchmarks.policy_replay --run docs/benchmarks/b8-paired-s10-new --batch-sizes 1 8 -k 4
 """
@@ -151,6 +154,7 @@ def replay(
     refs: Sequence[Reference], batch_size: int, k: int, costs: StepCosts, policy: str, noise: float = 0.0, seed: int = 0
 ) -> Outcome:
     """``policy`` ("fixed:D", "planner" or "oracle") over ``refs`` at ``batch_size`` rows, trunks of at most ``k``."""
+    check_policy(policy, k)
     out, queue, active = Outcome(), list(refs), []
     controller = AdaptiveController(k) if policy == "planner" else None
     settings = DraftSettings(gamma=k, phrase_len=1, draft_phrases=0, lookahead_window=0, uses_pool=False,
@@ -167,6 +171,12 @@ def replay(
             state = RequestState(settings, pool, prior=controller.acceptance if controller else None,
                                  max_tokens=ref.max_tokens, emitted=1)  # fmt: skip
             active.append(_Row(ref, agreeing_runs(ref.agree), state, drafted_upto=shared_prefix(ref.prompt, read)))
+        finished = [row for row in active if row.emitted >= len(row.ref.agree)]  # (an answer of one token)
+        for row in finished:
+            lengths.add(row.emitted)
+        active = [row for row in active if row not in finished]
+        if not active:
+            continue
         trunks = _trunks(active, k, costs, policy, controller, lengths)
         for row, trunk in zip(active, trunks, strict=True):  # prompts read now: rows reading one prefix share it
             if trunk and row.drafted_upto < len(row.ref.prompt):
@@ -200,11 +210,16 @@ def replay(
             out.count(trunk, accepted)
         if controller is not None:
             controller.observe_accepted(step_accepted)
-        for row in active:
-            if row.emitted >= len(row.ref.agree):
-                lengths.add(row.emitted)
-        active = [row for row in active if row.emitted < len(row.ref.agree)]
     return out
+
+
+def check_policy(policy: str, k: int) -> None:
+    """Raise ValueError unless ``policy`` is "planner", "oracle" or "fixed:D" with 1 <= D <= ``k``."""
+    if policy in ("planner", "oracle"):
+        return
+    depth = policy.removeprefix("fixed:")
+    if depth == policy or not depth.isdigit() or not 1 <= int(depth) <= k:
+        raise ValueError(f"unknown policy {policy!r}: expected 'planner', 'oracle' or 'fixed:D' with 1 <= D <= {k}")
 
 
 def _trunks(
@@ -337,10 +352,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value, help=f"seconds (default {value})")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    policies = args.policies or [*(f"fixed:{d}" for d in range(1, args.k + 1)), "planner", "oracle"]
+    for policy in policies:
+        try:
+            check_policy(policy, args.k)
+        except ValueError as error:
+            parser.error(str(error))
+    missing = [name for name in ("references.json", "results.json") if not (args.run / name).is_file()]
+    if missing:
+        parser.error(f"{args.run} is not a benchmark run's folder: it lacks {' and '.join(missing)}")
     resolve = lambda name: str(models.fetch(name)) if name in models.MODELS else name  # noqa: E731
     refs = references(args.run, resolve(args.draft), args.precision, resolve(args.target), args.draft_context)
     costs = StepCosts(**{name: getattr(args, name) for name in asdict(StepCosts())})
-    policies = args.policies or [*(f"fixed:{d}" for d in range(1, args.k + 1)), "planner", "oracle"]
     results = compare(refs, args.batch_sizes, args.k, costs, policies, args.noise, args.seed)
     print(table(results, policies))
     if args.out is not None:

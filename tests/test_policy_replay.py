@@ -152,3 +152,25 @@ def test_agreement_of_the_target_with_itself_is_complete(tiny) -> None:
     assert pr.record_agreement(refs, str(tiny.target), "float32", str(tiny.target)) == [[True] * 12]
     other = pr.record_agreement(refs, str(tiny.draft), "float32", str(tiny.target))[0]
     assert len(other) == 12 and not all(other)
+
+
+def test_a_one_token_answer_costs_no_decode_step() -> None:
+    refs = [ref([True]), ref([True] * 3)]
+    for policy in ("fixed:2", "planner", "oracle"):
+        out = pr.replay(refs, 2, 2, COSTS, policy)
+        assert out.emitted == 2 and out.steps <= 2
+    assert pr.replay_plain(refs, 2, COSTS).steps == 2
+
+
+@pytest.mark.parametrize("policy", ["fixed:0", "fixed:9", "fixed:x", "greedy", ""])
+def test_an_unknown_policy_is_refused(policy: str) -> None:
+    with pytest.raises(ValueError, match="unknown policy"):
+        pr.replay([ref([True] * 4)], 1, 8, COSTS, policy)
+    with pytest.raises(SystemExit):
+        pr.main(["--run", "/nonexistent", "--policies", policy or "none"])
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        pr.main(["--run", str(tmp_path)])
+    assert "lacks references.json and results.json" in capsys.readouterr().err
