@@ -140,13 +140,15 @@ def agreeing_runs(agree: Sequence[bool]) -> list[int]:
 def replay_plain(refs: Sequence[Reference], batch_size: int, costs: StepCosts) -> Outcome:
     out, queue, active = Outcome(), [len(r.agree) - 1 for r in refs], []
     while queue or active:
-        active += [queue.pop(0) for _ in range(min(batch_size - len(active), len(queue)))]
-        active = [left for left in active if left > 0]
+        while queue and len(active) < batch_size:
+            left = queue.pop(0)
+            if left > 0:  # (an answer of one token was the prefill's)
+                active.append(left)
         if active:
             out.seconds += costs.target(len(active), len(active))
             out.steps += 1
             out.emitted += len(active)
-            active = [left - 1 for left in active]
+            active = [left - 1 for left in active if left > 1]
     return out
 
 
@@ -170,11 +172,10 @@ def replay(
             ref = queue.pop(0)
             state = RequestState(settings, pool, prior=controller.acceptance if controller else None,
                                  max_tokens=ref.max_tokens, emitted=1)  # fmt: skip
+            if len(ref.agree) <= 1:  # the prefill's token was the whole answer
+                lengths.add(1)
+                continue
             active.append(_Row(ref, agreeing_runs(ref.agree), state, drafted_upto=shared_prefix(ref.prompt, read)))
-        finished = [row for row in active if row.emitted >= len(row.ref.agree)]  # (an answer of one token)
-        for row in finished:
-            lengths.add(row.emitted)
-        active = [row for row in active if row not in finished]
         if not active:
             continue
         trunks = _trunks(active, k, costs, policy, controller, lengths)
@@ -210,6 +211,10 @@ def replay(
             out.count(trunk, accepted)
         if controller is not None:
             controller.observe_accepted(step_accepted)
+        for row in active:
+            if row.emitted >= len(row.ref.agree):
+                lengths.add(row.emitted)
+        active = [row for row in active if row.emitted < len(row.ref.agree)]
     return out
 
 

@@ -174,3 +174,13 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         pr.main(["--run", str(tmp_path)])
     assert "lacks references.json and results.json" in capsys.readouterr().err
+
+
+def test_a_finished_rows_slot_is_filled_at_the_next_step() -> None:
+    """With a draft that never agrees every policy emits one token a row a step, so it takes plain's steps exactly:
+    a request waiting in the queue must join at the step after a row finished, as continuous batching does."""
+    refs = [ref([False] * n) for n in (3, 10, 10, 4, 7)]
+    for batch_size in (1, 2, 3):
+        plain = pr.replay_plain(refs, batch_size, COSTS)
+        for policy in ("fixed:1", "fixed:3", "oracle"):
+            assert pr.replay(refs, batch_size, 3, COSTS, policy).steps == plain.steps
