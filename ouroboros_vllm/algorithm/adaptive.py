@@ -56,7 +56,7 @@ CALIBRATION_BOUNDS = (0.5, 1.5)
 # Draft forwards measured before the planner may decline a row's catch-up. The first forwards pay one-time costs
 # (measured on this CPU: the three after the first catch-up 70-74 ms, then 46-53 ms); 16 dilute them to a fit
 # about 10% pessimistic. Every forward before trust catches up whatever rows there are: at 32, a run's start cost
-# batch 16 9% of a 64-request run and a slow draft (a 20 ms forward against a 5 ms step) 20% at batch 8 (policy
+# batch 16 8% of a 64-request run and a slow draft (a 20 ms forward against a 5 ms step) 11% at batch 8 (policy
 # replay, docs/benchmarks.md).
 TRUSTED_DRAFT_SAMPLES = 16
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
