@@ -191,12 +191,12 @@ def replay(
         tokens = len(active) + sum(trunks)
         target = costs.target(len(active), tokens)
         out.seconds += target + sum(seconds for _, _, seconds in forwards)
-        out.catch_up_seconds += costs.catch_up_token * extra if depth else 0.0
+        out.catch_up_seconds += costs.catch_up_token * extra
         out.steps += 1
         out.forwards += depth
-        if controller is not None and depth:
-            controller.observe_draft([(r, t, shown(s)) for r, t, s in forwards], depth)
         if controller is not None:
+            if depth:
+                controller.observe_draft([(r, t, shown(s)) for r, t, s in forwards], depth)
             controller.observe_target_step(tokens, shown(target), rows=len(active))
         step_accepted = 0
         for row, trunk in zip(active, trunks, strict=True):

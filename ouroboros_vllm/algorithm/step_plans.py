@@ -97,7 +97,7 @@ def affordable_rows(
 def catch_up_pays(
     row: RowOutlook,
     ratio: float,
-    sharers: float,
+    sharers: int,
     target: LinearCost,
     draft: LinearCost,
     max_depth: int,
