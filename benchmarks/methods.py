@@ -79,7 +79,8 @@ class Method:
 
 
 # Drafting modes known to keep nothing across requests; any other mode is assumed to share state between them
-# (a phrase pool) and is benchmarked with a fresh engine per batch size.
+# (a phrase pool) and is benchmarked with a fresh engine per batch size, as is every tree method (the calibration of
+# the draft's probabilities carries from one request to the next).
 STATELESS_DRAFTING_MODES = frozenset({"greedy"})
 
 
@@ -137,7 +138,8 @@ METHODS: tuple[Method, ...] = (
         stateful=True,
         default=False,
     ),
-    # Tree verification (the pool's runners-up as branches, verified in the same forward), next to the chain.
+    # Tree verification (the pool's runners-up and the draft's second choices as branches, verified in the same
+    # forward), next to the chain; ``ouroboros-greedy-tree`` is the draft model's tree alone (no pool).
     *(
         Method(
             f"{name}-tree",
@@ -150,6 +152,7 @@ METHODS: tuple[Method, ...] = (
         for name, settings, drafts in (
             ("ouroboros", {"drafting": DEFAULT_MODE}, True),
             ("ouroboros-fixed", {"drafting": "ouroboros", "adaptive": False}, True),
+            ("ouroboros-greedy", {"drafting": "greedy", "adaptive": False}, True),
             ("ouroboros-pool_only", {"drafting": "pool_only", "adaptive": False}, False),
         )
     ),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ouroboros_vllm.algorithm.acceptance import (
     POSITIONS,
     PositionProfile,
+    ProbabilityCalibration,
     ProcessAcceptance,
     conditional_rates,
     reach_chances,
@@ -139,3 +140,31 @@ def test_a_long_prompt_at_batch_1_is_caught_up_when_its_answer_pays_for_it_at_pl
     assert kept[0].can_draft
     short = replace(row, remaining=6)  # an answer about to end is still not worth the prompt
     assert not affordable_rows([short], plan, target, draft, 4, shape, None, 0.0024, 1 / 0.23)[0].can_draft
+
+
+def test_a_calibration_starts_from_the_drafts_own_probability_and_learns_a_bins_error():
+    calibration = ProbabilityCalibration()
+    assert [calibration.chance(p) for p in (0.0, 0.33, 0.97, 1.0)] == [0.0, 0.33, 0.97, 1.0]
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.5, 0.6, 400)
+    calibration.record(probs, rng.random(400) < probs - 0.3)  # an overconfident draft in this bin
+    assert calibration.chance(0.55) == pytest.approx(0.25, abs=0.06)
+    assert calibration.chance(0.85) == 0.85  # other bins untouched
+    few = ProbabilityCalibration()
+    few.record([0.9], [False])  # one token says little: shrunk toward the draft's own probability
+    assert 0.8 < few.chance(0.92) < 0.92
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), max_size=50), st.floats(0, 1))
+def test_a_calibrated_chance_is_a_probability(verdicts, prob):
+    calibration = ProbabilityCalibration()
+    calibration.record([p for p, _ in verdicts], [ok for _, ok in verdicts])
+    assert 0.0 <= calibration.chance(prob) <= 1.0
+
+
+def test_old_verdicts_fade():
+    calibration = ProbabilityCalibration()
+    calibration.record([0.75] * 200, [False] * 200)
+    wrong = calibration.chance(0.75)
+    calibration.record([0.75] * 20000, [True, True, True, False] * 5000)  # the text changed: 75% right again
+    assert wrong < 0.2 and calibration.chance(0.75) == pytest.approx(0.75, abs=0.03)

@@ -153,7 +153,9 @@ def test_drafting_modes_with_a_shared_pool_get_a_fresh_engine_per_batch_size():
 
     for method in (m for m in METHODS if m.kind == "ouroboros"):
         shares_a_pool = method.settings.get("warm_start", True)
-        assert method.stateful == (method.settings["drafting"] not in STATELESS_DRAFTING_MODES and shares_a_pool)
+        # A tree carries the calibration of the draft's probabilities from one request to the next.
+        carries = method.settings["drafting"] not in STATELESS_DRAFTING_MODES or method.settings.get("verification")
+        assert method.stateful == bool(carries and shares_a_pool)
 
 
 def test_a_drafting_mode_gets_the_draft_model_only_when_the_config_requires_one():

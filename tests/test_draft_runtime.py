@@ -190,8 +190,14 @@ def test_phrase_drafting_equals_plain_greedy_over_rounds(runtime, phrase_source,
         assert_cache_equals_prefill(runtime, state)
         # Where a forward emitted its first token, the round also kept the draft's second choice there.
         assert 0 in round_.runner_ups and set(round_.runner_ups) <= set(range(8))
+        assert set(round_.head_probs) == set(round_.runner_ups)
         for index, token in round_.runner_ups.items():
             logits = plain_logits(runtime, history + truth[:index])[-1].clone()
+            # ... with the draft's probabilities of its first and second choice there
+            probs = logits.float().softmax(-1)
+            p1, p2 = round_.head_probs[index]
+            assert p1 == pytest.approx(float(probs[truth[index]]), rel=1e-3, abs=1e-6)
+            assert p2 == pytest.approx(float(probs[token]), rel=1e-3, abs=1e-6)
             logits[truth[index]] = float("-inf")
             assert token == int(logits.argmax())
         total_forwards += round_.forwards

@@ -177,3 +177,12 @@ def test_phrase_tails_keep_drafting_exact_and_narrow_the_forwards(history, budge
         runtime.rows[round_.state.cache_row] = slots[: plan.cached] + [slots[plan.cached + k] for k in kept]
     assert round_.drafted == truth[:budget]
     assert lengths <= ({2, 3} if wide else {2})  # tails are one token shorter than phrases
+
+
+def test_a_round_told_to_stop_early_stops_after_that_forward():
+    runtime = FakeRuntime()
+    history = [1, 2, 3]
+    round_ = DraftRound(DraftState(), np.asarray(history), 6, frozenset(), VOCAB)
+    round_.stop_early = lambda r: len(r.drafted) >= 2
+    runtime.draft([round_])
+    assert round_.drafted == greedy(history, 2) and round_.forwards == 2 and round_.done

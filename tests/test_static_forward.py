@@ -49,12 +49,17 @@ def test_grid_drafts_equal_packed_drafts_with_catch_ups_padding_rows_and_cache_g
                 states[name].append(DraftState())
         budgets = [rng.randrange(1, 9) for _ in histories]
         phrase_fns = [_oracle_phrases(h, [], "mixed", rng) for h in histories]  # phrases from the history, noise
-        drafted = {}
+        drafted, probs = {}, {}
         for name, runtime in (("packed", packed), ("grid", grid)):
             rounds = _rounds(runtime, states[name], histories, budgets, phrase_fns)
             runtime.draft(rounds, wide=True)
             drafted[name] = [(r.drafted, r.forwards, r.runner_ups) for r in rounds]
+            probs[name] = [r.head_probs for r in rounds]
         assert drafted["grid"] == drafted["packed"]
+        for mine, theirs in zip(probs["grid"], probs["packed"], strict=True):
+            assert mine.keys() == theirs.keys()
+            for index, pair in mine.items():
+                assert pair == pytest.approx(theirs[index], abs=1e-4)
         for mine, theirs in zip(states["grid"], states["packed"], strict=True):
             assert mine.ids == theirs.ids
             n = len(mine.ids)

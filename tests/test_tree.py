@@ -14,6 +14,7 @@ from ouroboros_vllm.algorithm.proposal import (
     apply_feedback,
     lengthen,
     lengthen_tree,
+    trunk_may_grow,
 )
 from ouroboros_vllm.algorithm.request import DraftSettings, RequestState
 from ouroboros_vllm.algorithm.tree import ROOT, DraftTree, accepted_path, predictions_along, walk
@@ -235,3 +236,78 @@ def test_the_drafts_second_choices_hang_beside_the_trunk_deepest_first():
     assert counts.accepted_tokens == 2 and counts.suffix_accepted_tokens == 0 and counts.branch_rounds == 1
     runner_up = state.acceptance.rates["runner_up"]
     assert (runner_up.accepted, runner_up.examined) == (1, 2)  # both second choices were reached
+
+
+def test_a_doubtful_trunk_token_gets_its_second_choice_and_the_trunk_gives_way_below_it():
+    proposal = Proposal(tokens=[2, 3, 4, 5], trunk_len=4)
+    # Trunk token 1 is doubtful (0.3); the draft's second choice there is worth 0.95 * 0.6 = 0.57, more than
+    # trunk tokens 1-3 (0.285, 0.257, 0.231): the budget of 4 keeps tokens 0-2 and the second choice.
+    lengthen_tree(None, proposal, [1], 4, 1, rates(0.0, 0.0), {1: 9, 2: 8}, [0.95, 0.3, 0.9, 0.9], {1: 0.6, 2: 0.05})
+    tree = proposal.tree()
+    tree.check()
+    assert tree.tokens == [2, 3, 4, 9] and tree.parents == [ROOT, 0, 1, 0]
+    assert proposal.trunk_len == 3 and proposal.runner_ups == [3]
+
+
+def test_sure_trunk_tokens_keep_the_whole_budget():
+    proposal = Proposal(tokens=[2, 3, 4, 5], trunk_len=4)
+    second = {0: 0.01, 1: 0.02}
+    lengthen_tree(None, proposal, [1], 4, 1, rates(0.0, 0.0), {0: 9, 1: 8}, [0.99, 0.98, 0.99, 0.97], second)
+    assert proposal.parents is None and proposal.tokens == [2, 3, 4, 5] and proposal.trunk_len == 4
+
+
+def expected_accepted(proposal: Proposal, chances: list[float], second: dict[int, float]) -> float:
+    """The expected accepted tokens of a proposal under the chances it was built with: a node is accepted when
+    its parent is and the target picks it (a trunk token i with chances[i], a second choice beside trunk token i
+    with second[i]; siblings exclude each other, so the nodes' chances add up)."""
+    tree, total, chance_of = proposal.tree(), 0.0, {}
+    for node, parent in enumerate(tree.parents):
+        depth = tree.depths()[node] - 1  # the trunk position it sits at
+        own = second[depth] if node in proposal.runner_ups else chances[depth]
+        chance_of[node] = (1.0 if parent == ROOT else chance_of[parent]) * own
+        total += chance_of[node]
+    return total
+
+
+@given(
+    chances=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8),
+    seconds=st.lists(st.floats(0.0, 1.0), min_size=8, max_size=8),
+    budget=st.integers(1, 8),
+)
+def test_a_draft_tree_expects_at_least_what_its_trunk_as_a_chain_does(chances, seconds, budget):
+    """With the chances it is given, a tree of ``budget`` nodes (the trunk's first tokens and second choices beside
+    them) expects at least as many accepted tokens as the trunk cut to ``budget`` as a chain: the best-first
+    choice of nodes is the best set, and the chain's is one of the sets it could choose."""
+    # A second choice takes what the first leaves: at most 1 - chances[i].
+    second = {i: min(seconds[i], 1.0 - c) for i, c in enumerate(chances)}
+    trunk = list(range(10, 10 + len(chances)))
+    tree = Proposal(tokens=list(trunk), trunk_len=len(trunk))
+    runner_ups = {i: 50 + i for i in range(len(chances))}
+    lengthen_tree(None, tree, [1], budget, 1, rates(0.0, 0.0), runner_ups, chances, second)
+    tree.tree().check()
+    assert len(tree.tokens) <= budget and tree.tokens[: tree.trunk_len] == trunk[: tree.trunk_len]
+    chain = Proposal(tokens=trunk[:budget], trunk_len=min(budget, len(trunk)))
+    assert expected_accepted(tree, chances, second) >= expected_accepted(chain, chances, second) - 1e-9
+
+
+def test_the_trunk_stops_growing_when_better_nodes_fill_the_budget():
+    # Budget 3: trunk tokens worth 0.9 and 0.45 and a second choice worth 0.9 * 0.5: a third token worth at most
+    # 0.45 * 0.8 = 0.36 would not be proposed.
+    assert not trunk_may_grow([0.9, 0.5], {1: 0.5}, 3, 0.8)
+    assert trunk_may_grow([0.9, 0.5], {1: 0.5}, 4, 0.8)  # room left
+    assert trunk_may_grow([0.9, 0.5], {1: 0.1}, 3, 0.8)  # the second choice is worth less than the next token
+    assert trunk_may_grow([0.99, 0.99], {}, 3, 0.9)
+
+
+def test_the_draft_probabilities_of_verified_tokens_calibrate_the_process():
+    from ouroboros_vllm.algorithm.acceptance import ProcessAcceptance
+
+    prior = ProcessAcceptance()
+    state = RequestState(settings(), PhrasePool(3, 8, 64, 256), prior=prior, tree=True)
+    state.proposal = Proposal(tokens=[2, 3, 4, 9], trunk_len=3, parents=[ROOT, 0, 1, 0], runner_ups=[3],
+                              trunk_probs=[0.97, 0.45, None], runner_up_probs=[0.35])  # fmt: skip
+    state.after_verification(state.proposal.tokens, [2, 9, 0, 0, 0], as_tree=True)
+    state.count_accepted([2, 9, 0])  # trunk token 0 accepted, 1 rejected, the second choice beside it taken
+    first, second = prior.first_choice._counts, prior.second_choice._counts
+    assert first[0].sum() == 2 and first[1].sum() == 1 and first[2].sum() == pytest.approx(0.97 + 0.45)
+    assert second[0].sum() == 1 and second[1].sum() == 1 and second[2].sum() == pytest.approx(0.35)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ouroboros_vllm.algorithm import feedback
 from ouroboros_vllm.algorithm.pool import Phrase, PhrasePool
 from ouroboros_vllm.algorithm.tree import DraftTree, predictions_along
@@ -38,6 +40,10 @@ class Proposal:
     suffixes: list[SuffixUse] = field(default_factory=list)
     parents: list[int] | None = None  # a tree's parent per node (depth-first); None: a chain
     runner_ups: list[int] = field(default_factory=list)  # nodes holding the draft model's second choice
+    # The draft's probability of each trunk token and of each second choice in ``runner_ups`` (None: not known, e.g.
+    # a token a phrase drafted): what the target's verdicts calibrate (:class:`~.acceptance.ProbabilityCalibration`).
+    trunk_probs: list[float | None] = field(default_factory=list)
+    runner_up_probs: list[float | None] = field(default_factory=list)
     verified_as_tree: bool = False  # the target verified the tree as one (not as the chain of its tokens)
 
     def tree(self) -> DraftTree:
@@ -82,60 +88,87 @@ class TreeRates:
 
 
 def lengthen_tree(
-    pool: PhrasePool,
+    pool: PhrasePool | None,
     proposal: Proposal,
     context: Sequence[int],
     budget: int,
     candidates: int,
     rates: TreeRates,
     runner_ups: Mapping[int, int] | None = None,
+    trunk_chances: Sequence[float] | None = None,
+    runner_up_chances: Mapping[int, float] | None = None,
 ) -> None:
-    """:func:`lengthen` as a tree, within the same ``budget`` of nodes. The nodes after the trunk go where they are
-    likeliest to be accepted (:func:`_allocate`) among: the first path's pool suffix (its j-th token worth
-    ``trunk^m * pool^(j+1)`` after an m-token trunk), up to ``candidates - 1`` runners-up of that suffix hung
-    at the trunk's end (``trunk^m * branch * pool^j``: siblings exclude each other), and the draft model's
-    second choice at trunk position i (``runner_ups[i]``, worth ``trunk^i * runner_up``), hung beside trunk
-    token i. Laid out depth-first: the first path, the runners-up, then the draft's second choices, deepest
-    first."""
+    """:func:`lengthen` as a tree, within the same ``budget`` of nodes, each node where it is likeliest to be
+    accepted (:func:`_allocate`), among: the trunk's tokens (token i worth ``reach[i + 1]``, the chance that the
+    target accepts tokens 0..i, ``trunk_chances[i]`` each given the ones before, ``rates.trunk`` when None), the
+    first path's pool suffix after the whole trunk (its j-th token worth ``reach[m] * pool^(j+1)``), up to
+    ``candidates - 1`` runners-up of that suffix hung at the trunk's end (``reach[m] * branch * pool^j``: siblings
+    exclude each other), and the draft model's second choice at trunk position i (``runner_ups[i]``, worth
+    ``reach[i] * runner_up_chances[i]``, ``rates.runner_up`` when None), hung beside trunk token i. The trunk's
+    deepest tokens may give way to second choices higher up: a doubtful trunk token's alternative is often worth
+    more than the tokens that would follow it. Laid out depth-first: the first path, the runners-up, then the
+    draft's second choices, deepest first. No ``pool``: the trunk and the draft's second choices only."""
     trunk_len = len(proposal.tokens)
-    room = budget - trunk_len
-    if room <= 0:
-        return
-    tail = pool.phrase_len
-    chain = [int(token) for token in [*context[-tail:], *proposal.tokens][-tail:]]
-    found = pool.matches(chain, candidates)
-    reach = rates.trunk**trunk_len
+    chances = list(trunk_chances) if trunk_chances is not None else [rates.trunk] * trunk_len
+    reach = np.concatenate([[1.0], np.cumprod(chances[:trunk_len])]) if trunk_len else np.ones(1)
+    found = []
+    if pool is not None:
+        tail = pool.phrase_len
+        found = pool.matches([int(token) for token in [*context[-tail:], *proposal.tokens][-tail:]], candidates)
+    second_chances = runner_up_chances or {}
     seconds = sorted(
         ((i, token) for i, token in (runner_ups or {}).items() if i < trunk_len and token != proposal.tokens[i]),
         reverse=True,
     )
-    values = []
+    values = [list(reach[1:])]
     if found:
         key, phrase, matched = found[0]
-        values.append([reach * rates.pool ** (j + 1) for j in range(room)])
-        values += [[reach * rates.branch * rates.pool**j for j in range(len(p) - m)] for _, p, m in found[1:]]
-    values += [[rates.trunk**i * rates.runner_up] for i, _ in seconds]
-    shares = _allocate(room, values)
-    if found and shares[0]:
+        values.append([reach[-1] * rates.pool ** (j + 1) for j in range(budget)])
+        values += [[reach[-1] * rates.branch * rates.pool**j for j in range(len(p) - m)] for _, p, m in found[1:]]
+    else:
+        values.append([])
+    values += [[reach[i] * second_chances.get(i, rates.runner_up)] for i, _ in seconds]
+    shares = _allocate(budget, values)
+    trunk = shares[0]
+    if trunk < trunk_len:  # the pool's nodes follow the whole trunk: none can have been chosen (worth less)
+        del proposal.tokens[trunk:]
+        proposal.trunk_len = min(proposal.trunk_len, trunk)
+        shares[1 : 1 + len(found)] = [0] * len(found)
+    if found and shares[1]:
         continuation = phrase[matched:]
-        proposal.tokens.extend(continuation[: shares[0]])
-        proposal.suffixes.append(SuffixUse(key, phrase, trunk_len, matched))
-        if shares[0] > len(continuation):  # the first path goes on past its phrase, as a chain would
-            lengthen(pool, proposal, context, trunk_len + shares[0])
+        proposal.tokens.extend(continuation[: shares[1]])
+        proposal.suffixes.append(SuffixUse(key, phrase, trunk, matched))
+        if shares[1] > len(continuation):  # the first path goes on past its phrase, as a chain would
+            lengthen(pool, proposal, context, trunk + shares[1])  # type: ignore[arg-type]
     parents = proposal.parents = list(range(-1, len(proposal.tokens) - 1))
-    for rank, ((key, phrase, matched), share) in enumerate(zip(found[1:], shares[1 : len(found)], strict=True), 1):
+    for rank, ((key, phrase, matched), share) in enumerate(zip(found[1:], shares[2 : 1 + len(found)], strict=True), 1):
         if share:
             offset = len(proposal.tokens)
             proposal.tokens.extend(phrase[matched:][:share])
-            parents.extend([trunk_len - 1, *range(offset, offset + share - 1)])
+            parents.extend([trunk - 1, *range(offset, offset + share - 1)])
             proposal.suffixes.append(SuffixUse(key, phrase, offset, matched, rank))
-    for (i, token), share in zip(seconds, shares[len(found) :], strict=True):
-        if share:
+    for (i, token), share in zip(seconds, shares[1 + max(len(found), 1) :], strict=True):
+        if share and i <= trunk:  # hung under trunk token i - 1, which must be proposed
             proposal.runner_ups.append(len(proposal.tokens))
             proposal.tokens.append(token)
             parents.append(i - 1)
     if not (proposal.alternatives or proposal.runner_ups):
         proposal.parents = None
+
+
+def trunk_may_grow(
+    trunk_chances: Sequence[float], runner_up_chances: Mapping[int, float], budget: int, next_chance: float
+) -> bool:
+    """Whether drafting one more trunk token can change a tree of ``budget`` nodes (:func:`lengthen_tree`): the
+    next token, worth the trunk's reach so far times ``next_chance`` (the request's trunk rate), must beat some
+    node already known (a trunk token, or a second choice beside one). When the budget is full of better nodes,
+    the draft's forward would buy a node nobody proposes."""
+    reach = np.concatenate([[1.0], np.cumprod(trunk_chances)])
+    next_value = reach[-1] * next_chance
+    better = int(np.sum(reach[1:] > next_value))
+    depth = len(trunk_chances)
+    better += sum(1 for i, chance in runner_up_chances.items() if i < depth and reach[i] * chance > next_value)
+    return better < budget
 
 
 def _allocate(room: int, values: Sequence[Sequence[float]]) -> list[int]:

@@ -2,12 +2,12 @@
 
 A step of the engine, seen from one request::
 
-    state.count_accepted(sampled)               -> what the target accepted of the last proposal
-    state.start_round(history, trunk, info)     -> a DraftRound for the draft model (or None)
+    state.count_accepted(sampled)                   -> what the target accepted of the last proposal
+    state.start_round(history, trunk, info, budget) -> a DraftRound for the draft model (or None)
     ... the runtime runs the round's forwards (shared with the step's other requests) ...
-    state.finish_round(round, history, budget)  -> the proposal's tokens (trunk + pool suffixes)
+    state.finish_round(round, history, budget)      -> the proposal's tokens (trunk + pool suffixes, or a tree)
     ... the target verifies them in the next engine step ...
-    state.after_verification(verified, argmax)    -> inspiration and refinement into the pool
+    state.after_verification(verified, argmax)      -> inspiration and refinement into the pool
 
 Nothing here sees a tensor: the draft model's work is a :class:`~ouroboros_vllm.algorithm.drafting.DraftRound`
 that the runtime executes.
@@ -33,6 +33,7 @@ from ouroboros_vllm.algorithm.proposal import (
     lengthen,
     lengthen_tree,
     suffix_acceptance,
+    trunk_may_grow,
 )
 from ouroboros_vllm.algorithm.stats import DraftStats
 from ouroboros_vllm.algorithm.tree import ROOT, accepted_path
@@ -92,6 +93,9 @@ class RequestState:
         trunk = proposal.trunk_len
         accepted_trunk = sum(node < trunk for node in path)
         self._record_acceptance("trunk", trunk, accepted_trunk)
+        if self.prior is not None:  # the trunk tokens the target examined: the accepted ones and the first rejected
+            examined = [(p, i < accepted_trunk) for i, p in enumerate(proposal.trunk_probs[: accepted_trunk + 1])]
+            self.prior.first_choice.record(*_known(examined))
         counts = DraftStats(accepted_tokens=len(path), suffix_accepted_tokens=len(path) - accepted_trunk)
         if tree is not None:
             taken = [node for node in path if node >= first_path]
@@ -100,6 +104,9 @@ class RequestState:
             # The draft's second choices that the target reached (their parent accepted), and whether one was taken.
             reached = [node for node in proposal.runner_ups if tree.parents[node] in (ROOT, *path)]
             self._record_trials("runner_up", len(reached), sum(node in path for node in reached))
+            if self.prior is not None and proposal.runner_up_probs:
+                probs = dict(zip(proposal.runner_ups, proposal.runner_up_probs, strict=True))
+                self.prior.second_choice.record(*_known([(probs[node], node in path) for node in reached]))
             counts.suffix_accepted_tokens -= sum(node in path for node in reached)
         if accepted_trunk == trunk:  # the target reached the suffixes
             self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
@@ -179,9 +186,12 @@ class RequestState:
             pool_offsets=prior.offsets("pool"),
         )
 
-    def start_round(self, history: np.ndarray, trunk: int, draft_model: DraftModelInfo | None) -> DraftRound | None:
+    def start_round(
+        self, history: np.ndarray, trunk: int, draft_model: DraftModelInfo | None, budget: int | None = None
+    ) -> DraftRound | None:
         """Begin proposing after ``history``: feed the pool the request's new N-grams and return the draft model's
-        round of ``trunk`` tokens (None without a draft model or a trunk)."""
+        round of ``trunk`` tokens (None without a draft model or a trunk). A tree of ``budget`` nodes stops the
+        round early once a deeper trunk token could not be proposed (:func:`trunk_may_grow`)."""
         if self.settings.uses_pool and self.settings.context_ngrams:
             self.pool.insert_many(context_ngrams(history, self.pooled_upto, self.settings.phrase_len))
             self.pooled_upto = len(history)
@@ -194,27 +204,53 @@ class RequestState:
             round_.tails_for = lambda previous, key: phrase_tails(pool, previous, key, count)
             round_.window_shape = (self.settings.phrase_len, self.settings.lookahead_window)
             round_.add_ngrams = pool.insert_many
+        if self.tree and budget is not None:
+            trunk_rate = self.rates()[0]
+            round_.stop_early = lambda r: not trunk_may_grow(*self._draft_chances(r), budget, trunk_rate)
         return round_
+
+    def _draft_chances(self, round_: DraftRound) -> tuple[list[float], dict[int, float]]:
+        """The chance that the target takes each drafted token given the ones before it, and each second choice
+        the round kept (by drafted index): from the draft's probabilities, calibrated, where the draft gave them
+        (the request's trunk rate and the process's second-choice rate elsewhere)."""
+        prior = self.prior or ProcessAcceptance()
+        trunk_rate = self.rates()[0]
+        first = [
+            prior.first_choice.chance(round_.head_probs[i][0]) if i in round_.head_probs else trunk_rate
+            for i in range(len(round_.drafted))
+        ]
+        probs = round_.head_probs
+        second = {i: prior.second_choice.chance(probs[i][1]) for i in round_.runner_ups if i in probs}
+        return first, second
 
     def finish_round(
         self, round_: DraftRound | None, history: np.ndarray, budget: int, trunk: int | None = None
     ) -> tuple[list[int], DraftStats]:
         """The proposal: the draft model's tokens (the first ``trunk`` of them, default all), lengthened from the
-        pool up to ``budget`` tokens (not past an end of sequence); and the counts to add."""
+        pool up to ``budget`` tokens (not past an end of sequence), as a tree where the request may take one; and
+        the counts to add."""
         drafted = round_.drafted[:trunk] if round_ is not None else []
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
-        if self.settings.uses_pool and not ends_sequence and len(drafted) < budget:  # nothing follows an EOS
-            if self.tree and self.settings.num_candidates > 1:
-                runner_ups = round_.runner_ups if round_ is not None else None
-                candidates = self.settings.num_candidates
-                lengthen_tree(self.pool, proposal, history, budget, candidates, self.tree_rates(), runner_ups)
-            else:
-                lengthen(self.pool, proposal, history, budget)
-            found = int(len(proposal.tokens) > len(drafted))
+        pool = self.pool if self.settings.uses_pool and not ends_sequence else None  # nothing follows an EOS
+        runner_ups = round_.runner_ups if round_ is not None else {}
+        if self.tree and (pool is not None or runner_ups):
+            first, second = self._draft_chances(round_) if round_ is not None else (None, None)
+            candidates = self.settings.num_candidates
+            lengthen_tree(pool, proposal, history, budget, candidates, self.tree_rates(), runner_ups, first, second)
+        elif pool is not None and len(drafted) < budget:
+            lengthen(pool, proposal, history, budget)
+        if pool is not None and len(drafted) < budget:
+            found = int(bool(proposal.suffixes))
             self.pool_hits.add(found, 1, DECAY)
             if self.prior is not None:
                 self.prior.pool_hits.add(found, 1)
+        if round_ is not None:
+            probs = [round_.head_probs.get(i) for i in range(proposal.trunk_len)]
+            proposal.trunk_probs = [p[0] if p else None for p in probs]
+            parents = proposal.parents or []
+            seconds = [round_.head_probs.get(parents[node] + 1) for node in proposal.runner_ups]
+            proposal.runner_up_probs = [p[1] if p else None for p in seconds]
         self.proposal = proposal
         counts = DraftStats(
             rounds=1,
@@ -236,6 +272,12 @@ class RequestState:
         if self.settings.uses_pool:
             apply_feedback(self.pool, self.proposal, verified, target_argmax)
         return DraftStats(verified_rounds=1, verified_tokens=len(verified))
+
+
+def _known(verdicts: Sequence[tuple[float | None, bool]]) -> tuple[list[float], list[bool]]:
+    """The (probability, accepted) pairs whose probability the draft gave, as two lists."""
+    known = [(p, ok) for p, ok in verdicts if p is not None]
+    return [p for p, _ in known], [ok for _, ok in known]
 
 
 def phrase_tails(pool: PhrasePool, previous: int, key: int, count: int) -> list[tuple[int, ...]]:

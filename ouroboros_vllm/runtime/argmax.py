@@ -32,3 +32,12 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     offsets = starts[:, None] + torch.arange(BLOCK, device=x.device)
     block = torch.gather(x, 1, offsets.clamp(max=n - 1)).masked_fill(offsets >= n, float("-inf"))
     return starts + block.argmax(dim=-1)
+
+
+def choice_probs(logits: torch.Tensor, *choices: torch.Tensor) -> torch.Tensor:
+    """[rows, len(choices)]: the softmax probability of each row's chosen token (one index per row in each of
+    ``choices``), computed in float32 whatever the logits' dtype. Tensors only (no host sync): a captured CUDA
+    graph can run it."""
+    scores = logits.float()
+    picked = torch.stack([scores.gather(-1, choice[:, None])[:, 0] for choice in choices], dim=-1)
+    return (picked - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()

@@ -32,10 +32,10 @@ import torch
 
 from ouroboros_vllm.algorithm.acceptance import Rate
 from ouroboros_vllm.algorithm.cost_model import OnlineLinearFit
-from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftState, ForwardPlan
+from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftState, ForwardArgmax, ForwardPlan
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
-from ouroboros_vllm.runtime.argmax import argmax_last
+from ouroboros_vllm.runtime.argmax import argmax_last, choice_probs
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec, SlotCopy
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
@@ -161,7 +161,7 @@ class DraftRuntime:
         rows: Sequence[tuple[DraftState, ForwardPlan]],
         one_lm_head_call: bool = False,
         copies: Sequence[SlotCopy] = (),
-    ) -> list[dict[int, int]]:
+    ) -> list[ForwardArgmax]:
         """One forward of the draft model for these rows' plans; per row, its new tokens' argmax (index among the
         row's new tokens -> the draft's argmax after it) where the plan reads it. ``one_lm_head_call``: at every
         row a plan may read, rather than as this runtime's timings say (see :meth:`draft`). ``copies``: shared
@@ -172,7 +172,7 @@ class DraftRuntime:
             return self._packed_forward(rows, one_lm_head_call, copies)
         # The static grid reads the argmax at every row a plan may read (one lm_head call, as one_lm_head_call).
         # Rows that copy a prefix, and their sources, run packed: the copies happen inside its attention.
-        found: list[dict[int, int]] = [{} for _ in rows]
+        found: list[ForwardArgmax] = [ForwardArgmax({}) for _ in rows]
         copying = {row for copy in copies for row in (copy.source, copy.destination)}
         packed = [plan.num_new > MAX_STATIC_WIDTH or state.cache_row in copying for state, plan in rows]
         narrow = [i for i, alone in enumerate(packed) if not alone]
@@ -190,7 +190,7 @@ class DraftRuntime:
 
     def _packed_forward(
         self, rows: Sequence[tuple[DraftState, ForwardPlan]], one_lm_head_call: bool, copies: Sequence[SlotCopy] = ()
-    ) -> list[dict[int, int]]:
+    ) -> list[ForwardArgmax]:
         # In cache-row order, the rows' queries are often already laid out as attention wants them (no padding).
         order = sorted(range(len(rows)), key=lambda i: rows[i][0].cache_row)  # type: ignore[arg-type,return-value]
         if order != list(range(len(rows))):
@@ -212,22 +212,28 @@ class DraftRuntime:
         plans = [plan for _, plan in rows]
         if one_lm_head_call or not self._two_lm_head_calls(sum(len(plan.phrase_rows()) for plan in plans)):
             wanted = [plan.logit_rows + plan.phrase_rows() for plan in plans]
-            found, seconds = self._argmax(
+            found, seconds, probs = self._argmax(
                 hidden, [[s + i for i in rows] for s, rows in zip(starts, wanted, strict=True)], runner_ups=True
             )
             return [
-                {**dict(zip(rows, values, strict=True)), RUNNER_UP_ROW: second}
-                for rows, values, second in zip(wanted, found, seconds, strict=True)
+                ForwardArgmax({**dict(zip(rows, values, strict=True)), RUNNER_UP_ROW: second}, head)
+                for rows, values, second, head in zip(wanted, found, seconds, probs, strict=True)
             ]
         # The argmax where a plan always reads it, then only at the phrase tokens that can matter given the first.
-        argmax, seconds = self._argmax(
+        argmax, seconds, probs = self._argmax(
             hidden, [[s + i for i in p.logit_rows] for s, p in zip(starts, plans, strict=True)], runner_ups=True
         )
         phrase_rows = [plan.phrase_rows(found[0]) for found, plan in zip(argmax, plans, strict=True)]
-        more, _ = self._argmax(hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)])
+        more, _, _ = self._argmax(
+            hidden, [[s + i for i in extra] for s, extra in zip(starts, phrase_rows, strict=True)]
+        )
         return [
-            {**dict(zip(plan.logit_rows + extra, first + again, strict=True)), RUNNER_UP_ROW: second}
-            for (_, plan), extra, first, again, second in zip(rows, phrase_rows, argmax, more, seconds, strict=True)
+            ForwardArgmax(
+                {**dict(zip(plan.logit_rows + extra, first + again, strict=True)), RUNNER_UP_ROW: second}, head
+            )
+            for (_, plan), extra, first, again, second, head in zip(
+                rows, phrase_rows, argmax, more, seconds, probs, strict=True
+            )
         ]
 
     def _two_lm_head_calls(self, phrase_rows: int) -> bool:
@@ -244,26 +250,34 @@ class DraftRuntime:
 
     def _argmax(
         self, hidden: torch.Tensor, rows: list[list[int]], runner_ups: bool = False
-    ) -> tuple[list[list[int]], list[int]]:
+    ) -> tuple[list[list[int]], list[int], list[tuple[float, float]]]:
         """The draft's argmax at these packed rows (one lm_head call, timed), in the same nesting; with
         ``runner_ups``, also its second choice at each part's first row (the only one a round reads; every part
-        then has one)."""
+        then has one) and its probabilities of the first and second choice there."""
         flat = [row for part in rows for row in part]
         if not flat:
-            return [[] for _ in rows], []
+            return [[] for _ in rows], [], []
         start = time.perf_counter()
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
         logits = self.model.get_output_embeddings()(hidden[index])
         best = argmax_last(logits)  # argmax, not topk: the same token on ties as the draft's greedy loop
         seconds: list[int] = []
+        probs: list[tuple[float, float]] = []
         if runner_ups:
             heads = torch.tensor(np.cumsum([0] + [len(part) for part in rows[:-1]]), device=self.device)
-            masked = logits[heads].scatter(-1, best[heads, None], float("-inf"))  # a copy of those rows only
-            seconds = argmax_last(masked).tolist()
+            seconds, probs = head_choices(logits[heads], best[heads])
         best_ids = best.tolist()  # .tolist() syncs
         self._lm_head_cost.add(len(flat), time.perf_counter() - start)
         firsts, at = [], 0
         for part in rows:
             firsts.append(best_ids[at : at + len(part)])
             at += len(part)
-        return firsts, seconds
+        return firsts, seconds, probs
+
+
+def head_choices(logits: torch.Tensor, best: torch.Tensor) -> tuple[list[int], list[tuple[float, float]]]:
+    """Per row of ``logits`` (whose argmax is ``best``): the second choice, and the probabilities of the first and
+    the second."""
+    second = argmax_last(logits.scatter(-1, best[:, None], float("-inf")))  # a copy of these rows only
+    probs = choice_probs(logits, best, second).tolist()
+    return second.tolist(), [(p1, p2) for p1, p2 in probs]

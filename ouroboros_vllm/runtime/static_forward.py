@@ -13,8 +13,9 @@ only for the shapes and buffers it was captured with. So here a forward's rows a
   into a scratch cache row of its own. Every padding query sees only its own slot, no real query sees padding;
 - the attention mask is built on the device from each row's context length and its new tokens' mask (a host-built
   ``[R, query heads, W, L]`` mask would cost more to copy than the forward);
-- the lm_head runs at every cell (its argmax and, at each row's first read token, the second choice): at these
-  widths that costs little next to the launches a gather of the read rows would add.
+- the lm_head runs at every cell (its argmax and, at each row's first read token, the second choice and both
+  choices' probabilities): at these widths that costs little next to the launches a gather of the read rows
+  would add.
 
 The numbers equal :class:`~ouroboros_vllm.runtime.attention.PackedBatch`'s forward but for float rounding
 (tests compare the drafted tokens on float32 models, on CPU, where the forward runs without a graph).
@@ -30,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, ForwardPlan
-from ouroboros_vllm.runtime.argmax import argmax_last
+from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, ForwardArgmax, ForwardPlan
+from ouroboros_vllm.runtime.argmax import argmax_last, choice_probs
 from ouroboros_vllm.runtime.attention import folded_attention, write_new_keys
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 
@@ -62,6 +63,7 @@ class _Inputs:
     new_mask: torch.Tensor  # [R, W, W] among each row's new tokens, True = attend
     heads: torch.Tensor  # [R] column of each row's first read token (where its second choice is read)
     out: torch.Tensor  # [R * W + R] the argmax at every cell, then each row's second choice
+    probs: torch.Tensor  # [R, 2] float32: the probabilities of each row's first and second choice there
 
     @classmethod
     def allocate(cls, rows: int, width: int, device: torch.device) -> _Inputs:
@@ -79,6 +81,7 @@ class _Inputs:
             new_mask=zeros(rows, width, width, dtype=torch.bool),
             heads=zeros(rows),
             out=zeros(cells + rows),
+            probs=zeros(rows, 2, dtype=torch.float32),
         )
 
 
@@ -129,9 +132,10 @@ class StaticForward:
         self._graph_pool: Any = None
         self._storage = cache.storage
 
-    def forward(self, rows: Sequence[tuple[int, ForwardPlan]]) -> list[dict[int, int]]:
+    def forward(self, rows: Sequence[tuple[int, ForwardPlan]]) -> list[ForwardArgmax]:
         """One forward for these (cache row, plan) pairs, none wider than :data:`MAX_STATIC_WIDTH`; per row, the
-        argmax at each token a plan reads (every logit row and phrase row) and the second choice at its first."""
+        argmax at each token a plan reads (every logit row and phrase row), and the second choice and both
+        choices' probabilities at its first."""
         width = bucket(max(plan.num_new for _, plan in rows))
         if width > MAX_STATIC_WIDTH:
             raise ValueError(f"a row with more than {MAX_STATIC_WIDTH} new tokens takes the packed forward")
@@ -152,9 +156,10 @@ class StaticForward:
         self._fill(inputs, rows, wanted, num_rows, width)
         self._run(key, inputs, length)
         found = inputs.out.tolist()  # syncs
+        probs = inputs.probs.tolist()
         cells = num_rows * width
         return [
-            {**{i: found[b * width + i] for i in read}, RUNNER_UP_ROW: found[cells + b]}
+            ForwardArgmax({**{i: found[b * width + i] for i in read}, RUNNER_UP_ROW: found[cells + b]}, tuple(probs[b]))
             for b, read in enumerate(wanted)
         ]
 
@@ -227,3 +232,4 @@ class StaticForward:
         first = torch.arange(num_rows, device=self.device) * width + inputs.heads
         second = argmax_last(logits[first].scatter(-1, best[first, None], float("-inf")))
         inputs.out.copy_(torch.cat([best, second]))
+        inputs.probs.copy_(choice_probs(logits[first], best[first], second))

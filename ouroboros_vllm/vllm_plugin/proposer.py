@@ -184,7 +184,7 @@ class OuroborosProposer(hooks.StepListener):
         self.controller.observe_accepted(planned_accepted)  # a no-op unless the last step was planned
         plans = self._plan(rows)
         proposing = [
-            (state, history, row_plan, state.start_round(history, row_plan.trunk, info))
+            (state, history, row_plan, state.start_round(history, row_plan.trunk, info, row_plan.total))
             for (state, history, _, info), row_plan in zip(rows, plans, strict=True)
             if row_plan.total
         ]
