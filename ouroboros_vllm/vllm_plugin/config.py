@@ -87,9 +87,11 @@ class OuroborosConfig(pydantic.BaseModel):
     )
     verification: Literal["chain", "tree"] = Field(
         default="chain",
-        description="'tree': the target verifies each proposal's alternative branches in the same forward "
-        "(vLLM's CPU build; other rows, other builds and requests whose sampling a tree cannot serve fall back "
-        "to the chain); 'chain': one chain per request, as vLLM verifies any proposer's drafts.",
+        description="'tree': the target verifies each proposal's alternative branches in the same forward (the "
+        "draft model's second choices beside its doubtful tokens, the pool's runners-up at the trunk's end; the "
+        "nodes placed by the draft's calibrated probabilities; vLLM's CPU build; other rows, other builds and "
+        "requests whose sampling a tree cannot serve fall back to the chain); 'chain': one chain per request, as "
+        "vLLM verifies any proposer's drafts.",
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
     pool_memory_mib: float = Field(
