@@ -23,6 +23,7 @@ profile changes slowly (a half-life of :data:`PROFILE_HALF_LIFE` examined tokens
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -160,23 +161,25 @@ class ProbabilityCalibration:
 
     def __init__(self) -> None:
         self._counts = np.zeros((3, len(PROBABILITY_EDGES) - 1))  # examined, accepted, sum of probabilities
+        self._corrections = [0.0] * (len(PROBABILITY_EDGES) - 1)  # per bin, kept as a list: read per drafted token
 
     def record(self, probs: Sequence[float], accepted: Sequence[bool]) -> None:
         if not len(probs):
             return
         self._counts *= 0.5 ** (len(probs) / CALIBRATION_HALF_LIFE)
-        bins = _bins(np.asarray(probs, dtype=np.float64))
+        bins = np.array([_bin(p) for p in probs])
         np.add.at(self._counts[0], bins, 1.0)
         np.add.at(self._counts[1], bins, np.asarray(accepted, dtype=np.float64))
         np.add.at(self._counts[2], bins, np.asarray(probs, dtype=np.float64))
+        examined, accepted_, predicted = self._counts
+        self._corrections = ((accepted_ - predicted) / (examined + CALIBRATION_PRIOR_TRIALS)).tolist()
 
     def chance(self, prob: float) -> float:
-        examined, accepted, predicted = self._counts[:, _bins(np.array([prob]))[0]]
-        return float(np.clip(prob + (accepted - predicted) / (examined + CALIBRATION_PRIOR_TRIALS), 0.0, 1.0))
+        return min(max(prob + self._corrections[_bin(prob)], 0.0), 1.0)
 
 
-def _bins(probs: np.ndarray) -> np.ndarray:
-    return np.clip(np.searchsorted(PROBABILITY_EDGES, probs, side="right") - 1, 0, len(PROBABILITY_EDGES) - 2)
+def _bin(prob: float) -> int:
+    return min(max(bisect.bisect_right(PROBABILITY_EDGES, prob) - 1, 0), len(PROBABILITY_EDGES) - 2)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -163,9 +163,11 @@ def trunk_may_grow(
     next token, worth the trunk's reach so far times ``next_chance`` (the request's trunk rate), must beat some
     node already known (a trunk token, or a second choice beside one). When the budget is full of better nodes,
     the draft's forward would buy a node nobody proposes."""
-    reach = np.concatenate([[1.0], np.cumprod(trunk_chances)])
+    reach = [1.0]  # plain Python: a handful of numbers, asked once a forward per drafting row
+    for chance in trunk_chances:
+        reach.append(reach[-1] * chance)
     next_value = reach[-1] * next_chance
-    better = int(np.sum(reach[1:] > next_value))
+    better = sum(1 for value in reach[1:] if value > next_value)
     depth = len(trunk_chances)
     better += sum(1 for i, chance in runner_up_chances.items() if i < depth and reach[i] * chance > next_value)
     return better < budget
