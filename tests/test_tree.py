@@ -308,6 +308,7 @@ def test_the_draft_probabilities_of_verified_tokens_calibrate_the_process():
                               trunk_probs=[0.97, 0.45, None], runner_up_probs=[0.35])  # fmt: skip
     state.after_verification(state.proposal.tokens, [2, 9, 0, 0, 0], as_tree=True)
     state.count_accepted([2, 9, 0])  # trunk token 0 accepted, 1 rejected, the second choice beside it taken
-    first, second = prior.first_choice._counts, prior.second_choice._counts
-    assert first[0].sum() == 2 and first[1].sum() == 1 and first[2].sum() == pytest.approx(0.97 + 0.45)
-    assert second[0].sum() == 1 and second[1].sum() == 1 and second[2].sum() == pytest.approx(0.35)
+    first, second = prior.first_choice, prior.second_choice
+    assert sum(first._examined) == 2 and sum(first._accepted) == 1
+    assert sum(first._predicted) == pytest.approx(0.97 + 0.45)
+    assert sum(second._examined) == 1 and sum(second._accepted) == 1 and sum(second._predicted) == pytest.approx(0.35)

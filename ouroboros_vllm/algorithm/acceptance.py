@@ -160,19 +160,27 @@ class ProbabilityCalibration:
     of the 8 benchmark datasets); another pair's draft may be confidently wrong, which the correction learns."""
 
     def __init__(self) -> None:
-        self._counts = np.zeros((3, len(PROBABILITY_EDGES) - 1))  # examined, accepted, sum of probabilities
-        self._corrections = [0.0] * (len(PROBABILITY_EDGES) - 1)  # per bin, kept as a list: read per drafted token
+        bins = len(PROBABILITY_EDGES) - 1
+        # Per bin: examined tokens, accepted ones, the sum of their probabilities (decayed), and the correction they
+        # make. Plain lists: a few tokens are recorded per request and step, and read once per drafted token.
+        self._examined, self._accepted, self._predicted = [0.0] * bins, [0.0] * bins, [0.0] * bins
+        self._corrections = [0.0] * bins
 
     def record(self, probs: Sequence[float], accepted: Sequence[bool]) -> None:
         if not len(probs):
             return
-        self._counts *= 0.5 ** (len(probs) / CALIBRATION_HALF_LIFE)
-        bins = np.array([_bin(p) for p in probs])
-        np.add.at(self._counts[0], bins, 1.0)
-        np.add.at(self._counts[1], bins, np.asarray(accepted, dtype=np.float64))
-        np.add.at(self._counts[2], bins, np.asarray(probs, dtype=np.float64))
-        examined, accepted_, predicted = self._counts
-        self._corrections = ((accepted_ - predicted) / (examined + CALIBRATION_PRIOR_TRIALS)).tolist()
+        decay = 0.5 ** (len(probs) / CALIBRATION_HALF_LIFE)
+        for counts in (self._examined, self._accepted, self._predicted):
+            counts[:] = [count * decay for count in counts]
+        for prob, ok in zip(probs, accepted, strict=True):
+            b = _bin(prob)
+            self._examined[b] += 1.0
+            self._accepted[b] += float(ok)
+            self._predicted[b] += prob
+        self._corrections = [
+            (accepted_ - predicted) / (examined + CALIBRATION_PRIOR_TRIALS)
+            for examined, accepted_, predicted in zip(self._examined, self._accepted, self._predicted, strict=True)
+        ]
 
     def chance(self, prob: float) -> float:
         return min(max(prob + self._corrections[_bin(prob)], 0.0), 1.0)
