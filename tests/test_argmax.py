@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ouroboros_vllm.runtime.argmax import BLOCK, argmax_last, choice_probs
+from ouroboros_vllm.runtime.argmax import BLOCK, argmax_last, runner_up
 
 
 @settings(max_examples=200, deadline=None)
@@ -38,13 +38,14 @@ def test_blocked_argmax_equals_torch_argmax(rows, vocab, seed, ties, special):
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(1, 4), vocab=st.sampled_from([5, 3000]), seed=st.integers(0, 1 << 30),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))  # fmt: skip
-def test_choice_probs_are_the_softmax_at_the_chosen_tokens(rows, vocab, seed, dtype):
-    generator = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(rows, vocab, generator=generator) * 4).to(dtype)
+def test_the_runner_up_is_the_best_other_token_with_both_softmax_probabilities(rows, vocab, seed, dtype):
+    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 4).to(dtype)
     best = argmax_last(logits)
-    other = torch.randint(0, vocab, (rows,), generator=generator)
-    probs = choice_probs(logits, best, other)
+    second, probs = runner_up(logits, best)
+    masked = logits.clone()
+    masked[torch.arange(rows), best] = float("-inf")
+    assert torch.equal(second, masked.argmax(dim=-1))
     expected = logits.float().softmax(-1)
     assert probs.dtype == torch.float32 and probs.shape == (rows, 2)
     torch.testing.assert_close(probs[:, 0], expected.gather(-1, best[:, None])[:, 0])
-    torch.testing.assert_close(probs[:, 1], expected.gather(-1, other[:, None])[:, 0])
+    torch.testing.assert_close(probs[:, 1], expected.gather(-1, second[:, None])[:, 0])

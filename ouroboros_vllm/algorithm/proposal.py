@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ouroboros_vllm.algorithm import feedback
 from ouroboros_vllm.algorithm.pool import Phrase, PhrasePool
 from ouroboros_vllm.algorithm.tree import DraftTree, predictions_along
@@ -109,8 +107,7 @@ def lengthen_tree(
     more than the tokens that would follow it. Laid out depth-first: the first path, the runners-up, then the
     draft's second choices, deepest first. No ``pool``: the trunk and the draft's second choices only."""
     trunk_len = len(proposal.tokens)
-    chances = list(trunk_chances) if trunk_chances is not None else [rates.trunk] * trunk_len
-    reach = np.concatenate([[1.0], np.cumprod(chances[:trunk_len])]) if trunk_len else np.ones(1)
+    reach = reach_of(trunk_chances[:trunk_len] if trunk_chances is not None else [rates.trunk] * trunk_len)
     found = []
     if pool is not None:
         tail = pool.phrase_len
@@ -120,7 +117,7 @@ def lengthen_tree(
         ((i, token) for i, token in (runner_ups or {}).items() if i < trunk_len and token != proposal.tokens[i]),
         reverse=True,
     )
-    values = [list(reach[1:])]
+    values = [reach[1:]]
     if found:
         key, phrase, matched = found[0]
         values.append([reach[-1] * rates.pool ** (j + 1) for j in range(budget)])
@@ -163,14 +160,21 @@ def trunk_may_grow(
     next token, worth the trunk's reach so far times ``next_chance`` (the request's trunk rate), must beat some
     node already known (a trunk token, or a second choice beside one). When the budget is full of better nodes,
     the draft's forward would buy a node nobody proposes."""
-    reach = [1.0]  # plain Python: a handful of numbers, asked once a forward per drafting row
-    for chance in trunk_chances:
-        reach.append(reach[-1] * chance)
+    reach = reach_of(trunk_chances)
     next_value = reach[-1] * next_chance
     better = sum(1 for value in reach[1:] if value > next_value)
     depth = len(trunk_chances)
     better += sum(1 for i, chance in runner_up_chances.items() if i < depth and reach[i] * chance > next_value)
     return better < budget
+
+
+def reach_of(chances: Sequence[float]) -> list[float]:
+    """``reach[q]``: the chance that the first ``q`` trunk tokens are all accepted, each with ``chances[i]`` given the
+    ones before it (``reach[0]`` is 1). Plain Python: a handful of numbers, asked once a forward per drafting row."""
+    reach = [1.0]
+    for chance in chances:
+        reach.append(reach[-1] * chance)
+    return reach
 
 
 def _allocate(room: int, values: Sequence[Sequence[float]]) -> list[int]:

@@ -34,10 +34,11 @@ def argmax_last(x: torch.Tensor) -> torch.Tensor:
     return starts + block.argmax(dim=-1)
 
 
-def choice_probs(logits: torch.Tensor, *choices: torch.Tensor) -> torch.Tensor:
-    """[rows, len(choices)]: the softmax probability of each row's chosen token (one index per row in each of
-    ``choices``), computed in float32 whatever the logits' dtype. Tensors only (no host sync): a captured CUDA
-    graph can run it."""
+def runner_up(logits: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` (whose argmax is ``best``): the second choice, and ``[rows, 2]`` the softmax
+    probabilities of the first and the second, in float32 whatever the logits' dtype. Tensors only (no host sync):
+    a captured CUDA graph can run it."""
+    second = argmax_last(logits.scatter(-1, best[:, None], float("-inf")))  # a copy of these rows only
     scores = logits.float()
-    picked = torch.stack([scores.gather(-1, choice[:, None])[:, 0] for choice in choices], dim=-1)
-    return (picked - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
+    picked = torch.stack([scores.gather(-1, best[:, None])[:, 0], scores.gather(-1, second[:, None])[:, 0]], dim=-1)
+    return second, (picked - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()

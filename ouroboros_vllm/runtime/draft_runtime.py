@@ -35,7 +35,7 @@ from ouroboros_vllm.algorithm.cost_model import OnlineLinearFit
 from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, DraftRound, DraftState, ForwardArgmax, ForwardPlan
 from ouroboros_vllm.algorithm.request import DraftModelInfo
 from ouroboros_vllm.runtime import attention
-from ouroboros_vllm.runtime.argmax import argmax_last, choice_probs
+from ouroboros_vllm.runtime.argmax import argmax_last, runner_up
 from ouroboros_vllm.runtime.attention import PackedBatch, RowSpec, SlotCopy
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
@@ -265,7 +265,8 @@ class DraftRuntime:
         probs: list[tuple[float, float]] = []
         if runner_ups:
             heads = torch.tensor(np.cumsum([0] + [len(part) for part in rows[:-1]]), device=self.device)
-            seconds, probs = head_choices(logits[heads], best[heads])
+            second, head_probs = runner_up(logits[heads], best[heads])
+            seconds, probs = second.tolist(), [(p1, p2) for p1, p2 in head_probs.tolist()]
         best_ids = best.tolist()  # .tolist() syncs
         self._lm_head_cost.add(len(flat), time.perf_counter() - start)
         firsts, at = [], 0
@@ -273,11 +274,3 @@ class DraftRuntime:
             firsts.append(best_ids[at : at + len(part)])
             at += len(part)
         return firsts, seconds, probs
-
-
-def head_choices(logits: torch.Tensor, best: torch.Tensor) -> tuple[list[int], list[tuple[float, float]]]:
-    """Per row of ``logits`` (whose argmax is ``best``): the second choice, and the probabilities of the first and
-    the second."""
-    second = argmax_last(logits.scatter(-1, best[:, None], float("-inf")))  # a copy of these rows only
-    probs = choice_probs(logits, best, second).tolist()
-    return second.tolist(), [(p1, p2) for p1, p2 in probs]

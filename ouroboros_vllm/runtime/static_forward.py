@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ouroboros_vllm.algorithm.drafting import RUNNER_UP_ROW, ForwardArgmax, ForwardPlan
-from ouroboros_vllm.runtime.argmax import argmax_last, choice_probs
+from ouroboros_vllm.runtime.argmax import argmax_last, runner_up
 from ouroboros_vllm.runtime.attention import folded_attention, write_new_keys
 from ouroboros_vllm.runtime.kv_cache import DraftKVCache
 
@@ -230,6 +230,6 @@ class StaticForward:
         best = argmax_last(logits)  # argmax, not topk: the same token on ties as the draft's greedy loop
         num_rows, width = inputs.new_mask.shape[:2]
         first = torch.arange(num_rows, device=self.device) * width + inputs.heads
-        second = argmax_last(logits[first].scatter(-1, best[first, None], float("-inf")))
+        second, probs = runner_up(logits[first], best[first])
         inputs.out.copy_(torch.cat([best, second]))
-        inputs.probs.copy_(choice_probs(logits[first], best[first], second))
+        inputs.probs.copy_(probs)
