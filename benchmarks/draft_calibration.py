@@ -22,7 +22,6 @@ target step, and each draft forward, at one row).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.policy_replay import StepCosts, load_run
+from benchmarks.policy_replay import StepCosts, draft_logits, load_run, run_models, run_parser
 from ouroboros_vllm.algorithm.acceptance import PROBABILITY_EDGES, ProbabilityCalibration
 from ouroboros_vllm.algorithm.proposal import Proposal, TreeRates, lengthen_tree, trunk_may_grow
 
@@ -51,25 +50,18 @@ class Positions:
 def record(refs: Sequence[dict[str, Any]], draft: str, precision: str, target: str) -> list[dict[str, Any]]:
     """The draft's two likeliest tokens and their probabilities at every output position of every reference."""
     import torch
-    from tqdm import tqdm
 
-    from ouroboros_vllm.runtime.loading import load_draft_model
-
-    model = load_draft_model(draft, target_tokenizer=target, device=torch.device("cpu"), precision=precision).model
     records = []
-    with torch.inference_mode():
-        for ref in tqdm(refs, desc="draft probabilities", unit="prompt"):
-            prompt, output = ref["prompt_token_ids"], ref["output_token_ids"]
-            probs = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].float().softmax(-1)
-            top = probs.topk(2, dim=-1)
-            truth = torch.tensor(output)[:, None]
-            records.append({
-                "dataset": ref["dataset"],
-                "first_prob": top.values[:, 0].tolist(),
-                "second_prob": top.values[:, 1].tolist(),
-                "first_right": (top.indices[:, :1] == truth)[:, 0].tolist(),
-                "second_right": (top.indices[:, 1:] == truth)[:, 0].tolist(),
-            })  # fmt: skip
+    for ref, logits in zip(refs, draft_logits(refs, draft, precision, target, "draft probabilities"), strict=True):
+        top = logits.softmax(-1).topk(2, dim=-1)
+        truth = torch.tensor(ref["output_token_ids"])[:, None]
+        records.append({
+            "dataset": ref["dataset"],
+            "first_prob": top.values[:, 0].tolist(),
+            "second_prob": top.values[:, 1].tolist(),
+            "first_right": (top.indices[:, :1] == truth)[:, 0].tolist(),
+            "second_right": (top.indices[:, 1:] == truth)[:, 0].tolist(),
+        })  # fmt: skip
     return records
 
 
@@ -175,25 +167,14 @@ def compare(refs: Sequence[Positions], ks: Sequence[int], costs: StepCosts) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ouroboros_vllm.tools import models
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.draft_calibration", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--run", type=Path, required=True, help="a benchmark run's folder (references.json, "
-                        "results.json with plain's outputs)")  # fmt: skip
-    parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="for the tokenizer check")
-    parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--precision", default="int8", help="the draft's (the plugin's default on CPU: int8)")
+    parser = run_parser("python -m benchmarks.draft_calibration", __doc__)
     parser.add_argument("-k", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    missing = [name for name in ("references.json", "results.json") if not (args.run / name).is_file()]
-    if missing:
-        parser.error(f"{args.run} is not a benchmark run's folder: it lacks {' and '.join(missing)}")
     if any(k < 1 for k in args.k):
         parser.error("-k takes node budgets of at least 1")
-    resolve = lambda name: str(models.fetch(name)) if name in models.MODELS else name  # noqa: E731
-    refs = positions(args.run, resolve(args.draft), args.precision, resolve(args.target))
+    draft, target = run_models(parser, args)
+    refs = positions(args.run, draft, args.precision, target)
     table = calibration_table(refs)
     print("| draft's probability | tokens | plain agreed | mean probability | second choice right, first wrong |")
     print("|---|---|---|---|---|")

@@ -36,7 +36,7 @@ import argparse
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,24 +274,30 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     return refs
 
 
-def record_agreement(
-    refs: Sequence[dict[str, Any]], draft: str, precision: str, target: str, context: int | None = None
-) -> list[list[bool]]:
-    """The draft's greedy agreement with each reference's output, at every output position (one forward each),
-    the draft seeing the prompt's last ``context`` tokens (None: all of it)."""
+def draft_logits(refs: Sequence[dict[str, Any]], draft: str, precision: str, target: str, desc: str,
+                 context: int | None = None) -> Iterator[Any]:  # fmt: skip
+    """Per reference, the draft's logits at each output position (one forward over the prompt's last ``context``
+    tokens, None: all of it, and plain's output), as float32: ``[len(output), vocab]``."""
     import torch
     from tqdm import tqdm
 
     from ouroboros_vllm.runtime.loading import load_draft_model
 
     model = load_draft_model(draft, target_tokenizer=target, device=torch.device("cpu"), precision=precision).model
-    agreement = []
     with torch.inference_mode():
-        for ref in tqdm(refs, desc="draft agreement", unit="prompt"):
+        for ref in tqdm(refs, desc=desc, unit="prompt"):
             prompt, output = ref["prompt_token_ids"][-context if context else 0 :], ref["output_token_ids"]
-            logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1]
-            agreement.append([bool(a == b) for a, b in zip(logits.argmax(-1).tolist(), output, strict=True)])
-    return agreement
+            yield model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].float()
+
+
+def record_agreement(
+    refs: Sequence[dict[str, Any]], draft: str, precision: str, target: str, context: int | None = None
+) -> list[list[bool]]:
+    """The draft's greedy agreement with each reference's output, at every output position (one forward each),
+    the draft seeing the prompt's last ``context`` tokens (None: all of it)."""
+    logits = draft_logits(refs, draft, precision, target, "draft agreement", context)
+    return [[bool(a == b) for a, b in zip(found.argmax(-1).tolist(), ref["output_token_ids"], strict=True)]
+            for ref, found in zip(refs, logits, strict=True)]  # fmt: skip
 
 
 def references(run_dir: Path, draft: str, precision: str, target: str, context: int | None = None) -> list[Reference]:
@@ -336,16 +342,32 @@ def table(results: Sequence[dict[str, Any]], policies: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ouroboros_vllm.tools import models
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.policy_replay", description=__doc__,
+def run_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A command line over a benchmark run's references: ``--run``, and the target, draft and precision."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--run", type=Path, required=True, help="a benchmark run's folder (references.json, "
                         "results.json with plain's outputs)")  # fmt: skip
     parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct", help="for the tokenizer check")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--precision", default="int8", help="the draft's (the plugin's default on CPU: int8)")
+    return parser
+
+
+def run_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
+    """The draft's and the target's folders (a name of ``ouroboros-vllm models list`` fetched), once ``--run`` is
+    checked to be a benchmark run's folder (a parser error otherwise)."""
+    from ouroboros_vllm.tools import models
+
+    missing = [name for name in ("references.json", "results.json") if not (args.run / name).is_file()]
+    if missing:
+        parser.error(f"{args.run} is not a benchmark run's folder: it lacks {' and '.join(missing)}")
+    resolve = lambda name: str(models.fetch(name)) if name in models.MODELS else name  # noqa: E731
+    return resolve(args.draft), resolve(args.target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = run_parser("python -m benchmarks.policy_replay", __doc__)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--policies", nargs="+", default=None, help="default: fixed:1..k, planner, oracle")
@@ -363,11 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             check_policy(policy, args.k)
         except ValueError as error:
             parser.error(str(error))
-    missing = [name for name in ("references.json", "results.json") if not (args.run / name).is_file()]
-    if missing:
-        parser.error(f"{args.run} is not a benchmark run's folder: it lacks {' and '.join(missing)}")
-    resolve = lambda name: str(models.fetch(name)) if name in models.MODELS else name  # noqa: E731
-    refs = references(args.run, resolve(args.draft), args.precision, resolve(args.target), args.draft_context)
+    draft, target = run_models(parser, args)
+    refs = references(args.run, draft, args.precision, target, args.draft_context)
     costs = StepCosts(**{name: getattr(args, name) for name in asdict(StepCosts())})
     results = compare(refs, args.batch_sizes, args.k, costs, policies, args.noise, args.seed)
     print(table(results, policies))
