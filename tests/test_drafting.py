@@ -186,3 +186,45 @@ def test_a_round_told_to_stop_early_stops_after_that_forward():
     round_.stop_early = lambda r: len(r.drafted) >= 2
     runtime.draft([round_])
     assert round_.drafted == greedy(history, 2) and round_.forwards == 2 and round_.done
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.lists(token, min_size=1, max_size=12),
+    budget=st.integers(1, 8),
+    noise=st.lists(st.lists(token, min_size=4, max_size=4), max_size=4),
+    right=st.integers(0, 4),
+)
+def test_phrase_replay_is_what_a_carrying_round_did_and_a_narrow_round_drafts_the_same(history, budget, noise, right):
+    """A round's replay (forwards, phrase tokens) equals what its forwards did when it carried the pool's phrases and
+    tails; a round told not to carry them drafts the same tokens one per forward, carrying none, and replays to
+    the carrying round's figures."""
+    from ouroboros_vllm.algorithm.pool import PhrasePool
+    from ouroboros_vllm.algorithm.request import phrase_tails
+
+    truth = greedy(history, budget + 4)
+    full = history + truth
+    pool = PhrasePool(3, 16, 1000, 10000)
+    pool.insert_many((key, tuple(phrase)) for key, *phrase in noise)
+    pool.insert_many((full[i], tuple(full[i + 1 : i + 4])) for i in range(len(history) - 1, len(full) - 3)[:right])
+
+    def drafted(carry: bool) -> tuple[DraftRound, int, int]:
+        runtime, carried, forwards = FakeRuntime(), 0, 0
+        round_ = DraftRound(DraftState(), np.asarray(history), budget, frozenset(), VOCAB,
+                            phrases_for=lambda key: pool.newest(key, 2),
+                            tails_for=lambda previous, key: phrase_tails(pool, previous, key, 2),
+                            carry_phrases=carry)  # fmt: skip
+        while not round_.done:
+            plan = round_.plan()
+            carried, forwards = carried + len(plan.phrases) * len(plan.phrases[0] if plan.phrases else ()), forwards + 1
+            kept = round_.finish(plan, runtime._forward(round_.state, plan))
+            slots = runtime.rows[round_.state.cache_row]
+            runtime.rows[round_.state.cache_row] = slots[: plan.cached] + [slots[plan.cached + k] for k in kept]
+        return round_, forwards, carried
+
+    wide, wide_forwards, wide_carried = drafted(True)
+    narrow, narrow_forwards, narrow_carried = drafted(False)
+    assert wide.drafted == narrow.drafted == truth[:budget]
+    assert wide.phrase_replay() == (wide_forwards, wide_carried)
+    assert (narrow_forwards, narrow_carried) == (budget, 0)
+    assert narrow.phrase_replay() == (wide_forwards, wide_carried)

@@ -125,6 +125,9 @@ class DraftRound:
     # Asked after each forward whether the round may stop before ``num_tokens`` (a tree's deeper trunk tokens would
     # not be proposed, see :func:`~ouroboros_vllm.algorithm.proposal.trunk_may_grow`); None: never early.
     stop_early: Callable[[DraftRound], bool] | None = None
+    # Whether the forwards carry the pool's phrases at all (the adaptive mode drafts one token a forward for a
+    # request whose phrases would cost more than they save, see :mod:`~ouroboros_vllm.algorithm.phrase_choice`).
+    carry_phrases: bool = True
     forwards: int = 0
     done: bool = False
     _pending: list[int] = field(default_factory=list)
@@ -151,9 +154,7 @@ class DraftRound:
         pending = self._pending
         key = pending[-1]
         previous = pending[-2] if len(pending) > 1 else self.state.ids[-1] if self.state.ids else None
-        phrases = self._feedable(self.tails_for(previous, key)) if previous is not None and tails else []
-        if not phrases and wide:
-            phrases = self._feedable(self.phrases_for(key))
+        phrases = self._phrases_after(previous, key, wide, tails) if self.carry_phrases else []
         phrase_len = len(phrases[0]) if phrases else 0
         window = self.state.window if self.window_shape[1] else None
         window_tokens = window.tokens() if window is not None else []
@@ -172,6 +173,32 @@ class DraftRound:
             positions=offsets + cached,
             logit_rows=[len(pending) - 1, *window_outputs],
         )
+
+    def _phrases_after(self, previous: int | None, key: int, wide: bool = True, tails: bool = True) -> list[Phrase]:
+        phrases = self._feedable(self.tails_for(previous, key)) if previous is not None and tails else []
+        if not phrases and wide:
+            phrases = self._feedable(self.phrases_for(key))
+        return phrases
+
+    def phrase_replay(self) -> tuple[int, int]:
+        """How a lone round drafting phrase by phrase would have drafted this round's tokens: its forwards, and the
+        phrase tokens they would have carried (the pool's phrases as they are now). A phrase-by-phrase forward
+        emits exactly the draft's own continuation, so the drafted tokens say how far each forward's phrases would
+        have reached: what phrases save is known of rounds that did not carry them too. For a round that carried
+        them this is what its forwards did (the window's N-grams aside, which reach the pool during a round)."""
+        tokens = [*self.history[-2:].tolist(), *self.drafted]
+        before = len(tokens) - len(self.drafted)  # context tokens ahead of the drafted ones (1 or 2)
+        forwards = carried = done = 0
+        while done < len(self.drafted):
+            at = before + done  # the next token to draft; the key is the one before it
+            previous = tokens[at - 2] if at >= 2 else None
+            phrases = self._phrases_after(previous, tokens[at - 1])
+            ahead = np.asarray(tokens[at:])
+            matched = max((common_prefix_length(phrase, ahead) for phrase in phrases), default=0)
+            forwards += 1
+            carried += sum(len(phrase) for phrase in phrases)
+            done += matched + 1  # the matched tokens, and the draft's argmax after the last of them
+        return forwards, carried
 
     def _feedable(self, phrases: Sequence[Phrase]) -> list[Phrase]:
         """The phrases the draft can be fed: the shared pool also holds other requests' text, which may use ids past

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
+from ouroboros_vllm.algorithm.cost_model import LinearCost
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.lengths import OutputLengths
+from ouroboros_vllm.algorithm.phrase_choice import PhraseYield, phrases_pay
 from ouroboros_vllm.algorithm.planner import RowOutlook
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import (
@@ -77,6 +79,10 @@ class RequestState:
     max_tokens: int | None = None  # the most tokens the request may emit (its SamplingParams), None: not known
     emitted: int = 0  # tokens the target has emitted for the request so far
     tree: bool = False  # may propose a draft tree (tree verification on, and the request's sampling allows it)
+    # What drafting phrase by phrase yields for this request, and for every request (the process's, its prior).
+    phrases: PhraseYield = field(default_factory=PhraseYield)
+    process_phrases: PhraseYield | None = None
+    _judging_phrases: bool = False  # the current round's phrases were judged (its tokens are then replayed)
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
         """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
@@ -187,11 +193,19 @@ class RequestState:
         )
 
     def start_round(
-        self, history: np.ndarray, trunk: int, draft_model: DraftModelInfo | None, budget: int | None = None
+        self,
+        history: np.ndarray,
+        trunk: int,
+        draft_model: DraftModelInfo | None,
+        budget: int | None = None,
+        phrase_price: LinearCost | None = None,
+        sharers: int = 1,
     ) -> DraftRound | None:
         """Begin proposing after ``history``: feed the pool the request's new N-grams and return the draft model's
         round of ``trunk`` tokens (None without a draft model or a trunk). A tree of ``budget`` nodes stops the
-        round early once a deeper trunk token could not be proposed (:func:`trunk_may_grow`)."""
+        round early once a deeper trunk token could not be proposed (:func:`trunk_may_grow`). ``phrase_price``: a
+        draft forward's seconds by the tokens it carries, shared by ``sharers`` drafting rows; with it the round
+        carries the pool's phrases only where they pay (:mod:`.phrase_choice`), without it always."""
         if self.settings.uses_pool and self.settings.context_ngrams:
             self.pool.insert_many(context_ngrams(history, self.pooled_upto, self.settings.phrase_len))
             self.pooled_upto = len(history)
@@ -204,6 +218,10 @@ class RequestState:
             round_.tails_for = lambda previous, key: phrase_tails(pool, previous, key, count)
             round_.window_shape = (self.settings.phrase_len, self.settings.lookahead_window)
             round_.add_ngrams = pool.insert_many
+            self._judging_phrases = phrase_price is not None
+            if phrase_price is not None:
+                prior = self.process_phrases or PhraseYield()
+                round_.carry_phrases = phrases_pay(self.phrases, prior, phrase_price, sharers)
         if self.tree and budget is not None:
             trunk_rate = self.rates()[0]
             round_.stop_early = lambda r: not trunk_may_grow(*self._draft_chances(r), budget, trunk_rate)
@@ -229,6 +247,8 @@ class RequestState:
         """The proposal: the draft model's tokens (the first ``trunk`` of them, default all), lengthened from the
         pool up to ``budget`` tokens (not past an end of sequence), as a tree where the request may take one; and
         the counts to add."""
+        if round_ is not None and self._judging_phrases and round_.drafted:
+            self._record_phrases(len(round_.drafted), *round_.phrase_replay())
         drafted = round_.drafted[:trunk] if round_ is not None else []
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
@@ -257,8 +277,14 @@ class RequestState:
             proposed_tokens=len(proposal.tokens),
             suffix_tokens=len(proposal.tokens) - proposal.trunk_len - len(proposal.runner_ups),
             draft_forwards=round_.forwards if round_ is not None else 0,
+            phrase_rounds=int(round_ is not None and bool(self.settings.draft_phrases) and round_.carry_phrases),
         )
         return proposal.tokens, counts
+
+    def _record_phrases(self, drafted: int, forwards: int, carried: int) -> None:
+        self.phrases.record_request(drafted, forwards, carried)
+        if self.process_phrases is not None:
+            self.process_phrases.record_process(drafted, forwards, carried)
 
     def after_verification(
         self, verified: Sequence[int], target_argmax: Sequence[int], as_tree: bool = False

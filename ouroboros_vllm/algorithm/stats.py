@@ -37,6 +37,9 @@ class DraftStats:
     # path's suffix, k: the k-th alternative branch).
     accepted_rank: dict[int, int] = field(default_factory=dict)
     draft_forwards: int = 0
+    # Rounds whose draft forwards carried the pool's phrases (drafting phrase by phrase; the adaptive mode drafts
+    # one token a forward for a request whose phrases would not pay).
+    phrase_rounds: int = 0
     draft_seconds: float = 0.0  # wall time of the steps' drafting (a step's time is shared among its rounds)
 
     def add(self, other: DraftStats) -> None:
@@ -77,6 +80,11 @@ class DraftStats:
             f"rank {dict(sorted(self.accepted_rank.items()))}), "
         )
 
+    def _phrase_summary(self) -> str:
+        if not self.phrase_rounds:
+            return ""
+        return f"{self.phrase_rounds / max(self.rounds, 1):.0%} of rounds drafted phrase by phrase, "
+
     def summary(self) -> str:
         return (
             f"tau {self.tau:.2f}, acceptance {self.acceptance_rate:.1%} "
@@ -85,6 +93,7 @@ class DraftStats:
             f"({self.suffix_accepted_tokens} accepted; context-matched {self.matched_suffix_accepted_tokens}/"
             f"{self.matched_suffix_tokens}), "
             + self._tree_summary()
+            + self._phrase_summary()
             + f"{self.tokens_per_draft_forward:.2f} tokens per draft forward, "
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
             + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")

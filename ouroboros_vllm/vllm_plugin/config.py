@@ -44,8 +44,9 @@ class OuroborosConfig(pydantic.BaseModel):
     drafting: DraftingMode = Field(
         default="auto",
         description="Where drafts come from: 'auto' = every step, per request, the draft model's trunk (drafted "
-        "phrase by phrase), a pool suffix, both or nothing, whichever the measured costs and acceptance say yields "
-        "the most tokens per second (the trunk up to K tokens deep unless gamma is set); 'ouroboros' = the trunk "
+        "phrase by phrase where the pool's phrases save more draft forwards than their width costs), a pool "
+        "suffix, both or nothing, whichever the measured costs and acceptance say yields the most tokens per "
+        "second (the trunk up to K tokens deep unless gamma is set); 'ouroboros' = the trunk "
         "of gamma tokens drafted phrase by phrase (each draft forward also verifies pool phrases, emitting 1..N "
         "tokens, and refines a lookahead window of lookahead_window columns that feeds the pool), lengthened by "
         "pool suffixes, with pool feedback; 'greedy_pool' = as 'ouroboros' with one draft token per forward; "
@@ -68,7 +69,10 @@ class OuroborosConfig(pydantic.BaseModel):
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
     draft_phrases: int = Field(
-        default=4, ge=0, le=64, description="Pool phrases a phrase-by-phrase draft forward carries ('ouroboros')."
+        default=4,
+        ge=0,
+        le=64,
+        description="Pool phrases a phrase-by-phrase draft forward carries ('ouroboros', and 'auto' where they pay).",
     )
     lookahead_window: int = Field(
         default=0,

@@ -47,6 +47,7 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
     "branch_rounds": ("vllm:ouroboros_branch_rounds", "Verified trees whose accepted path took an alternative branch."),
     "branch_accepted_tokens": ("vllm:ouroboros_branch_accepted_tokens", "Accepted tokens on alternative branches."),
     "draft_forwards": ("vllm:ouroboros_draft_forwards", "Forwards of the draft model."),
+    "phrase_rounds": ("vllm:ouroboros_phrase_rounds", "Proposals whose draft forwards carried pool phrases."),
     "draft_seconds": ("vllm:ouroboros_draft_seconds", "Seconds spent drafting (draft model and pool)."),
 }
 _POOL_COUNTERS: dict[str, tuple[str, str]] = {

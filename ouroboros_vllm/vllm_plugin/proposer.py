@@ -24,6 +24,7 @@ from vllm.logger import init_logger
 from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.drafting import DraftRound
 from ouroboros_vllm.algorithm.lengths import OutputLengths
+from ouroboros_vllm.algorithm.phrase_choice import PhraseYield
 from ouroboros_vllm.algorithm.planner import RowPlan
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
@@ -85,6 +86,7 @@ class OuroborosProposer(hooks.StepListener):
         # Token ids a target step can hold: when the draft's vocabulary covers them, no row needs checking.
         self._target_vocab_size = int(model_config.get_vocab_size())
         self.controller = AdaptiveController(self.num_speculative_tokens)
+        self.phrases = PhraseYield()  # what drafting phrase by phrase yields, over every request: their prior
         self.lengths = OutputLengths()  # what finished requests emitted: what running ones may still emit
         self._step: tuple[int, int, float] | None = None  # (tokens, requests, start) of the step under way
         self._batch_req_ids: list[str] | None = None
@@ -183,11 +185,16 @@ class OuroborosProposer(hooks.StepListener):
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
         self.controller.observe_accepted(planned_accepted)  # a no-op unless the last step was planned
         plans = self._plan(rows)
+        # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
+        price = self.controller.costs.draft.fit if self.config.adaptive else None
+        sharers = sum(1 for row_plan in plans if row_plan.trunk)
         proposing = [
-            (state, history, row_plan, state.start_round(history, row_plan.trunk, info, row_plan.total))
+            (state, history, row_plan, state.start_round(
+                history, row_plan.trunk, info, row_plan.total, None if state.cold else price, sharers
+            ))
             for (state, history, _, info), row_plan in zip(rows, plans, strict=True)
             if row_plan.total
-        ]
+        ]  # fmt: skip
         forwards = self._run_draft_model([(state, round_) for state, _, _, round_ in proposing if round_])
         seconds = time.perf_counter() - start
         for state, history, row_plan, round_ in proposing:
@@ -242,7 +249,9 @@ class OuroborosProposer(hooks.StepListener):
     def _new_request(self, cold: bool) -> RequestState:
         own_pool = cold or not self.config.warm_start
         pool = self.config.new_pool() if own_pool else self.pool
-        return RequestState(self.settings, pool, cold=cold, prior=self.controller.acceptance)
+        return RequestState(
+            self.settings, pool, cold=cold, prior=self.controller.acceptance, process_phrases=self.phrases
+        )
 
     def _adopt(self, req_id: str) -> RequestState:
         """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
