@@ -500,6 +500,24 @@ def test_an_acceptance_model_that_keeps_expecting_too_much_is_scaled_down_until_
     assert proposed[-1] < proposed[0] and controller.stats.verified_accepted < controller.stats.predicted_accepted
 
 
+def test_the_pool_s_tokens_are_calibrated_apart_from_the_trunk_s():
+    """The pool's suffixes never accepted, the trunk's tokens as expected: the pool's scale falls to its bound and
+    the trunk's stays; the plans go from the pool's suffixes alone to the draft model's trunks."""
+    controller = _measured_at_batch_8()
+    rows = [row(budget=4, trunk=0.6, pool=0.5, hit=1.0)] * 8
+    first = controller.plan(rows, 4)
+    assert first.expected_pool > 0
+    for _ in range(60):
+        plan = controller.plan(rows, 4)
+        controller.observe_target_step(8 + sum(r.total for r in plan.rows), 0.3, rows=8)
+        trunk = (plan.expected_tokens - 8 - plan.expected_pool) / controller.acceptance_scale()
+        controller.observe_accepted(round(trunk), 0)
+    assert controller.pool_scale() == 0.5 and 0.9 < controller.acceptance_scale() < 1.1
+    last = controller.plan(rows, 4)
+    assert all(r.trunk == 0 for r in first.rows) and all(r.trunk > 0 for r in last.rows)  # pool only, then trunks
+    assert last.expected_pool < first.expected_pool
+
+
 def test_steps_that_keep_taking_longer_than_predicted_raise_the_price_until_the_plan_stops_proposing():
     controller = _measured_at_batch_8()
     rows = [row(budget=4, trunk=0.75, pool=0.0, hit=0.0)] * 8

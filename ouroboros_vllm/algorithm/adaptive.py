@@ -102,8 +102,10 @@ class AdaptiveController:
         self._since_probe = 0
         self._since_plain: dict[int, int] = {}  # planned steps at a batch size since a plain step there
         self._pending_prediction: float | None = None
-        self._pending_accepted: float | None = None  # the last plan's expected accepted draft tokens
+        # The last plan's expected accepted draft tokens, (trunk, pool), each as the model predicted them uncalibrated.
+        self._pending_accepted: tuple[float, float] | None = None
         self._calibration = Calibration(CALIBRATION_PRIOR_TOKENS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
+        self._pool_calibration = Calibration(CALIBRATION_PRIOR_TOKENS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
         self._time_calibration = Calibration(CALIBRATION_PRIOR_SECONDS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
         self._pending_speculative: float | None = None  # the last plan's uncalibrated time, if it proposed
         self._pending_draft_seconds = 0.0
@@ -128,20 +130,29 @@ class AdaptiveController:
             self._time_calibration.add(seconds + self._pending_draft_seconds, self._pending_speculative)
             self._pending_speculative = None
 
-    def observe_accepted(self, accepted: int) -> None:
-        """The target accepted ``accepted`` draft tokens of the last plan's rows (read at the next step)."""
+    def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:
+        """The target accepted ``accepted`` draft tokens of the last plan's rows (read at the next step), ``from_pool``
+        of them the pool's."""
         if self._pending_accepted is not None:
-            scale = self.acceptance_scale()
-            self.stats.predicted_accepted += self._pending_accepted
+            trunk, pool = self._pending_accepted
+            self.stats.predicted_accepted += trunk * self.acceptance_scale() + pool * self.pool_scale()
             self.stats.verified_accepted += accepted
-            self._calibration.add(accepted, self._pending_accepted / scale)
+            self._calibration.add(accepted - from_pool, trunk)
+            self._pool_calibration.add(from_pool, pool)
             self._pending_accepted = None
 
     def acceptance_scale(self) -> float:
-        """What the target accepted over what the acceptance model expected, lately: the plans' expectations are
-        multiplied by it (rows whose estimate is high get the long proposals, so the estimates err high where they
-        are used: 10-20% more expected than accepted at batch 8, about a plan's whole margin there)."""
+        """What the target accepted of the draft model's tokens over what the acceptance model expected, lately: the
+        plans' expectations of them are multiplied by it (rows whose estimate is high get the long proposals, so the
+        estimates err high where they are used: 10-20% more expected than accepted at batch 8, about a plan's whole
+        margin there)."""
         return self._calibration.scale()
+
+    def pool_scale(self) -> float:
+        """The same for the pool's tokens, kept apart: the two sources err apart (at batch 1 over the 8 benchmark
+        datasets, the pool's expected tokens ran from 0.22 a step where none was accepted, on translation, to half of
+        what was accepted on summarization), and one scale for both let the pool's errors price the trunk."""
+        return self._pool_calibration.scale()
 
     def time_scale(self) -> float:
         """A speculative step's measured time over the plans' prediction, lately: the target's and the draft's prices
@@ -171,7 +182,7 @@ class AdaptiveController:
         ``requests``: the requests the engine holds (those in prefill too), when known."""
         self._pending_draft_seconds = 0.0
         self._pending_prediction = self._pending_accepted = self._pending_speculative = None
-        for calibration in (self._calibration, self._time_calibration):
+        for calibration in (self._calibration, self._pool_calibration, self._time_calibration):
             calibration.age()
         self._rows = len(rows)
         target, draft = self.costs.target_fit(len(rows)), self.costs.draft.fit
@@ -181,8 +192,9 @@ class AdaptiveController:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
             shape, scale, time_scale = self.shape(), self.acceptance_scale(), self.time_scale()
+            scales = {"acceptance_scale": scale, "pool_scale": self.pool_scale()}
             target, draft = target.scaled(time_scale), draft.scaled(time_scale)
-            plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, acceptance_scale=scale)
+            plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, **scales)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
             all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
@@ -197,7 +209,7 @@ class AdaptiveController:
                 declined = sum(a.can_draft < r.can_draft for a, r in zip(affordable, rows, strict=True))
                 self.stats.catch_ups_declined += declined
                 rows = affordable
-                plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, acceptance_scale=scale)
+                plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, **scales)
             full = explore if rows is all_rows else full_plan(rows, max_depth)
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
@@ -226,7 +238,8 @@ class AdaptiveController:
             self._pending_prediction = None
             plan = tried
         if self._pending_prediction is not None:
-            self._pending_accepted = plan.expected_tokens - len(rows)
+            trunk = plan.expected_tokens - len(rows) - plan.expected_pool
+            self._pending_accepted = (trunk / self.acceptance_scale(), plan.expected_pool / self.pool_scale())
             # A step whose draft catches a row up (a cost the plans leave out) would mislead the time calibration.
             catch_ups = any(p.trunk and r.catch_up > max_depth + 1 for r, p in zip(rows, plan.rows, strict=True))
             if any(row.total for row in plan.rows) and not catch_ups:

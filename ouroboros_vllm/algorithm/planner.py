@@ -80,6 +80,7 @@ class StepPlan:
     forwards: int  # draft forwards the plan expects
     expected_tokens: float  # tokens the step is expected to emit
     expected_seconds: float  # the step's expected time, drafting included
+    expected_pool: float = 0.0  # of the expected tokens, those from the pool (suffixes and branches) accepted
 
 
 def plan_step(
@@ -92,17 +93,18 @@ def plan_step(
     other_tokens: int = 0,
     plain: LinearCost | None = None,
     acceptance_scale: float = 1.0,
+    pool_scale: float = 1.0,
 ) -> StepPlan:
     """The best plan for these rows. ``target`` is the target's step time by tokens computed, measured on steps
     that verified proposals; ``draft`` one draft forward's time by tokens carried; ``plain`` the step time of a
     step that verifies nothing (None: ``target``'s); ``other_tokens`` are the step's tokens that are not these
-    rows' (prefill chunks); ``acceptance_scale`` multiplies every expected accepted token (the calibration of
-    the acceptance model against what the target accepted).
+    rows' (prefill chunks); ``acceptance_scale`` multiplies every expected accepted trunk token and ``pool_scale``
+    every pool token (the calibrations of the acceptance model against what the target accepted, per source).
 
     A plain step is priced apart (a line through speculative steps put it at 368 ms where 230-290 ms was measured,
     at batch 8 on a CPU). A plan must also keep the rows' mean time per token within a plain step's: a step is as
     slow for every row in it (both: docs/design.md, "The decision")."""
-    options = _Options(rows, acceptance_scale)
+    options = _Options(rows, acceptance_scale, pool_scale)
     base_tokens = float(len(rows))
     base_seconds = target(len(rows) + other_tokens)
     plain_seconds = (plain or target)(len(rows) + other_tokens)
@@ -177,7 +179,7 @@ class _Options:
     """Every proposal each row could make, as arrays over (row, trunk tokens proposed q, pool suffix tokens s):
     q = 0 is a pool suffix alone (or nothing); q > 0 proposes a prefix of the drafted trunk, then a suffix."""
 
-    def __init__(self, rows: Sequence[RowOutlook], acceptance_scale: float = 1.0) -> None:
+    def __init__(self, rows: Sequence[RowOutlook], trunk_scale: float = 1.0, pool_scale: float = 1.0) -> None:
         # One pass over the rows into arrays: the planner runs every engine step, and per-field passes add up.
         fields = np.array(
             [(row.budget, row.trunk_rate, row.pool_hit, row.can_draft, row.pool_rate) for row in rows], dtype=np.float64
@@ -188,8 +190,8 @@ class _Options:
         trunk = _reach_chances(rows, fields[:, 1], "trunk_offsets", width - 1)  # [rows, q]: q trunk tokens accepted
         trunk_gain = np.cumsum(trunk, axis=1) - 1  # expected accepted of a q-token trunk: rate + ... + rate^q
         pool_gain = fields[:, 2, None] * _pool_gains(rows, fields[:, 4], width)
-        gain = trunk_gain[:, :, None] + trunk[:, :, None] * pool_gain[:, None, :]
-        self.gain = acceptance_scale * gain  # [rows, q, s]
+        self.pool_gain = pool_scale * trunk[:, :, None] * pool_gain[:, None, :]  # [rows, q, s]
+        self.gain = trunk_scale * trunk_gain[:, :, None] + self.pool_gain
         self.tokens = power[:, None] + power[None, :]  # [q, s]
         self.q = np.broadcast_to(power[:, None], self.tokens.shape)
         self.fits = self.tokens[None] <= budgets[:, None, None]
@@ -238,7 +240,8 @@ class _Options:
         # Each row's step time per emitted token, averaged over the rows: a step's mean time per output token.
         emitted = 1.0 + gain[at_depth, at_row, pick]  # [depth, row]
         time_per_token = seconds * (1.0 / emitted).mean(axis=1) if rows else seconds
-        return _Picks(self, pick, trunk, forwards, tokens, seconds, time_per_token)
+        pool = self.pool_gain.reshape(rows, -1)[at_row, pick].sum(axis=1)
+        return _Picks(self, pick, trunk, forwards, tokens, seconds, time_per_token, pool)
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ class _Picks:
     tokens: np.ndarray  # [depth]
     seconds: np.ndarray  # [depth]
     time_per_token: np.ndarray  # [depth]: the rows' mean of the step's seconds over their expected tokens
+    pool: np.ndarray  # [depth]: of the expected tokens, the pool's
 
     @property
     def proposes(self) -> np.ndarray:
@@ -268,4 +272,5 @@ class _Picks:
             forwards=int(self.forwards[depth]) if drafting else 0,
             expected_tokens=float(self.tokens[depth]),
             expected_seconds=float(self.seconds[depth]),
+            expected_pool=float(self.pool[depth]),
         )

@@ -81,6 +81,7 @@ _COST_GAUGES: dict[str, str] = {
 }
 _PREDICTION = "vllm:ouroboros_predicted_over_measured_step_time"
 _CALIBRATION = "vllm:ouroboros_acceptance_calibration"
+_POOL_CALIBRATION = "vllm:ouroboros_pool_acceptance_calibration"
 _TIME_CALIBRATION = "vllm:ouroboros_step_time_calibration"
 
 _metrics: dict[str, Counter | Gauge] = {}
@@ -91,6 +92,7 @@ _UNLABELLED = [
     *_GAUGES,
     _PREDICTION,
     _CALIBRATION,
+    _POOL_CALIBRATION,
     _TIME_CALIBRATION,
 ]
 
@@ -120,7 +122,14 @@ def registered() -> dict[str, Counter | Gauge]:
             multiprocess_mode="livemostrecent",
         )
         for name, text in (
-            (_CALIBRATION, "Accepted draft tokens / what the acceptance model expected, lately: the planner's scale."),
+            (
+                _CALIBRATION,
+                "Accepted draft-model tokens / what the acceptance model expected, lately: the planner's scale.",
+            ),
+            (
+                _POOL_CALIBRATION,
+                "Accepted pool tokens / what the acceptance model expected, lately: the planner's scale.",
+            ),
             (_TIME_CALIBRATION, "A speculative step's time / what the cost model predicted, lately: its scale."),
         ):
             _metrics[name] = Gauge(name, text, _LABELS, multiprocess_mode="livemostrecent")
@@ -203,6 +212,7 @@ class MetricsExporter:
         if stats.measured_seconds:
             self._series[_PREDICTION].set(stats.predicted_seconds / stats.measured_seconds)
         self._series[_CALIBRATION].set(controller.acceptance_scale())
+        self._series[_POOL_CALIBRATION].set(controller.pool_scale())
         self._series[_TIME_CALIBRATION].set(controller.time_scale())
 
     def _add(self, counter: str, total: float, pushed: float) -> None:

@@ -171,19 +171,21 @@ class OuroborosProposer(hooks.StepListener):
         states = [self.requests.get(req_id) or self._adopt(req_id) for req_id in req_ids]
         # (state, history, budget, the draft model if it can serve the row) of every row that may propose.
         rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]] = []
-        planned_accepted = 0  # draft tokens accepted of the last plan's rows
+        planned_accepted = planned_from_pool = 0  # draft tokens accepted of the last plan's rows, and the pool's
         for row, (req_id, state, sampled) in enumerate(zip(req_ids, states, sampled_token_ids, strict=True)):
             num_tokens = int(num_tokens_no_spec[row])
             # Near max_model_len, a draft must leave room for the target's own token.
             budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens - 1)
             counts = state.count_accepted(sampled)
-            planned_accepted += 0 if state.cold else counts.accepted_tokens
+            if not state.cold:
+                planned_accepted += counts.accepted_tokens
+                planned_from_pool += counts.suffix_accepted_tokens
             self._record(state, counts)
             # Rows still in (chunked) prefill sampled nothing: there is no next token to draft after yet.
             if sampled and budget > 0:
                 history = token_ids_cpu[row, :num_tokens]
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
-        self.controller.observe_accepted(planned_accepted)  # a no-op unless the last step was planned
+        self.controller.observe_accepted(planned_accepted, planned_from_pool)  # a no-op unless the last plan predicted
         plans = self._plan(rows)
         # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
         price = self.controller.costs.draft.fit if self.config.adaptive else None
