@@ -108,6 +108,12 @@ def test_draft_forward_auto_is_static_on_cuda_only():
     assert not parse({"draft_model": "d", "draft_forward": "packed"}).static_draft_forward("cuda")
 
 
+def test_only_the_adaptive_auto_mode_judges_whether_phrases_pay():
+    assert parse({"draft_model": "d"}).judges_phrases
+    assert not parse({"draft_model": "d", "adaptive": False}).judges_phrases
+    assert not parse({"draft_model": "d", "drafting": "ouroboros"}).judges_phrases  # the paper's, always
+
+
 def test_pool_only_needs_no_draft_model():
     assert parse({"drafting": "pool_only"}).draft_model is None
     assert not parse({"drafting": "pool_only", "draft_model": "d"}).uses_draft_model

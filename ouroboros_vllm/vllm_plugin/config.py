@@ -157,6 +157,12 @@ class OuroborosConfig(pydantic.BaseModel):
         return self.drafting in ("auto", "ouroboros")
 
     @property
+    def judges_phrases(self) -> bool:
+        """Whether each planned round carries the pool's phrases only where they pay ('auto'; the 'ouroboros'
+        mode drafts phrase by phrase always, as the paper does)."""
+        return self.drafting == "auto" and self.adaptive
+
+    @property
     def phrase_len(self) -> int:
         return self.ngram_size - 1
 

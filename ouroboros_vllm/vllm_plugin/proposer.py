@@ -188,7 +188,7 @@ class OuroborosProposer(hooks.StepListener):
         self.controller.observe_accepted(planned_accepted, planned_from_pool)  # a no-op unless the last plan predicted
         plans = self._plan(rows)
         # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
-        price = self.controller.costs.draft.fit if self.config.adaptive else None
+        price = self.controller.costs.draft.fit if self.config.judges_phrases else None
         sharers = sum(1 for row_plan in plans if row_plan.trunk)
         proposing = [
             (state, history, row_plan, state.start_round(
