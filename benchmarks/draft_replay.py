@@ -27,7 +27,6 @@ import numpy as np
 
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import context_ngrams
-from ouroboros_vllm.algorithm.request import phrase_tails
 
 # A drafter: given each row's (request key, history, tokens to draft, phrases_for, tails_for), the drafted tokens
 # of each row and the number of forwards it ran. The request key identifies a request across steps.
@@ -89,7 +88,7 @@ def replay(drafter: Drafter, requests: Sequence[Request], batch_size: int, gamma
                 fed[r.key] = len(history)
                 rows.append((r.key, history, min(gamma, len(r.reference) - len(r.emitted)),
                              lambda key: pool.newest(key, phrases),
-                             lambda previous, key: phrase_tails(pool, previous, key, phrases)))  # fmt: skip
+                             lambda previous, key: pool.tails(previous, key, phrases)))  # fmt: skip
             begin = time.perf_counter()
             drafted, forwards = drafter(rows)
             step_seconds.append(time.perf_counter() - begin)

@@ -158,7 +158,6 @@ def test_phrase_tails_keep_drafting_exact_and_narrow_the_forwards(history, budge
     """Tails (phrases under the token before the key that start with the key, first token dropped): the draft is
     still the model's greedy continuation; without tails and not wide, a forward carries no phrases at all."""
     from ouroboros_vllm.algorithm.pool import PhrasePool
-    from ouroboros_vllm.algorithm.request import phrase_tails
 
     truth = greedy(history, budget + 4)
     full = history + truth
@@ -168,7 +167,7 @@ def test_phrase_tails_keep_drafting_exact_and_narrow_the_forwards(history, budge
     lengths: set[int] = set()
     round_ = DraftRound(DraftState(), np.asarray(history), budget, frozenset(), VOCAB,
                         phrases_for=lambda key: pool.newest(key, 2),
-                        tails_for=lambda previous, key: phrase_tails(pool, previous, key, 2))  # fmt: skip
+                        tails_for=lambda previous, key: pool.tails(previous, key, 2))  # fmt: skip
     while not round_.done:
         plan = round_.plan(wide)
         lengths |= {len(phrase) for phrase in plan.phrases}
@@ -200,7 +199,6 @@ def test_phrase_replay_is_what_a_carrying_round_did_and_a_narrow_round_drafts_th
     tails; a round told not to carry them drafts the same tokens one per forward, carrying none, and replays to
     the carrying round's figures."""
     from ouroboros_vllm.algorithm.pool import PhrasePool
-    from ouroboros_vllm.algorithm.request import phrase_tails
 
     truth = greedy(history, budget + 4)
     full = history + truth
@@ -212,7 +210,7 @@ def test_phrase_replay_is_what_a_carrying_round_did_and_a_narrow_round_drafts_th
         runtime, carried, forwards = FakeRuntime(), 0, 0
         round_ = DraftRound(DraftState(), np.asarray(history), budget, frozenset(), VOCAB,
                             phrases_for=lambda key: pool.newest(key, 2),
-                            tails_for=lambda previous, key: phrase_tails(pool, previous, key, 2),
+                            tails_for=lambda previous, key: pool.tails(previous, key, 2),
                             carry_phrases=carry)  # fmt: skip
         while not round_.done:
             plan = round_.plan()

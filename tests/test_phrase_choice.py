@@ -8,7 +8,7 @@ import pytest
 from test_drafting import VOCAB, FakeRuntime, greedy
 
 from ouroboros_vllm.algorithm.cost_model import LinearCost
-from ouroboros_vllm.algorithm.phrase_choice import PhraseYield, phrases_pay
+from ouroboros_vllm.algorithm.phrase_choice import PhraseJudge, PhraseYield, phrases_pay
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.request import DraftModelInfo, DraftSettings, RequestState
 
@@ -57,7 +57,7 @@ def test_a_new_request_starts_from_the_process_figures_and_its_own_rounds_take_o
 def _request(pool: PhrasePool, process: PhraseYield) -> RequestState:
     settings = DraftSettings(gamma=6, phrase_len=3, draft_phrases=2, lookahead_window=0, uses_pool=True,
                              context_ngrams=False)  # fmt: skip
-    return RequestState(settings, pool, process_phrases=process)
+    return RequestState(settings, pool, phrases=PhraseJudge(process=process))
 
 
 def _round(
@@ -121,4 +121,4 @@ def test_without_a_price_a_round_always_carries_phrases_and_replays_nothing():
     pool, process = PhrasePool(3, 16, 1000, 10000), PhraseYield()
     state, runtime = _request(pool, process), FakeRuntime()
     assert all(_round(state, runtime, [1, 2, 3, 4], None)[0] for _ in range(3))
-    assert state.phrases.drafted.examined == 0 and process.drafted.examined == 0
+    assert state.phrases.own.drafted.examined == 0 and process.drafted.examined == 0

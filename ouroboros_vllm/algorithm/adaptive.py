@@ -102,8 +102,7 @@ class AdaptiveController:
         self._since_probe = 0
         self._since_plain: dict[int, int] = {}  # planned steps at a batch size since a plain step there
         self._pending_prediction: float | None = None
-        # The last plan's expected accepted draft tokens, (trunk, pool), each as the model predicted them uncalibrated.
-        self._pending_accepted: tuple[float, float] | None = None
+        self._pending_accepted: tuple[float, float] | None = None  # the last plan's (trunk, pool), uncalibrated
         self._calibration = Calibration(CALIBRATION_PRIOR_TOKENS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
         self._pool_calibration = Calibration(CALIBRATION_PRIOR_TOKENS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
         self._time_calibration = Calibration(CALIBRATION_PRIOR_SECONDS, CALIBRATION_DECAY, CALIBRATION_BOUNDS)
@@ -131,8 +130,7 @@ class AdaptiveController:
             self._pending_speculative = None
 
     def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:
-        """The target accepted ``accepted`` draft tokens of the last plan's rows (read at the next step), ``from_pool``
-        of them the pool's."""
+        """The target accepted ``accepted`` draft tokens of the last plan's rows (``from_pool`` the pool's)."""
         if self._pending_accepted is not None:
             trunk, pool = self._pending_accepted
             self.stats.predicted_accepted += trunk * self.acceptance_scale() + pool * self.pool_scale()
@@ -149,9 +147,8 @@ class AdaptiveController:
         return self._calibration.scale()
 
     def pool_scale(self) -> float:
-        """The same for the pool's tokens, kept apart: the two sources err apart (at batch 1 over the 8 benchmark
-        datasets, the pool's expected tokens ran from 0.22 a step where none was accepted, on translation, to half of
-        what was accepted on summarization), and one scale for both let the pool's errors price the trunk."""
+        """The same for the pool's tokens: the sources err apart, and one scale let the pool's errors price the trunk
+        (docs/design.md, "Calibration")."""
         return self._pool_calibration.scale()
 
     def time_scale(self) -> float:
@@ -191,8 +188,8 @@ class AdaptiveController:
         if target is None or draft is None:
             plan = full = full_plan(rows, max_depth)  # measures both costs
         else:
-            shape, scale, time_scale = self.shape(), self.acceptance_scale(), self.time_scale()
-            scales = {"acceptance_scale": scale, "pool_scale": self.pool_scale()}
+            shape, time_scale = self.shape(), self.time_scale()
+            scales = {"acceptance_scale": self.acceptance_scale(), "pool_scale": self.pool_scale()}
             target, draft = target.scaled(time_scale), draft.scaled(time_scale)
             plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, **scales)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.

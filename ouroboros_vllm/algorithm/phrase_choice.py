@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import DECAY, PRIOR_TRIALS, PROCESS_HALF_LIFE, Rate
 from ouroboros_vllm.algorithm.cost_model import LinearCost
+from ouroboros_vllm.algorithm.drafting import DraftRound
 
 
 @dataclass
@@ -60,3 +61,28 @@ def phrases_pay(own: PhraseYield, process: PhraseYield, draft: LinearCost, share
     tokens, width = own.per_forward(process)
     fixed = draft.intercept / max(sharers, 1)
     return tokens * (fixed + draft.slope) > fixed + draft.slope * (1.0 + width)
+
+
+@dataclass
+class PhraseJudge:
+    """One request's side of the choice: its figures, the process's (its prior, shared by every request), and
+    whether its current round was judged (then its drafted tokens are replayed into both)."""
+
+    own: PhraseYield = field(default_factory=PhraseYield)
+    process: PhraseYield | None = None
+    judged: bool = False
+
+    def start(self, price: LinearCost | None, sharers: int = 1) -> bool:
+        """Whether the round about to draft carries the pool's phrases: always when there is no ``price`` (the
+        paper's drafting, unjudged), else where they pay (:func:`phrases_pay`)."""
+        self.judged = price is not None
+        return price is None or phrases_pay(self.own, self.process or PhraseYield(), price, sharers)
+
+    def finish(self, round_: DraftRound) -> None:
+        """A judged round's drafted tokens, replayed against the pool, into the request's and the process's figures."""
+        if not (self.judged and round_.drafted):
+            return
+        forwards, carried = round_.phrase_replay()
+        self.own.record_request(len(round_.drafted), forwards, carried)
+        if self.process is not None:
+            self.process.record_process(len(round_.drafted), forwards, carried)

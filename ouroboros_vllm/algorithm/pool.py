@@ -166,6 +166,14 @@ class PhrasePool:
         """Up to ``count`` newest phrases under ``key``, newest first (a counted lookup)."""
         return self.phrases(key)[::-1][:count]
 
+    def tails(self, previous: int, key: int, count: int) -> list[Phrase]:
+        """Up to ``count`` tails (all but the first token) of the newest phrases under ``previous`` that start with
+        ``key``: guesses of what follows ``key`` in the context ``previous, key``."""
+        if self.phrase_len < 2:
+            return []
+        tails = [phrase[1:] for phrase in self.newest(previous, self.max_phrases_per_key) if phrase[0] == key]
+        return list(dict.fromkeys(tails))[:count]
+
     def refine(self, key: int, old: Phrase, new: Iterable[int]) -> None:
         """Replace ``old`` under ``key`` by ``new`` (made newest); ``old`` may already be gone."""
         new = tuple(new)

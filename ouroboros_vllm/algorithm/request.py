@@ -24,7 +24,7 @@ from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceM
 from ouroboros_vllm.algorithm.cost_model import LinearCost
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.lengths import OutputLengths
-from ouroboros_vllm.algorithm.phrase_choice import PhraseYield, phrases_pay
+from ouroboros_vllm.algorithm.phrase_choice import PhraseJudge
 from ouroboros_vllm.algorithm.planner import RowOutlook
 from ouroboros_vllm.algorithm.pool import PhrasePool
 from ouroboros_vllm.algorithm.proposal import (
@@ -79,10 +79,7 @@ class RequestState:
     max_tokens: int | None = None  # the most tokens the request may emit (its SamplingParams), None: not known
     emitted: int = 0  # tokens the target has emitted for the request so far
     tree: bool = False  # may propose a draft tree (tree verification on, and the request's sampling allows it)
-    # What drafting phrase by phrase yields for this request, and for every request (the process's, its prior).
-    phrases: PhraseYield = field(default_factory=PhraseYield)
-    process_phrases: PhraseYield | None = None
-    _judging_phrases: bool = False  # the current round's phrases were judged (its tokens are then replayed)
+    phrases: PhraseJudge = field(default_factory=PhraseJudge)  # whether its draft forwards carry pool phrases
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:
         """A new engine step: what the target accepted of the last proposal (``sampled``: the tokens vLLM just
@@ -215,13 +212,10 @@ class RequestState:
         if self.settings.draft_phrases:
             pool, count = self.pool, self.settings.draft_phrases
             round_.phrases_for = lambda key: pool.newest(key, count)
-            round_.tails_for = lambda previous, key: phrase_tails(pool, previous, key, count)
+            round_.tails_for = lambda previous, key: pool.tails(previous, key, count)
             round_.window_shape = (self.settings.phrase_len, self.settings.lookahead_window)
             round_.add_ngrams = pool.insert_many
-            self._judging_phrases = phrase_price is not None
-            if phrase_price is not None:
-                prior = self.process_phrases or PhraseYield()
-                round_.carry_phrases = phrases_pay(self.phrases, prior, phrase_price, sharers)
+            round_.carry_phrases = self.phrases.start(phrase_price, sharers)
         if self.tree and budget is not None:
             trunk_rate = self.rates()[0]
             round_.stop_early = lambda r: not trunk_may_grow(*self._draft_chances(r), budget, trunk_rate)
@@ -247,8 +241,8 @@ class RequestState:
         """The proposal: the draft model's tokens (the first ``trunk`` of them, default all), lengthened from the
         pool up to ``budget`` tokens (not past an end of sequence), as a tree where the request may take one; and
         the counts to add."""
-        if round_ is not None and self._judging_phrases and round_.drafted:
-            self._record_phrases(len(round_.drafted), *round_.phrase_replay())
+        if round_ is not None:
+            self.phrases.finish(round_)
         drafted = round_.drafted[:trunk] if round_ is not None else []
         proposal = Proposal(tokens=list(drafted), trunk_len=len(drafted))
         ends_sequence = round_ is not None and bool(drafted) and drafted[-1] in round_.eos_token_ids
@@ -281,11 +275,6 @@ class RequestState:
         )
         return proposal.tokens, counts
 
-    def _record_phrases(self, drafted: int, forwards: int, carried: int) -> None:
-        self.phrases.record_request(drafted, forwards, carried)
-        if self.process_phrases is not None:
-            self.process_phrases.record_process(drafted, forwards, carried)
-
     def after_verification(
         self, verified: Sequence[int], target_argmax: Sequence[int], as_tree: bool = False
     ) -> DraftStats:
@@ -304,12 +293,3 @@ def _known(verdicts: Sequence[tuple[float | None, bool]]) -> tuple[list[float], 
     """The (probability, accepted) pairs whose probability the draft gave, as two lists."""
     known = [(p, ok) for p, ok in verdicts if p is not None]
     return [p for p, _ in known], [ok for _, ok in known]
-
-
-def phrase_tails(pool: PhrasePool, previous: int, key: int, count: int) -> list[tuple[int, ...]]:
-    """Up to ``count`` tails (all but the first token) of the newest phrases under ``previous`` that start with
-    ``key``: guesses of what follows ``key`` in the context ``previous, key``."""
-    if pool.phrase_len < 2:
-        return []
-    tails = [phrase[1:] for phrase in pool.newest(previous, pool.max_phrases_per_key) if phrase[0] == key]
-    return list(dict.fromkeys(tails))[:count]

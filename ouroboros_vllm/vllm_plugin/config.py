@@ -68,12 +68,7 @@ class OuroborosConfig(pydantic.BaseModel):
     )
     ngram_size: int = Field(default=5, ge=2, le=16, description="N: a pool phrase is N-1 tokens after its key.")
     max_phrases_per_key: int = Field(default=16, ge=1, le=1024, description="G: phrases kept per key token.")
-    draft_phrases: int = Field(
-        default=4,
-        ge=0,
-        le=64,
-        description="Pool phrases a phrase-by-phrase draft forward carries ('ouroboros', and 'auto' where they pay).",
-    )
+    draft_phrases: int = Field(default=4, ge=0, le=64, description="Pool phrases a phrase-by-phrase forward carries.")
     lookahead_window: int = Field(
         default=0,
         ge=0,
@@ -134,9 +129,7 @@ class OuroborosConfig(pydantic.BaseModel):
         "once as a CUDA graph on a GPU); 'auto' is 'static' on CUDA and 'packed' elsewhere.",
     )
     stats_log_interval_s: float = Field(
-        default=30.0,
-        ge=0.0,
-        description="Seconds between two log lines of the proposer's stats; 0 turns the log off.",
+        default=30.0, ge=0.0, description="Seconds between two log lines of the proposer's stats; 0 turns the log off."
     )
 
     def static_draft_forward(self, device_type: str) -> bool:
@@ -158,8 +151,7 @@ class OuroborosConfig(pydantic.BaseModel):
 
     @property
     def judges_phrases(self) -> bool:
-        """Whether each planned round carries the pool's phrases only where they pay ('auto'; the 'ouroboros'
-        mode drafts phrase by phrase always, as the paper does)."""
+        """Whether rounds carry the pool's phrases only where they pay ('ouroboros' drafts phrase by phrase always)."""
         return self.drafting == "auto" and self.adaptive
 
     @property

@@ -24,7 +24,7 @@ from vllm.logger import init_logger
 from ouroboros_vllm.algorithm.adaptive import AdaptiveController
 from ouroboros_vllm.algorithm.drafting import DraftRound
 from ouroboros_vllm.algorithm.lengths import OutputLengths
-from ouroboros_vllm.algorithm.phrase_choice import PhraseYield
+from ouroboros_vllm.algorithm.phrase_choice import PhraseJudge, PhraseYield
 from ouroboros_vllm.algorithm.planner import RowPlan
 from ouroboros_vllm.algorithm.pool_file import PoolFile, PoolIdentity, tokenizer_fingerprint
 from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
@@ -251,9 +251,8 @@ class OuroborosProposer(hooks.StepListener):
     def _new_request(self, cold: bool) -> RequestState:
         own_pool = cold or not self.config.warm_start
         pool = self.config.new_pool() if own_pool else self.pool
-        return RequestState(
-            self.settings, pool, cold=cold, prior=self.controller.acceptance, process_phrases=self.phrases
-        )
+        phrases = PhraseJudge(process=self.phrases)
+        return RequestState(self.settings, pool, cold=cold, prior=self.controller.acceptance, phrases=phrases)
 
     def _adopt(self, req_id: str) -> RequestState:
         """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
