@@ -99,6 +99,35 @@ def pool_cells(row: Summary) -> list[str]:
     ]
 
 
+DRAFT_COLUMNS = (
+    "dataset",
+    "method",
+    "batch",
+    "draft forwards / step",
+    "ms / draft forward",
+    "trunk tokens / forward",
+    "rounds with phrases",
+)
+
+
+def draft_cells(row: Summary) -> list[str]:
+    """How our draft model drafted: how many forwards a step, what each cost, how many trunk tokens each emitted
+    (more than one where the pool's phrases rode along), and how many rounds carried phrases."""
+    d = row.drafter
+    forwards, steps, rounds = d.get("draft_forwards", 0), d.get("steps", 0), d.get("rounds", 0)
+    seconds = d.get("draft_seconds", 0.0)
+    trunk = d.get("proposed_tokens", 0) - d.get("suffix_tokens", 0)
+    return [
+        row.dataset,
+        row.method,
+        str(row.batch_size),
+        _num(forwards / steps if steps else None, ".2f"),
+        _num(1000 * seconds / forwards if forwards else None, ".1f"),
+        _num(trunk / forwards if forwards else None, ".2f"),
+        _share(d["phrase_rounds"], rounds) if "phrase_rounds" in d else "—",  # not counted before 2026-11-30
+    ]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -146,6 +175,16 @@ def render(
             "from phrases that matched more of the chain's end than their key; rank 0 is the first path's suffix.",
             "",
             markdown_table(POOL_COLUMNS, [pool_cells(r) for r in ours]),
+            "",
+        ]
+    drafting = [r for r in per_dataset if r.drafter.get("draft_forwards")]
+    if drafting:
+        out += [
+            "## The draft model's forwards (ours, per dataset)",
+            "",
+            "A forward's time includes the rounds' bookkeeping and the catch-ups it carries (a prompt's, at first).",
+            "",
+            markdown_table(DRAFT_COLUMNS, [draft_cells(r) for r in drafting]),
             "",
         ]
     if plots:

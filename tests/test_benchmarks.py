@@ -742,6 +742,20 @@ def test_the_pool_and_tree_table_sums_our_counters_over_runs():
     assert cells["alternative taken"] == "2/4 (50%)" and cells["accepted candidate by rank"] == "0: 2, 1: 3"
 
 
+def test_the_drafting_table_shows_each_forward_s_price_and_yield():
+    row = metrics.Summary("ouroboros", 4, "mt_bench", 1)
+    for stats in (
+        {"steps": 10, "rounds": 10, "draft_forwards": 20, "draft_seconds": 0.9, "proposed_tokens": 40,
+         "suffix_tokens": 10, "phrase_rounds": 1},
+        {"steps": 10, "rounds": 10, "draft_forwards": 20, "draft_seconds": 0.7, "proposed_tokens": 40,
+         "suffix_tokens": 6, "phrase_rounds": 3},
+    ):  # fmt: skip
+        row.add_run({"prompts": [], "num_output_tokens": 0, "wall_s": 1.0, "drafter_stats": stats})
+    cells = dict(zip(report.DRAFT_COLUMNS, report.draft_cells(row), strict=True))
+    assert cells["draft forwards / step"] == "2.00" and cells["ms / draft forward"] == "40.0"
+    assert cells["trunk tokens / forward"] == "1.60" and cells["rounds with phrases"] == "4/20 (20%)"
+
+
 def test_the_overlay_benchmark_writes_its_figures(tmp_path):
     from benchmarks import tree_overlay
 
