@@ -10,10 +10,11 @@ on HumanEval and 1.08 on MT-Bench, and those forwards cost 45-50 ms against the 
 
 So each request keeps two decayed figures, the draft tokens a phrase-carrying forward emits for it and the phrase
 tokens it carries, and a round carries phrases when that costs less per drafted token than one token a forward,
-at the draft's measured price of a forward (its fixed part shared by the rows that draft together). A round that
-carried phrases reports what its forwards did; one that did not replays its drafted tokens against the pool
-(:meth:`~ouroboros_vllm.algorithm.drafting.DraftRound.phrase_replay`), so a request that stopped carrying them
-still learns when they would pay again. A new request starts from the process's figures.
+at the draft's measured price of a forward (its fixed part shared by the rows that draft together). Every judged
+round replays its drafted tokens against the pool
+(:meth:`~ouroboros_vllm.algorithm.drafting.DraftRound.phrase_replay`: for a round that carried phrases, what its
+forwards did), so a request that stopped carrying them still learns when they would pay again. A new request starts
+from the process's figures.
 """
 
 from __future__ import annotations
