@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from benchmarks.metrics import ALL_DATASETS, BASELINE, Summary
+from ouroboros_vllm.algorithm.stats import DraftStats
+
+_COUNTED = {f.name for f in fields(DraftStats)} - {"accepted_rank"}  # the counts the table reads are plain numbers
 
 COLUMNS = (
     "method",
@@ -114,17 +118,16 @@ def draft_cells(row: Summary) -> list[str]:
     """How our draft model drafted: how many forwards a step, what each cost, how many trunk tokens each emitted
     (more than one where the pool's phrases rode along), and how many rounds carried phrases."""
     d = row.drafter
-    forwards, steps, rounds = d.get("draft_forwards", 0), d.get("steps", 0), d.get("rounds", 0)
-    seconds = d.get("draft_seconds", 0.0)
-    trunk = d.get("proposed_tokens", 0) - d.get("suffix_tokens", 0)
+    stats = DraftStats(**{name: d[name] for name in _COUNTED if name in d})  # the proposer's own counters
+    forwards = stats.draft_forwards
     return [
         row.dataset,
         row.method,
         str(row.batch_size),
-        _num(forwards / steps if steps else None, ".2f"),
-        _num(1000 * seconds / forwards if forwards else None, ".1f"),
-        _num(trunk / forwards if forwards else None, ".2f"),
-        _share(d["phrase_rounds"], rounds) if "phrase_rounds" in d else "—",  # not counted before 2026-11-30
+        _num(forwards / stats.steps if stats.steps else None, ".2f"),
+        _num(1000 * stats.draft_seconds / forwards if forwards else None, ".1f"),
+        _num(stats.tokens_per_draft_forward if forwards else None, ".2f"),
+        _share(stats.phrase_rounds, stats.rounds) if "phrase_rounds" in d else "—",  # not counted before 2026-11-30
     ]
 
 

@@ -146,9 +146,9 @@ class DraftRuntime:
     def _may_carry(self, rows: int, width: Rate) -> bool:
         """Whether this forward may carry the pool's phrases (``width``: their tokens per row so far), or their
         context-checked tails. Most phrases are rejected at their first token, and a forward shared by several
-        rows only ends sooner if all of them do: so they ride along only where they are nearly free, in a lone
-        row's forward (bound by reading the weights on any device), or while they add at most a quarter to the
-        forward's measured cost."""
+        rows only ends sooner if all of them do: so they ride along in a lone row's forward (whose request
+        decides for itself in the adaptive mode, :mod:`~ouroboros_vllm.algorithm.phrase_choice`: on a small CPU
+        they are not free there either), or while they add at most a quarter to the forward's measured cost."""
         fit = self._forward_cost.fit
         if rows == 1 or fit is None or width.examined == 0:
             return True
