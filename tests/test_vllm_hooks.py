@@ -154,3 +154,41 @@ def test_the_cpu_rejection_sampler_uses_the_fixed_expansion():
     vllm_hooks.install()
     vllm_hooks.install()  # idempotent
     assert rejection_sampler.expand_batch_to_tokens is vllm_hooks.expand_batch_to_tokens
+
+
+_LOG_PROBE = """
+import logging, sys
+{setup}
+from ouroboros_vllm.vllm_plugin import entry
+entry.register()  # vLLM may register plugins before it configures its logging, as here
+from vllm.config.logging import LoggingConfig
+from vllm.logger import configure_logging
+configure_logging(LoggingConfig())  # a handler on "vllm" only, as vLLM's processes do at start
+entry.register()
+logging.getLogger("ouroboros_vllm.vllm_plugin.proposer").info("PROBE-LINE")
+print("handlers", len(logging.getLogger("ouroboros_vllm").handlers))
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "level", "handlers", "shown"),
+    [
+        ("", "INFO", 1, True),
+        ("", "WARNING", 1, False),
+        ("logging.basicConfig(level=logging.INFO, stream=sys.stdout)", "WARNING", 0, True),
+    ],
+    ids=["vllm-handler", "vllm-level", "application-config"],
+)
+def test_our_info_lines_reach_a_log(setup, level, handlers, shown):
+    """The stats line is INFO from an ``ouroboros_vllm`` logger: without routing it was dropped in every vLLM
+    process (vLLM configures only its own logger). It follows vLLM's level; with the application's own logging
+    config, ours is left to it."""
+    import os
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _LOG_PROBE.format(setup=setup)], capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"VLLM_LOGGING_LEVEL": level})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert f"handlers {handlers}" in output
+    assert ("PROBE-LINE" in output) is shown
