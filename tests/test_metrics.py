@@ -90,3 +90,7 @@ def test_the_planner_shows_its_prices_and_its_acceptance_calibration():
     assert plain == pytest.approx(0.22, abs=0.01)  # the two plain steps of 2 rows
     assert sample("vllm:ouroboros_acceptance_calibration", "planner-test") < 1.0
     assert sample("vllm:ouroboros_step_time_calibration", "planner-test") == 1.0  # no speculative step measured
+    controller.stats.guard_plain_steps = 3
+    exporter.push_adaptive(controller)
+    exporter.push_adaptive(controller)  # increments since the last push
+    assert sample("vllm:ouroboros_guard_plain_steps_total", "planner-test") == 3

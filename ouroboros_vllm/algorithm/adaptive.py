@@ -6,7 +6,7 @@ of every request, :mod:`.acceptance`) and how the draft has been drafting, and t
 tokens the rows proposed (a histogram), the current fit, the predicted against the measured step time and
 accepted tokens, and the calibrations the plans take from those (:class:`~.cost_model.Calibration`).
 
-Five things keep the model honest:
+Six things keep the model honest:
 
 - until both costs have been measured, a step speculates fully (as the fixed modes do), which measures them;
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
@@ -20,26 +20,21 @@ Five things keep the model honest:
   request has left (:func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`);
 - a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
   its acceptance are only measured when it drafts): up to :data:`EXPLORE_SHARE` of the time measured since the
-  draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost.
+  draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost;
+- at a batch size where speculative steps have emitted fewer tokens a second than plain ones, whatever the model
+  said, steps run plain but for bursts that measure speculation again (:mod:`.yield_guard`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm.acceptance import PROFILED, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step
-from ouroboros_vllm.algorithm.planner import (
-    DraftShape,
-    RowOutlook,
-    RowPlan,
-    StepPlan,
-    empty_plan,
-    plan_seconds,
-    plan_step,
-)
+from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, StepPlan, empty_plan, plan_seconds, plan_step
+from ouroboros_vllm.algorithm.stats import AdaptiveStats
 from ouroboros_vllm.algorithm.step_plans import BatchPrices, affordable_rows, full_plan, pool_plan, try_new_rows
+from ouroboros_vllm.algorithm.yield_guard import YieldGuard
 
 PROBE_EVERY = 16
 # A plain step (nothing proposed) at each batch size at least this often, planned steps at that size counted, and
@@ -54,36 +49,12 @@ CALIBRATION_PRIOR_TOKENS = 16.0
 CALIBRATION_PRIOR_SECONDS = 2.0
 CALIBRATION_BOUNDS = (0.5, 1.5)
 # Draft forwards measured before the planner may decline a row's catch-up. The first forwards pay one-time costs
-# (measured on this CPU: the three after the first catch-up 70-74 ms, then 46-53 ms); 16 dilute them to a fit
-# about 10% pessimistic. Every forward before trust catches up whatever rows there are: at 32, a run's start cost
-# batch 16 8% of a 64-request run and a slow draft (a 20 ms forward against a 5 ms step) 11% at batch 8 (policy
-# replay, docs/benchmarks.md).
+# (this CPU: 70-74 ms, then 46-53 ms); 16 dilute them to a fit about 10% pessimistic. Every forward before trust
+# catches up whatever rows there are: at 32, the start cost batch 16 8% of a 64-request run (docs/benchmarks.md).
 TRUSTED_DRAFT_SAMPLES = 16
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
 PROFILE_SHOWN = 4  # positions of the acceptance profiles the log line shows
-
-
-@dataclass
-class AdaptiveStats:
-    """What the plans did, since the engine started."""
-
-    planned_steps: int = 0
-    probe_steps: int = 0  # steps that measured the target's cost per token
-    explore_steps: int = 0  # steps that drafted against the plan, to measure the draft again
-    catch_ups_declined: int = 0  # row-steps the draft model sat out because its catch-up would not pay
-    lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
-    predicted_seconds: float = 0.0  # of the steps whose time was then measured
-    measured_seconds: float = 0.0
-    predicted_accepted: float = 0.0  # draft tokens the plans expected accepted, of the steps then verified
-    verified_accepted: int = 0  # and what the target accepted of them
-
-    def count_lengths(self, rows: Sequence[RowPlan]) -> None:
-        for row in rows:
-            self.lengths[row.total] = self.lengths.get(row.total, 0) + 1
-
-    def histogram(self) -> str:
-        return " ".join(f"{length}:{count}" for length, count in sorted(self.lengths.items()))
 
 
 class AdaptiveController:
@@ -110,6 +81,9 @@ class AdaptiveController:
         self._pending_draft_seconds = 0.0
         self._explore_credit = 0.0  # seconds of exploration earned since the draft last ran
         self._rows = 0  # rows of the last plan
+        self._proposed = 0  # tokens it proposed
+        self.guard = YieldGuard()
+        self._last_step: tuple[int, float, bool] | None = None  # (rows, seconds, speculative) of a decoding step
         self._assumed: tuple[LinearCost | None, LinearCost | None] = (None, None)  # its target and plain step
 
     # ---- what was measured ----------------------------------------------------------------------------
@@ -118,6 +92,10 @@ class AdaptiveController:
         """The target's step of ``rows`` rows (default: the last plan's) computed ``tokens`` tokens in ``seconds``."""
         rows = self._rows if rows is None else rows
         self.costs.add_target_step(rows, tokens, seconds)
+        # What the guard compares: steps of the plan's rows and nothing else (no prompt chunk beside them).
+        decoding = rows == self._rows and tokens <= rows + self._proposed
+        speculative = self._proposed > 0 or self._pending_draft_seconds > 0
+        self._last_step = (rows, seconds + self._pending_draft_seconds, speculative) if decoding else None
         if is_plain_step(rows, tokens):
             self._since_plain[rows] = 0
         self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
@@ -128,6 +106,13 @@ class AdaptiveController:
         if self._pending_speculative is not None:
             self._time_calibration.add(seconds + self._pending_draft_seconds, self._pending_speculative)
             self._pending_speculative = None
+
+    def observe_emitted(self, rows: int, tokens: int) -> None:
+        """The last step's ``rows`` decoding rows emitted ``tokens`` tokens (accepted drafts and the target's own)."""
+        if self._last_step is not None and self._last_step[0] == rows:
+            _, seconds, speculative = self._last_step
+            self.guard.observe(rows, speculative, tokens, seconds)
+        self._last_step = None
 
     def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:
         """The target accepted ``accepted`` draft tokens of the last plan's rows (``from_pool`` the pool's)."""
@@ -234,6 +219,12 @@ class AdaptiveController:
         if tried is not plan:
             self._pending_prediction = None
             plan = tried
+        # Measured slower than plain at this size, whatever the model said: plain, but for the guard's bursts.
+        measured = target is not None and draft is not None
+        if measured and any(r.total for r in plan.rows) and not self.guard.allows(len(rows)):
+            self.stats.guard_plain_steps += 1
+            self._pending_prediction = None
+            plan = empty_plan(rows)
         if self._pending_prediction is not None:
             trunk = plan.expected_tokens - len(rows) - plan.expected_pool
             self._pending_accepted = (trunk / self.acceptance_scale(), plan.expected_pool / self.pool_scale())
@@ -243,6 +234,7 @@ class AdaptiveController:
                 self._pending_speculative = plan.expected_seconds / self.time_scale()
         self.stats.planned_steps += 1
         self.stats.count_lengths(plan.rows)
+        self._proposed = sum(row.total for row in plan.rows)
         return plan
 
     def target_fit(self) -> LinearCost | None:
@@ -290,6 +282,8 @@ class AdaptiveController:
         if s.predicted_accepted:
             ratio += f", predicted/verified accepted tokens {s.predicted_accepted / max(s.verified_accepted, 1):.2f}"
         declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
+        guard = self.guard.summary(self._rows)
+        declined += f", {guard}, steps run plain by it {s.guard_plain_steps}" if guard else ""
         profiles = " ".join(
             f"{source} {','.join(f'{x:+.2f}' for x in self.acceptance.offsets(source)[:PROFILE_SHOWN])}"
             for source in PROFILED

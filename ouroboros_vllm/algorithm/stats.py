@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ouroboros_vllm.algorithm.planner import RowPlan
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,29 @@ class DraftStats:
             f"{1000 * self.draft_seconds / max(self.rounds, 1):.1f} ms drafting per round"
             + (f", {1000 * self.draft_seconds / self.steps:.1f} ms per engine step" if self.steps else "")
         )
+
+
+@dataclass
+class AdaptiveStats:
+    """What the plans did, since the engine started."""
+
+    planned_steps: int = 0
+    probe_steps: int = 0  # steps that measured the target's cost per token
+    explore_steps: int = 0  # steps that drafted against the plan, to measure the draft again
+    catch_ups_declined: int = 0  # row-steps the draft model sat out because its catch-up would not pay
+    guard_plain_steps: int = 0  # steps run plain because speculation measured slower there (yield_guard)
+    lengths: dict[int, int] = field(default_factory=dict)  # tokens proposed per row -> rows
+    predicted_seconds: float = 0.0  # of the steps whose time was then measured
+    measured_seconds: float = 0.0
+    predicted_accepted: float = 0.0  # draft tokens the plans expected accepted, of the steps then verified
+    verified_accepted: int = 0  # and what the target accepted of them
+
+    def count_lengths(self, rows: Sequence[RowPlan]) -> None:
+        for row in rows:
+            self.lengths[row.total] = self.lengths.get(row.total, 0) + 1
+
+    def histogram(self) -> str:
+        return " ".join(f"{length}:{count}" for length, count in sorted(self.lengths.items()))
 
 
 class StatsLogger:

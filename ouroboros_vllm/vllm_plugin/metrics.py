@@ -83,6 +83,7 @@ _PREDICTION = "vllm:ouroboros_predicted_over_measured_step_time"
 _CALIBRATION = "vllm:ouroboros_acceptance_calibration"
 _POOL_CALIBRATION = "vllm:ouroboros_pool_acceptance_calibration"
 _TIME_CALIBRATION = "vllm:ouroboros_step_time_calibration"
+_GUARD = "vllm:ouroboros_guard_plain_steps"
 
 _metrics: dict[str, Counter | Gauge] = {}
 # The metrics labelled by model name only.
@@ -94,6 +95,7 @@ _UNLABELLED = [
     _CALIBRATION,
     _POOL_CALIBRATION,
     _TIME_CALIBRATION,
+    _GUARD,
 ]
 
 
@@ -133,6 +135,9 @@ def registered() -> dict[str, Counter | Gauge]:
             (_TIME_CALIBRATION, "A speculative step's time / what the cost model predicted, lately: its scale."),
         ):
             _metrics[name] = Gauge(name, text, _LABELS, multiprocess_mode="livemostrecent")
+        _metrics[_GUARD] = Counter(
+            _GUARD, "Steps the planner's speculation was set aside: measured slower than plain steps there.", _LABELS
+        )
     for metric in _metrics.values():
         with contextlib.suppress(ValueError):  # already registered
             REGISTRY.register(metric)
@@ -161,6 +166,7 @@ class MetricsExporter:
         self._pushed = DraftStats()
         self._pushed_pool = {name: 0 for name in _POOL_COUNTERS}
         self._pushed_lengths: dict[int, int] = {}
+        self._pushed_guard = 0
         self._pushed_at = float("-inf")  # time.perf_counter() of the last push
 
     def due(self) -> bool:
@@ -201,6 +207,8 @@ class MetricsExporter:
         for length, rows in stats.lengths.items():
             self._inc_labelled(_LENGTHS, "length", length, rows - self._pushed_lengths.get(length, 0))
             self._pushed_lengths[length] = rows
+        self._add(_GUARD, stats.guard_plain_steps, self._pushed_guard)
+        self._pushed_guard = stats.guard_plain_steps
         for name, fit in (
             ("vllm:ouroboros_cost_target_step_seconds", controller.target_fit()),
             ("vllm:ouroboros_cost_draft_forward_seconds", controller.costs.draft.fit),

@@ -172,6 +172,7 @@ class OuroborosProposer(hooks.StepListener):
         # (state, history, budget, the draft model if it can serve the row) of every row that may propose.
         rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]] = []
         planned_accepted = planned_from_pool = 0  # draft tokens accepted of the last plan's rows, and the pool's
+        emitted = 0  # tokens the rows that may propose emitted in the last step
         for row, (req_id, state, sampled) in enumerate(zip(req_ids, states, sampled_token_ids, strict=True)):
             num_tokens = int(num_tokens_no_spec[row])
             # Near max_model_len, a draft must leave room for the target's own token.
@@ -183,8 +184,10 @@ class OuroborosProposer(hooks.StepListener):
             self._record(state, counts)
             # Rows still in (chunked) prefill sampled nothing: there is no next token to draft after yet.
             if sampled and budget > 0:
+                emitted += len(sampled)
                 history = token_ids_cpu[row, :num_tokens]
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
+        self.controller.observe_emitted(len(rows), emitted)
         self.controller.observe_accepted(planned_accepted, planned_from_pool)  # a no-op unless the last plan predicted
         plans = self._plan(rows)
         # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
