@@ -92,10 +92,10 @@ class AdaptiveController:
         """The target's step of ``rows`` rows (default: the last plan's) computed ``tokens`` tokens in ``seconds``."""
         rows = self._rows if rows is None else rows
         self.costs.add_target_step(rows, tokens, seconds)
-        # What the guard compares: steps of the plan's rows and nothing else (no prompt chunk beside them).
-        decoding = rows == self._rows and tokens <= rows + self._proposed
+        # What the guard judges: steps of the plan's rows (some may have finished) with no prompt chunk beside them.
+        decoding = rows <= self._rows and tokens <= rows + self._proposed
         speculative = self._proposed > 0 or self._pending_draft_seconds > 0
-        self._last_step = (rows, seconds + self._pending_draft_seconds, speculative) if decoding else None
+        self._last_step = (self._rows, seconds + self._pending_draft_seconds, speculative) if decoding else None
         if is_plain_step(rows, tokens):
             self._since_plain[rows] = 0
         self._explore_credit += EXPLORE_SHARE * (seconds + self._pending_draft_seconds)
@@ -107,11 +107,12 @@ class AdaptiveController:
             self._time_calibration.add(seconds + self._pending_draft_seconds, self._pending_speculative)
             self._pending_speculative = None
 
-    def observe_emitted(self, rows: int, tokens: int) -> None:
-        """The last step's ``rows`` decoding rows emitted ``tokens`` tokens (accepted drafts and the target's own)."""
-        if self._last_step is not None and self._last_step[0] == rows:
-            _, seconds, speculative = self._last_step
-            self.guard.observe(rows, speculative, tokens, seconds)
+    def observe_emitted(self, tokens: int) -> None:
+        """The last step's rows that are still decoding emitted ``tokens`` tokens (accepted drafts and their own)."""
+        plain = self.costs.plain_cost(self._last_step[0]) if self._last_step is not None else None
+        if self._last_step is not None and plain is not None:
+            rows, seconds, speculative = self._last_step
+            self.guard.observe(rows, speculative, seconds, tokens * plain(rows) / rows)
         self._last_step = None
 
     def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:

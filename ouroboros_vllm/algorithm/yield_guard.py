@@ -1,89 +1,78 @@
-"""What speculation yielded against plain decoding, measured per batch size: the planner's safety net.
+"""What speculation yielded against plain decoding, measured, per batch size: the planner's safety net.
 
 The planner's model leaves costs out (a row's catch-up, a new request's first full trunk, the probes) and its
-prices can be off; what a step finally yields is measured. :class:`YieldGuard` keeps, per batch size (the rows
-that may propose), decayed sums of the tokens the rows emitted and the seconds spent (the target's step and the
-drafting before it) over the steps that speculated and over those that did not. Once both are known and
-speculation has emitted fewer tokens a second than plain steps, the steps at that size run plain, except for a
-burst of speculative steps now and then, paid out of a small share of the time run plain, which finds out
-whether speculation pays again. Measured in serving at 8 concurrent requests on a 2-core CPU (a verified token
-there costs half of what a plain step emits a token in): the planner's steps, with their catch-ups and trials,
-ran at 0.86-0.88x plain.
+prices can be off; what a step finally yields is measured. For each speculative decoding step,
+:class:`YieldGuard` sets the seconds it took (the target's step and the drafting before it) against the seconds
+plain decoding would have taken to emit the same tokens (a plain step's measured time at that batch size per row
+emitted), in decayed sums per batch-size bucket (1, 2, 3-4, 5-8, 9-16, ... rows: neighbouring sizes share their
+evidence, since speculative steps may be few). Once speculation there has taken longer than plain decoding
+would have, steps in that bucket run plain whatever the plan, except for a burst of speculative steps now and
+then, paid out of a small share of the time run plain, which finds out whether speculation pays again.
+
+Measured through the server at 8 concurrent requests on a 2-core CPU, where a verified token costs half of what a
+plain step emits a token in: the planner's steps, with their catch-ups and trials, ran at 0.86-0.88x plain.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECAY = 0.95  # per step added to a sum: about the last 20 steps of each kind
-MIN_SPECULATIVE = 6.0  # decayed speculative steps at a size before the guard may judge it (seven steps)
-MIN_PLAIN = 1.5  # and plain steps (two: where the planner always proposes, they are its probes, 64 steps apart)
+DECAY = 0.95  # per speculative step added: about the last 20 of them
+MIN_STEPS = 6.0  # decayed speculative steps in a bucket before the guard judges it (seven steps)
 EXPLORE_SHARE = 0.02  # of the time run plain while speculation loses, spent on bursts that measure it again
 BURST = 8  # speculative steps a burst takes: a lone step would mostly measure the rows' catch-ups
 
 
-@dataclass
-class Yield:
-    """Decayed sums over steps of one kind at one batch size."""
+def bucket(rows: int) -> int:
+    """1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, 9-16 -> 4, ..."""
+    return (rows - 1).bit_length()
 
-    tokens: float = 0.0
-    seconds: float = 0.0
+
+@dataclass
+class _Bucket:
+    seconds: float = 0.0  # speculative steps' measured seconds, decayed
+    plain_seconds: float = 0.0  # what plain decoding would have taken to emit their tokens, decayed alike
     steps: float = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens = self.tokens * DECAY + tokens
-        self.seconds = self.seconds * DECAY + seconds
-        self.steps = self.steps * DECAY + 1.0
-
-    def rate(self) -> float:
-        """Tokens a second."""
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class _Size:
-    plain: Yield
-    speculative: Yield
     credit: float = 0.0  # seconds of exploration earned while speculation lost
     burst: int = 0  # speculative steps left in the burst under way
 
+    def speedup(self) -> float:
+        return self.plain_seconds / self.seconds if self.seconds > 0 else 1.0
+
 
 class YieldGuard:
-    """Per batch size: whether steps may speculate, from what steps of each kind yielded."""
+    """Per batch-size bucket: whether steps may speculate, from what the speculative ones measured."""
 
     def __init__(self) -> None:
-        self._sizes: dict[int, _Size] = {}
+        self._buckets: dict[int, _Bucket] = {}
         self.plain_steps = 0  # steps the guard ran plain (the planner's plan set aside)
 
-    def _size(self, rows: int) -> _Size:
-        return self._sizes.setdefault(rows, _Size(Yield(), Yield()))
-
-    def observe(self, rows: int, speculative: bool, tokens: int, seconds: float) -> None:
-        """A decoding step of ``rows`` rows emitted ``tokens`` tokens in ``seconds`` (its drafting included)."""
+    def observe(self, rows: int, speculative: bool, seconds: float, plain_seconds: float) -> None:
+        """A decoding step of ``rows`` rows took ``seconds`` (its drafting included); plain decoding would have
+        taken ``plain_seconds`` to emit its tokens (for a plain step, about ``seconds``)."""
         if rows <= 0 or seconds <= 0:
             return
-        size = self._size(rows)
+        size = self._buckets.setdefault(bucket(rows), _Bucket())
         if speculative:
-            size.speculative.add(tokens, seconds)
-        else:
-            size.plain.add(tokens, seconds)
-            if self.losing(rows):
-                size.credit += EXPLORE_SHARE * seconds
+            size.seconds = size.seconds * DECAY + seconds
+            size.plain_seconds = size.plain_seconds * DECAY + plain_seconds
+            size.steps = size.steps * DECAY + 1.0
+        elif self.losing(rows):
+            size.credit += EXPLORE_SHARE * seconds
 
     def losing(self, rows: int) -> bool:
-        """Whether speculation at this size has been measured to emit fewer tokens a second than plain steps."""
-        size = self._sizes.get(rows)
-        if size is None or size.speculative.steps < MIN_SPECULATIVE or size.plain.steps < MIN_PLAIN:
-            return False
-        return size.speculative.rate() < size.plain.rate()
+        """Whether speculation at about this batch size has taken longer than plain decoding would have."""
+        size = self._buckets.get(bucket(rows))
+        return size is not None and size.steps >= MIN_STEPS and size.speedup() < 1.0
 
     def allows(self, rows: int) -> bool:
-        """Whether this step, of ``rows`` rows, may speculate (called once per planned step)."""
+        """Whether this step, of ``rows`` rows, may speculate (called once per step whose plan proposes)."""
         if not self.losing(rows):
             return True
-        size = self._sizes[rows]
-        if size.burst == 0 and size.credit >= BURST * self._burst_step_cost(size):
-            size.credit -= BURST * self._burst_step_cost(size)
+        size = self._buckets[bucket(rows)]
+        burst_cost = BURST * (size.seconds - size.plain_seconds) / size.steps  # what 8 such steps lose
+        if size.burst == 0 and size.credit >= burst_cost:
+            size.credit -= burst_cost
             size.burst = BURST
         if size.burst > 0:
             size.burst -= 1
@@ -91,14 +80,8 @@ class YieldGuard:
         self.plain_steps += 1
         return False
 
-    @staticmethod
-    def _burst_step_cost(size: _Size) -> float:
-        """Seconds a speculative step costs beyond emitting its tokens at plain steps' rate, as measured."""
-        spec = size.speculative
-        return max(spec.seconds - spec.tokens / size.plain.rate(), 0.0) / spec.steps
-
     def summary(self, rows: int) -> str:
-        size = self._sizes.get(rows)
-        if size is None or not size.plain.steps or not size.speculative.steps:
+        size = self._buckets.get(bucket(rows))
+        if size is None or not size.steps:
             return ""
-        return f"speculative/plain tokens per second at {rows} rows {size.speculative.rate() / size.plain.rate():.2f}"
+        return f"speculative steps' speedup at {rows} rows {size.speedup():.2f}"

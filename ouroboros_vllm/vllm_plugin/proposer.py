@@ -187,7 +187,7 @@ class OuroborosProposer(hooks.StepListener):
                 emitted += len(sampled)
                 history = token_ids_cpu[row, :num_tokens]
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
-        self.controller.observe_emitted(len(rows), emitted)
+        self.controller.observe_emitted(emitted)
         self.controller.observe_accepted(planned_accepted, planned_from_pool)  # a no-op unless the last plan predicted
         plans = self._plan(rows)
         # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
