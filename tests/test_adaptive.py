@@ -236,6 +236,22 @@ def test_a_request_the_draft_never_drafted_for_gets_its_full_trunk_once():
     assert [(r.trunk, r.total) for r in plan.rows] == [(0, 0), (8, 8), (0, 0)] and plan.depth == 8
 
 
+@pytest.mark.parametrize(("rows", "token_cost", "trunk"), [(1, 0.0005, 8), (8, 0.0005, 1), (8, 0.03, 0)])
+def test_a_new_request_is_tried_with_the_trunk_that_pays_at_the_try_rate(rows, token_cost, trunk):
+    """Once the draft's prices are trusted, a trial is sized by them: the whole trunk at batch 1 (a draft forward
+    costs a tenth of a plain step there), one token where the lone new row's forwards hold up 7 others (at batch
+    8 through the server a full trunk of 8 cost about 0.5 s for 4 tokens, once for every new request), none
+    where no depth pays even at TRY_RATE."""
+    controller = AdaptiveController(max_tokens=8)
+    for _ in range(TRUSTED_DRAFT_SAMPLES):
+        controller.observe_draft([(rows, rows, 0.03)], depth=1)
+    for tokens in (rows, 9 * rows, rows, 9 * rows):
+        controller.observe_target_step(tokens, 0.3 + token_cost * tokens, rows=rows)
+    new = RowOutlook(8, 0.02, 0.0, 0.0, can_draft=True, untried=True)
+    plan = controller.plan([row(trunk=0.02, pool=0.0, hit=0.0)] * (rows - 1) + [new], 8)
+    assert [r.trunk for r in plan.rows] == [0] * (rows - 1) + [trunk]
+
+
 def catch_up_row(catch_up: int, remaining: int | None, trunk: float = 0.8, untried: bool = True) -> RowOutlook:
     return RowOutlook(4, trunk, 0.0, 0.0, can_draft=True, catch_up=catch_up, untried=untried, remaining=remaining)
 
@@ -272,9 +288,10 @@ def test_at_a_large_batch_a_long_prompt_with_a_short_answer_is_not_drafted_for()
     assert plan.depth == 0 and all(r.trunk == 0 for r in plan.rows)
     assert controller.stats.catch_ups_declined == 8
     assert "draft catch-ups declined 8" in controller.summary()
-    # Short prompts and long answers at the same costs and acceptance: each request's trunk is tried, as before.
+    # Short prompts and long answers at the same costs and acceptance: each request is tried, with the trunk that
+    # pays most at these prices (2 of 4: a verified token costs 19 ms, a forward's share 27 ms, at 19.5 tokens/s).
     plan = controller.plan([catch_up_row(20, 2000, trunk=0.95)] * 8, 4)
-    assert all(r.trunk == 4 for r in plan.rows)
+    assert all(r.trunk == 2 for r in plan.rows)
     # Requests known to accept 0.6 of a trunk, behind by a few tokens: at batch 8 on this CPU a trunk at that
     # rate does not pay for its verification, so the draft does not catch up on them.
     plan = controller.plan([catch_up_row(5, 2000, trunk=0.6, untried=False)] * 8, 4)

@@ -33,7 +33,7 @@ def test_the_guard_judges_a_bucket_of_batch_sizes_once_it_has_seen_enough_specul
         guard.observe(5 + i % 4, True, 1.0, 0.5)  # rows 5-8 share their evidence
     assert guard.losing(6) and not guard.allows(8) and guard.plain_steps == 1
     assert guard.allows(4) and guard.allows(9)  # other buckets judge on their own evidence
-    assert guard.summary(8) == "speculative steps' speedup at 8 rows 0.50"
+    assert guard.summary(8) == ", speculative steps' speedup at 8 rows 0.50, steps run plain by the guard 1"
 
 
 @given(
@@ -104,7 +104,7 @@ def test_a_controller_whose_steps_measure_slower_than_plain_plans_plain_steps():
     assert controller.guard.losing(8)
     assert sum(kinds[-250:]) <= BURST  # at most one burst, where every step would have speculated
     assert controller.stats.guard_plain_steps >= 100  # the plans propose less by themselves as their time scale rises
-    assert "steps run plain by it" in controller.summary()
+    assert "steps run plain by the guard" in controller.summary()
 
 
 def test_a_controller_whose_steps_pay_is_left_alone():

@@ -15,7 +15,7 @@ Six things keep the model honest:
 - what proposing nothing costs is only measured on steps that propose nothing: when none was seen at the step's
   batch size in :data:`PLAIN_PROBE_EVERY` planned steps there (the first time after :data:`FIRST_PLAIN_PROBE`), a
   step that would propose runs plain instead. It costs what plain decoding costs; it forgoes a step's speculation;
-- a request is only known once the draft has drafted for it: its first proposal drafts its full trunk, unless
+- a request is only known once the draft has drafted for it: its first proposal drafts a trunk, unless
   the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
   request has left (:func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`);
 - a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
@@ -33,7 +33,14 @@ from ouroboros_vllm.algorithm.acceptance import PROFILED, ProcessAcceptance, Rat
 from ouroboros_vllm.algorithm.cost_model import Calibration, CostModel, LinearCost, is_plain_step
 from ouroboros_vllm.algorithm.planner import DraftShape, RowOutlook, StepPlan, empty_plan, plan_seconds, plan_step
 from ouroboros_vllm.algorithm.stats import AdaptiveStats
-from ouroboros_vllm.algorithm.step_plans import BatchPrices, affordable_rows, full_plan, pool_plan, try_new_rows
+from ouroboros_vllm.algorithm.step_plans import (
+    BatchPrices,
+    affordable_rows,
+    full_plan,
+    pool_plan,
+    trial_plan,
+    try_new_rows,
+)
 from ouroboros_vllm.algorithm.yield_guard import YieldGuard
 
 PROBE_EVERY = 16
@@ -109,11 +116,10 @@ class AdaptiveController:
 
     def observe_emitted(self, tokens: int) -> None:
         """The last step's rows that are still decoding emitted ``tokens`` tokens (accepted drafts and their own)."""
-        plain = self.costs.plain_cost(self._last_step[0]) if self._last_step is not None else None
-        if self._last_step is not None and plain is not None:
-            rows, seconds, speculative = self._last_step
-            self.guard.observe(rows, speculative, seconds, tokens * plain(rows) / rows)
-        self._last_step = None
+        last, self._last_step = self._last_step, None
+        plain = self.costs.plain_cost(last[0]) if last is not None else None
+        if last is not None and plain is not None:  # seconds against what plain decoding takes for those tokens
+            self.guard.observe(last[0], last[2], last[1], tokens * plain(last[0]) / last[0])
 
     def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:
         """The target accepted ``accepted`` draft tokens of the last plan's rows (``from_pool`` the pool's)."""
@@ -172,7 +178,7 @@ class AdaptiveController:
         plain = self.costs.plain_cost(len(rows))
         self._assumed = (target, plain)
         if target is None or draft is None:
-            plan = full = full_plan(rows, max_depth)  # measures both costs
+            plan = full = trials = full_plan(rows, max_depth)  # measures both costs
         else:
             shape, time_scale = self.shape(), self.time_scale()
             scales = {"acceptance_scale": self.acceptance_scale(), "pool_scale": self.pool_scale()}
@@ -194,6 +200,7 @@ class AdaptiveController:
                 rows = affordable
                 plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, **scales)
             full = explore if rows is all_rows else full_plan(rows, max_depth)
+            trials = trial_plan(rows, plan, target, draft, max_depth, shape, plain_yield) if trusted else full
             self._pending_prediction = plan.expected_seconds
             self._since_probe += 1
             since_plain = self._since_plain.get(len(rows), PLAIN_PROBE_EVERY - FIRST_PLAIN_PROBE) + 1
@@ -216,7 +223,7 @@ class AdaptiveController:
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
                 plan = empty_plan(rows) if proposes else pool_plan(rows, full)
-        tried = try_new_rows(rows, plan, full)
+        tried = try_new_rows(rows, plan, trials)
         if tried is not plan:
             self._pending_prediction = None
             plan = tried
@@ -254,8 +261,7 @@ class AdaptiveController:
         return max(self._catch_up.accepted / self._catch_up.examined, slope)
 
     def _prices_at(self, requests: int | None, rows: int, time_scale: float) -> BatchPrices | None:
-        """The prices at ``requests`` rows (the target's time-scaled like the plan's), when the engine holds more
-        requests than the step has rows; else None."""
+        """The prices at ``requests`` rows when the engine holds more than the step's rows (target time-scaled)."""
         if requests is None or requests <= rows:
             return None
         target = self.costs.target_fit(requests)
@@ -283,8 +289,7 @@ class AdaptiveController:
         if s.predicted_accepted:
             ratio += f", predicted/verified accepted tokens {s.predicted_accepted / max(s.verified_accepted, 1):.2f}"
         declined = f", draft catch-ups declined {s.catch_ups_declined}" if s.catch_ups_declined else ""
-        guard = self.guard.summary(self._rows)
-        declined += f", {guard}, steps run plain by it {s.guard_plain_steps}" if guard else ""
+        declined += self.guard.summary(self._rows)
         profiles = " ".join(
             f"{source} {','.join(f'{x:+.2f}' for x in self.acceptance.offsets(source)[:PROFILE_SHOWN])}"
             for source in PROFILED

@@ -105,13 +105,8 @@ def catch_up_pays(
     per_token: float | None = None,
 ) -> bool:
     """Whether the draft's catch-up for ``row`` is worth paying: what drafting for the row gains over the steps the
-    request has left, against the catch-up's time (``per_token`` seconds a token, as measured on catch-ups; the
-    draft fit's slope when None), both priced at the step's yield ``ratio`` (tokens per second).
-
-    A step's trunk of ``d`` tokens gains its expected accepted tokens (an untried row's at :data:`TRY_RATE` at
-    least) less ``ratio`` times what it costs: its verification and its part of the draft's forwards (their
-    fixed cost split among ``sharers``, the rows that would draft together). The best depth's gain, times the
-    steps left at that depth, must cover the catch-up.
+    request has left (:func:`best_trunk`'s gain a step), against the catch-up's time (``per_token`` seconds a token,
+    as measured on catch-ups; the draft fit's slope when None), both priced at the step's yield ``ratio``.
     At a large batch a request with a long prompt and a short answer is not worth starting: the draft would
     spend on its prompt more than its drafts could ever save.
     Up to ``max_depth + 1`` tokens are no catch-up: a row that drafted last step lacks what the target accepted
@@ -120,6 +115,24 @@ def catch_up_pays(
     """
     if not row.can_draft or row.catch_up <= max_depth + 1 or row.remaining is None:
         return True
+    _, value, gain = best_trunk(row, ratio, sharers, target, draft, max_depth, shape)
+    steps_left = row.remaining / (1.0 + gain)
+    return value * steps_left > ratio * (per_token or draft.slope) * row.catch_up
+
+
+def best_trunk(
+    row: RowOutlook,
+    ratio: float,
+    sharers: int,
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    shape: DraftShape | None = None,
+) -> tuple[int, float, float]:
+    """The trunk depth ``d`` whose value a step is greatest: its expected accepted tokens (an untried row's at
+    :data:`TRY_RATE` at least) less ``ratio`` (tokens per second) times what it costs, its verification and its
+    part of the draft's forwards (their fixed cost split among ``sharers``, the rows that would draft together).
+    ``(depth, value, expected accepted tokens)``; ``(0, 0.0, 0.0)`` when no depth has a positive value."""
     deepest = min(max_depth, row.budget)
     conditional = conditional_rates(np.array([row.trunk_rate]), row.trunk_offsets, deepest)[0]
     if row.untried:
@@ -127,20 +140,43 @@ def catch_up_pays(
     gains = np.cumsum(np.cumprod(conditional))  # expected accepted tokens of a trunk of 1..deepest tokens
     shape = shape or DraftShape()
     per_forward = draft.intercept / max(sharers, 1) + draft.slope * shape.width_per_row
-    best_value, best_gain = 0.0, 0.0
+    best = (0, 0.0, 0.0)
     for depth in range(1, deepest + 1):
         gain = float(gains[depth - 1])
         forwards = math.ceil(depth / max(shape.tokens_per_forward, 1.0))
         value = gain - ratio * (depth * target.slope + forwards * per_forward)
-        if value > best_value:
-            best_value, best_gain = value, gain
-    steps_left = row.remaining / (1.0 + best_gain)
-    return best_value * steps_left > ratio * (per_token or draft.slope) * row.catch_up
+        if value > best[1]:
+            best = (depth, value, gain)
+    return best
+
+
+def trial_plan(
+    rows: Sequence[RowOutlook],
+    plan: StepPlan,
+    target: LinearCost,
+    draft: LinearCost,
+    max_depth: int,
+    shape: DraftShape,
+    ratio: float,
+) -> StepPlan:
+    """What each row drafts if it is tried now (:func:`try_new_rows`): the trunk that pays most at :data:`TRY_RATE`
+    at these prices (on a 2-core CPU the whole trunk at batch 1; at batch 8, where a verified token costs half
+    of what a plain step emits a token in, one or two tokens: a full trunk of 8 there cost about 0.5 s for 4
+    tokens, once for every new request), beside the rest of the row's own plan."""
+    sharers = sum(1 for planned in plan.rows if planned.trunk)
+    plans = []
+    for row, planned in zip(rows, plan.rows, strict=True):
+        tried = replace(row, untried=True)
+        depth = best_trunk(tried, ratio, sharers + (planned.trunk == 0), target, draft, max_depth, shape)[0]
+        plans.append(RowPlan(depth if row.can_draft else 0, max(depth if row.can_draft else 0, planned.total)))
+    depth = max((p.trunk for p in plans), default=0)
+    return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
 
 
 def try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:
-    """The plan with every untried row drafting its full trunk: a request's own acceptance is only learned by
-    drafting for it, and the process-wide rate it starts from may come from very different text."""
+    """The plan with every untried row drafting its trunk of ``full`` (its full trunk, or :func:`trial_plan`'s): a
+    request's own acceptance is only learned by drafting for it, and the process-wide rate it starts from may come
+    from very different text."""
     untried = [i for i, row in enumerate(rows) if row.untried and full.rows[i].trunk > plan.rows[i].trunk]
     if not untried:
         return plan

@@ -81,7 +81,9 @@ class YieldGuard:
         return False
 
     def summary(self, rows: int) -> str:
+        """For the log line: the speculative steps' measured speedup about ``rows`` rows, the steps run plain."""
         size = self._buckets.get(bucket(rows))
         if size is None or not size.steps:
             return ""
-        return f"speculative steps' speedup at {rows} rows {size.speedup():.2f}"
+        ratio = f"{size.speedup():.2f}"
+        return f", speculative steps' speedup at {rows} rows {ratio}, steps run plain by the guard {self.plain_steps}"
