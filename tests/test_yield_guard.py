@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -124,3 +125,23 @@ def test_a_step_with_a_prompt_chunk_beside_it_is_not_judged():
     controller.observe_target_step(7 + 32, 0.7, rows=7)  # a request finished: the step is still judged
     controller.observe_emitted(20)
     assert controller.guard._buckets[bucket(8)].steps == 1.0
+
+
+def test_the_yardstick_is_a_plain_step_measured_at_that_batch_size():
+    """Plain steps measured at 8 and 16 rows only: what one at 1 row costs is the cost model's guess from them (on
+    a CPU a plain step is not even monotonic in rows). A step at 1 row is judged once a plain step was measured
+    at 1 row, never against that guess, which could have set speculation at batch 1 aside after a busy spell."""
+    controller = AdaptiveController(max_tokens=4)
+    for rows, seconds in ((8, 0.4), (16, 0.9), (8, 0.4), (16, 0.9)):
+        controller.observe_target_step(rows, seconds, rows=rows)
+    assert controller.costs.plain_cost(1) is not None and controller.costs.plain_at(1) is None
+    one = [RowOutlook(4, 0.95, 0.0, 0.0, can_draft=True)]
+    controller.plan(one, 4)
+    controller.observe_target_step(5, 0.3, rows=1)
+    controller.observe_emitted(5)
+    assert bucket(1) not in controller.guard._buckets
+    controller.observe_target_step(1, 0.28, rows=1)  # a plain step at 1 row: the yardstick
+    controller.plan(one, 4)
+    controller.observe_target_step(5, 0.3, rows=1)
+    controller.observe_emitted(5)
+    assert controller.guard._buckets[bucket(1)].speedup() == pytest.approx(5 * 0.28 / 0.3)

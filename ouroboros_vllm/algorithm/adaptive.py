@@ -117,9 +117,9 @@ class AdaptiveController:
     def observe_emitted(self, tokens: int) -> None:
         """The last step's rows that are still decoding emitted ``tokens`` tokens (accepted drafts and their own)."""
         last, self._last_step = self._last_step, None
-        plain = self.costs.plain_cost(last[0]) if last is not None else None
-        if last is not None and plain is not None:  # seconds against what plain decoding takes for those tokens
-            self.guard.observe(last[0], last[2], last[1], tokens * plain(last[0]) / last[0])
+        plain = self.costs.plain_at(last[0]) if last is not None else None  # measured at that size, not extrapolated
+        if last is not None and plain:  # seconds against what plain decoding takes for those tokens
+            self.guard.observe(last[0], last[2], last[1], tokens * plain / last[0])
 
     def observe_accepted(self, accepted: int, from_pool: int = 0) -> None:
         """The target accepted ``accepted`` draft tokens of the last plan's rows (``from_pool`` the pool's)."""

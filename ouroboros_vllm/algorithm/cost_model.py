@@ -211,13 +211,18 @@ class CostModel:
         recent plain steps; without one, the fit over every size once two plain steps were measured; else None.
         Per size first, because a CPU's plain step is not even monotonic in rows (one row: a matrix-vector path
         measured at 260-290 ms, slower than six rows' 170-220 ms)."""
+        measured = self.plain_at(rows)
+        if measured is not None:
+            return LinearCost(measured, 0.0)
+        fit = self.plain.fit if len(self.plain) >= 2 else None
+        return None if fit is None else LinearCost(fit(rows), 0.0)
+
+    def plain_at(self, rows: int) -> float | None:
+        """The median of this batch size's recent plain steps, if it had one (no extrapolation from other sizes)."""
         at_size = self.target_by_rows.get(rows)
         samples = at_size.samples if at_size is not None else []
         plain = [seconds for tokens, seconds in samples if is_plain_step(rows, tokens)]
-        if plain:
-            return LinearCost(statistics.median(plain), 0.0)  # as np.median, without its fixed cost
-        fit = self.plain.fit if len(self.plain) >= 2 else None
-        return None if fit is None else LinearCost(fit(rows), 0.0)
+        return statistics.median(plain) if plain else None  # as np.median, without its fixed cost
 
     def target_fit(self, rows: int) -> LinearCost | None:
         """The target's step time at ``rows`` rows, by tokens: the fit at that batch size once it shows a slope.
