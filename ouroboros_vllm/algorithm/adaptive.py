@@ -21,8 +21,8 @@ Six things keep the model honest:
 - a plan that stops drafting would never learn that drafting has become worth it again (the draft's cost and
   its acceptance are only measured when it drafts): up to :data:`EXPLORE_SHARE` of the time measured since the
   draft last ran is spent on one step that drafts fully, when that time covers the step's expected extra cost;
-- at a batch size where speculative steps have emitted fewer tokens a second than plain ones, whatever the model
-  said, steps run plain but for bursts that measure speculation again (:mod:`.yield_guard`).
+- about a batch size where speculative steps took longer than plain decoding would have to emit their tokens,
+  whatever the model said, steps run plain but for bursts that measure speculation again (:mod:`.yield_guard`).
 """
 
 from __future__ import annotations
