@@ -162,13 +162,14 @@ def trial_plan(
     """What each row drafts if it is tried now (:func:`try_new_rows`): the trunk that pays most at :data:`TRY_RATE`
     at these prices (on a 2-core CPU the whole trunk at batch 1; at batch 8, where a verified token costs half
     of what a plain step emits a token in, one or two tokens: a full trunk of 8 there cost about 0.5 s for 4
-    tokens, once for every new request), beside the rest of the row's own plan."""
+    tokens, once for every new request), beside the rest of the row's own plan. Rows that are no trial keep
+    their plan (it runs every planned step: only the new rows are priced)."""
     sharers = sum(1 for planned in plan.rows if planned.trunk)
-    plans = []
-    for row, planned in zip(rows, plan.rows, strict=True):
-        tried = replace(row, untried=True)
-        depth = best_trunk(tried, ratio, sharers + (planned.trunk == 0), target, draft, max_depth, shape)[0]
-        plans.append(RowPlan(depth if row.can_draft else 0, max(depth if row.can_draft else 0, planned.total)))
+    plans = list(plan.rows)
+    for i, (row, planned) in enumerate(zip(rows, plan.rows, strict=True)):
+        if row.untried and row.can_draft:
+            depth = best_trunk(row, ratio, sharers + (planned.trunk == 0), target, draft, max_depth, shape)[0]
+            plans[i] = RowPlan(depth, max(depth, planned.total))
     depth = max((p.trunk for p in plans), default=0)
     return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
 
