@@ -474,6 +474,23 @@ def test_each_batch_size_gets_its_own_plain_step():
     assert empty_at == [8, 7, 6]
 
 
+def test_before_any_batch_size_shows_a_slope_a_larger_one_is_priced_from_the_fit_over_every_size_scaled_up():
+    costs = CostModel(min_spread=2)
+    for tokens in (9, 9, 9, 1):  # a server's warm-up request: too few steps for a size to show a slope
+        costs.add_target_step(1, tokens, 0.4 + 0.006 * tokens)
+    every = costs.target.fit
+    assert every is not None and every.slope > 0
+    assert costs.target_fit(1) == every
+    assert costs.target_fit(8) == LinearCost(every.intercept, 8 * every.slope)  # not 1 row's price of a token
+    costs.add_target_step(8, 8, 0.45)  # a plain step at 8 rows says nothing of a token's price there
+    every = costs.target.fit
+    assert every is not None and costs.target_fit(8) == LinearCost(every.intercept, 8 * every.slope)
+    costs.add_target_step(8, 24, 0.9)  # a step that verified drafts at 8 rows: the fit is priced from there
+    every = costs.target.fit
+    assert every is not None and costs.target_fit(8) == every
+    assert costs.target_fit(16) == LinearCost(every.intercept, 2 * every.slope)
+
+
 def test_a_batch_size_without_its_own_fit_is_priced_from_the_nearest_one_scaled_up_not_down():
     costs = CostModel(min_spread=2)
     for i in range(12):
