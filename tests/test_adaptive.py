@@ -226,6 +226,29 @@ def test_a_controller_that_stopped_drafting_drafts_again_within_its_exploration_
     assert drafted * extra <= EXPLORE_SHARE * seconds * 1.25  # the share is spent by the fit's estimate of extra
 
 
+def test_exploration_prices_the_catch_ups_it_makes_at_what_catch_ups_were_measured_to_cost():
+    def explorations(catch_up_seconds_per_token: float) -> int:
+        controller = AdaptiveController(max_tokens=8)
+        # one forward that was mostly a catch-up (400 prompt tokens), at the given price a token, then enough
+        # drafting forwards (20 ms + 1 ms a token) that the draft's fit no longer holds it
+        controller.observe_draft([(4, 400, 400 * catch_up_seconds_per_token)], depth=1)
+        for i in range(130):
+            controller.observe_draft([(4, 4 + i % 16, 0.02 + 0.001 * (4 + i % 16))], depth=1)
+        for tokens in (36, 4, 36, 4):
+            controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+        rows = [replace(row(trunk=0.02, pool=0.02, hit=0.0), catch_up=150)] * 4  # each row 150 tokens behind
+        for _ in range(400):
+            plan = controller.plan(rows, 8)
+            tokens = 4 + sum(r.total for r in plan.rows)
+            controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+        return controller.stats.explore_steps
+
+    # 600 catch-up tokens are 0.6 s at the draft fit's 1 ms a token, 3 s at a measured 5 ms: the same share of the
+    # time buys fewer explorations (priced at the fit's slope, it bought as many: 2 and 2).
+    cheap, dear = explorations(0.001), explorations(0.005)
+    assert cheap >= 2 and dear < cheap / 2
+
+
 def test_a_request_the_draft_never_drafted_for_gets_its_full_trunk_once():
     controller = AdaptiveController(max_tokens=8)
     controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)

@@ -185,7 +185,7 @@ class AdaptiveController:
             target, draft = target.scaled(time_scale), draft.scaled(time_scale)
             plan = plan_step(rows, target, draft, max_depth, shape=shape, plain=plain, **scales)
             # Exploration may draft for every row: its price (catch-ups included) comes out of its own share.
-            all_rows, explore, planned_seconds = rows, full_plan(rows, max_depth), plan.expected_seconds
+            all_rows, explore, planned = rows, full_plan(rows, max_depth), plan.expected_seconds
             # A draft fit from a few forwards (the first ones, slow with one-time costs) would decline every
             # catch-up and never be corrected, since a declined row runs no forward: rows are tried until then.
             trusted = len(self.costs.draft) >= TRUSTED_DRAFT_SAMPLES
@@ -207,7 +207,7 @@ class AdaptiveController:
             self._since_plain[len(rows)] = since_plain
             proposes = any(row.total for row in plan.rows)
             may_explore = plan.depth == 0 and explore.depth > 0
-            extra = plan_seconds(all_rows, explore, target, draft, shape) - planned_seconds if may_explore else 0.0
+            extra = plan_seconds(all_rows, explore, target, draft, shape, price) - planned if may_explore else 0.0
             if may_explore and self._explore_credit >= extra:
                 self._explore_credit -= extra
                 self.stats.explore_steps += 1

@@ -129,16 +129,23 @@ def empty_plan(rows: Sequence[RowOutlook]) -> StepPlan:
 
 
 def plan_seconds(
-    rows: Sequence[RowOutlook], plan: StepPlan, target: LinearCost, draft: LinearCost, shape: DraftShape
+    rows: Sequence[RowOutlook],
+    plan: StepPlan,
+    target: LinearCost,
+    draft: LinearCost,
+    shape: DraftShape,
+    catch_up_price: float | None = None,
 ) -> float:
     """The expected time of a given plan for ``rows`` (drafting included), by the same model as
-    :func:`plan_step`."""
+    :func:`plan_step`; the drafting rows' catch-ups at ``catch_up_price`` seconds a token (the draft fit's slope
+    when None: a prompt's token costs the draft more than that)."""
     seconds = target(len(rows) + sum(row.total for row in plan.rows))
     drafting = sum(1 for row in plan.rows if row.trunk)
     if drafting and plan.depth:
         forwards = math.ceil(plan.depth / max(shape.tokens_per_forward, 1.0))
         seconds += forwards * (draft.intercept + draft.slope * shape.width_per_row * drafting)
-        seconds += draft.slope * sum(row.catch_up for row, p in zip(rows, plan.rows, strict=True) if p.trunk)
+        catch_ups = sum(row.catch_up for row, p in zip(rows, plan.rows, strict=True) if p.trunk)
+        seconds += (catch_up_price or draft.slope) * catch_ups
     return seconds
 
 
