@@ -181,7 +181,7 @@ def test_the_controller_compares_the_accepted_tokens_it_expected_with_what_the_t
     controller = AdaptiveController(max_tokens=4)
     controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)
     for tokens in (10, 2, 10, 2):
-        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens, rows=2)
     rows = [row(budget=4, trunk=0.9, pool=0.0, hit=0.0)] * 2
     controller.observe_accepted(5)  # no plan was predicted yet: not counted
     plan = controller.plan(rows, 4)
@@ -252,8 +252,8 @@ def test_exploration_prices_the_catch_ups_it_makes_at_what_catch_ups_were_measur
 def test_a_request_the_draft_never_drafted_for_gets_its_full_trunk_once():
     controller = AdaptiveController(max_tokens=8)
     controller.observe_draft([(2, 2, 0.03)] * 8, depth=8)
-    for tokens in (18, 2, 18, 2):
-        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens)
+    for tokens in (27, 3, 27, 3):
+        controller.observe_target_step(tokens, 0.28 + 0.02 * tokens, rows=3)
     known, new = row(trunk=0.02, pool=0.02), RowOutlook(8, 0.02, 0.02, 0.5, can_draft=True, untried=True)
     plan = controller.plan([known, new, RowOutlook(8, 0.02, 0.02, 0.5, can_draft=False, untried=True)], 8)
     assert [(r.trunk, r.total) for r in plan.rows] == [(0, 0), (8, 8), (0, 0)] and plan.depth == 8
@@ -495,6 +495,20 @@ def test_each_batch_size_gets_its_own_plain_step():
                 empty_at.append(size)
             controller.observe_target_step(tokens, 0.3 + 0.01 * tokens, rows=size)
     assert empty_at == [8, 7, 6]
+
+
+def test_a_new_batch_size_runs_plain_first_even_where_only_new_requests_would_be_tried():
+    controller = AdaptiveController(max_tokens=8)
+    for _ in range(TRUSTED_DRAFT_SAMPLES):
+        controller.observe_draft([(8, 8, 0.01)], depth=1)
+    for tokens in (1, 9, 1, 9):  # the target measured at 1 row only
+        controller.observe_target_step(tokens, 0.3 + 0.0005 * tokens, rows=1)
+    rows = [RowOutlook(8, 0.02, 0.0, 0.0, can_draft=True, untried=True)] * 8  # eight new requests
+    first = controller.plan(rows, 8)
+    assert all(r.total == 0 for r in first.rows) and controller.stats.probe_steps == 1
+    controller.observe_target_step(8, 0.45, rows=8)
+    second = controller.plan(rows, 8)
+    assert all(r.trunk for r in second.rows)  # tried, now that a plain step at 8 rows prices the trials
 
 
 def test_before_any_batch_size_shows_a_slope_a_larger_one_is_priced_from_the_fit_over_every_size_scaled_up():

@@ -12,9 +12,8 @@ Six things keep the model honest:
 - the target's cost per token can only be learned from steps of different sizes: while the recent steps are
   all alike, one step in :data:`PROBE_EVERY` takes the opposite extreme of its plan (nothing instead of
   what it planned, or the pool's suffixes, which cost no draft forward, instead of nothing);
-- what proposing nothing costs is only measured on steps that propose nothing: when none was seen at the step's
-  batch size in :data:`PLAIN_PROBE_EVERY` planned steps there (the first time after :data:`FIRST_PLAIN_PROBE`), a
-  step that would propose runs plain instead. It costs what plain decoding costs; it forgoes a step's speculation;
+- what proposing nothing costs is only measured on steps that propose nothing: a batch size's first planned step,
+  and one in :data:`PLAIN_PROBE_EVERY` there, runs plain (at plain decoding's cost, forgoing its speculation);
 - a request is only known once the draft has drafted for it: its first proposal drafts a trunk, unless
   the draft's catch-up on it (its prompt, at first) would cost more than drafting could save over the tokens the
   request has left (:func:`~ouroboros_vllm.algorithm.step_plans.catch_up_pays`);
@@ -44,11 +43,12 @@ from ouroboros_vllm.algorithm.step_plans import (
 from ouroboros_vllm.algorithm.yield_guard import YieldGuard
 
 PROBE_EVERY = 16
-# A plain step (nothing proposed) at each batch size at least this often, planned steps at that size counted, and
-# as the first probe at a new size: proposing nothing is the plan every other is weighed against, and its price is
-# only measured on steps that propose nothing.
+# A plain step (nothing proposed) at a batch size's first planned step (trials included), then at least one in this
+# many: proposing nothing is the plan every other is weighed against, and it is only measured on steps that propose
+# nothing (a server's first steps at 8 rows priced it from its 1-row warm-up at 0.79 s where it took 0.47 s: every
+# trial there looked cheaper than it was by as much).
 PLAIN_PROBE_EVERY = 64
-FIRST_PLAIN_PROBE = 4
+FIRST_PLAIN_PROBE = 1
 # The plans' calibrations: accepted draft tokens and a speculative step's time (verification and drafting) against
 # their predictions, decaying by planned steps, from 1 with the weight of this many tokens or seconds, bounded.
 CALIBRATION_DECAY = 0.98
@@ -213,11 +213,11 @@ class AdaptiveController:
                 self.stats.explore_steps += 1
                 self._pending_prediction = None
                 plan = explore
-            elif since_plain >= PLAIN_PROBE_EVERY and proposes:
+            elif since_plain >= PLAIN_PROBE_EVERY and (proposes or trials.depth):
                 self._since_probe = 0
                 self.stats.probe_steps += 1
                 self._pending_prediction = None
-                plan = empty_plan(rows)
+                plan = trials = empty_plan(rows)
             elif self._since_probe >= PROBE_EVERY and self._steps_look_alike():
                 self._since_probe = 0
                 self.stats.probe_steps += 1
