@@ -42,6 +42,11 @@ def is_plain_step(rows: int, tokens: int) -> bool:
     return tokens == rows
 
 
+def _all_plain(rows: int, samples: Iterable[tuple[float, float]]) -> bool:
+    """Whether every (tokens, seconds) step of ``rows`` rows in ``samples`` verified nothing."""
+    return all(is_plain_step(rows, tokens) for tokens, _ in samples)
+
+
 @dataclass(frozen=True)
 class LinearCost:
     """``intercept + slope * tokens`` seconds."""
@@ -106,10 +111,6 @@ class OnlineLinearFit:
     def samples(self) -> list[tuple[float, float]]:
         """The window's (tokens, seconds) samples, oldest first."""
         return list(self._samples)
-
-    def all_at(self, tokens: float) -> bool:
-        """Whether every sample in the window has ``tokens`` tokens."""
-        return all(x == tokens for x, _ in self._samples)
 
     @property
     def spread(self) -> float:
@@ -242,7 +243,7 @@ class CostModel:
             return self.target_by_rows[rows].fit
         known = [size for size in self.target_by_rows if self._shows_slope(size)]
         if not known:
-            verified = [size for size, fit in self.target_by_rows.items() if not fit.all_at(size)]
+            verified = [size for size, fit in self.target_by_rows.items() if not _all_plain(size, fit.samples)]
             return _scaled_up(self.target.fit, max(verified, default=rows), rows)
         nearest = min(known, key=lambda size: (abs(size - rows), -size))
         return _scaled_up(self.target_by_rows[nearest].fit, nearest, rows)
