@@ -350,6 +350,27 @@ def test_catch_ups_are_not_declined_on_a_draft_fit_of_a_few_forwards():
     assert all(r.trunk == 4 for r in plan.rows) and controller.stats.catch_ups_declined == 0
 
 
+def test_the_draft_timed_at_engine_start_is_trusted_from_the_first_request_on():
+    """A server's first wave of users was tried in full while the draft was untrusted (2.4 s at batch 8): an engine
+    times its draft on made-up requests at start (DraftRuntime.calibrate), and those prices decide at once. They
+    price the draft only: what a step drafted and how wide (the shape) come from real rounds."""
+    controller = AdaptiveController(max_tokens=4)
+    for tokens in (8, 40, 8, 40, 8, 40, 8, 40):
+        controller.observe_target_step(tokens, 0.25 + 0.02 * tokens, rows=8)
+    draft = LinearCost(0.030, 0.0017)
+    start = [(rows, tokens, draft(tokens)) for rows in (1, 2, 4, 8) for tokens in (32 * rows, rows, rows, rows)]
+    shape = controller.shape()
+    controller.observe_draft(start, depth=None)
+    assert len(controller.costs.draft) == len(start) == TRUSTED_DRAFT_SAMPLES
+    assert controller.shape() == shape
+    assert draft.slope < controller.catch_up_price(0.0) < draft(32) / 32  # the catch-ups' price, intercepts shared
+    plan = controller.plan([catch_up_row(1500, 64, trunk=0.95)] * 8, 4)
+    assert plan.depth == 0 and controller.stats.catch_ups_declined == 8
+    # Real rounds still teach the shape: two tokens a forward.
+    controller.observe_draft([(1, 1, draft(1)), (1, 3, draft(3))], depth=4)
+    assert controller.shape().tokens_per_forward > shape.tokens_per_forward
+
+
 def test_a_new_request_is_tried_even_when_the_process_rate_is_low():
     """The process-wide rate may come from other text (a warm-up, another dataset): a new request is judged as if
     the draft suited it (TRY_RATE), so a low prior cannot stop the draft from ever being tried again."""

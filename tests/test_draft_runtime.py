@@ -322,3 +322,17 @@ def test_sliding_window_models_are_refused(tiny):
     model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     with pytest.raises(DraftModelError, match="sliding_attention"):
         DraftRuntime(model, eos_token_ids=frozenset())
+
+
+def test_calibration_times_a_first_wave_of_made_up_requests_and_leaves_real_drafting_as_it_was(tiny):
+    runtime = load(tiny.target)
+    forwards = runtime.calibrate(batch_sizes=(1, 2, 4, 8), prompt_tokens=32, depth=4)
+    # Per batch size: one forward reads every row's prompt, then one token a row a forward.
+    expected = [(rows, tokens) for rows in (1, 2, 4, 8) for tokens in (32 * rows, rows, rows, rows)]
+    assert [(rows, tokens) for rows, tokens, _ in forwards] == expected
+    assert all(seconds > 0 for _, _, seconds in forwards)
+    rng = random.Random(4)
+    histories = [[rng.randrange(1000) for _ in range(10)] for _ in range(3)]
+    rounds = [DraftRound(DraftState(), np.asarray(h), 6, frozenset(), runtime.info.vocab_size) for h in histories]
+    runtime.draft(rounds)
+    assert [r.drafted for r in rounds] == [greedy_reference(runtime, h, 6) for h in histories]

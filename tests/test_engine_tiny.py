@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_utils import CODE_PROMPTS, first_difference, generate_ids, greedy, tokens_prompt
 
+from ouroboros_vllm.algorithm.adaptive import TRUSTED_DRAFT_SAMPLES
 from ouroboros_vllm.tools.offline import engine_proposer, make_llm
 
 pytestmark = pytest.mark.engine
@@ -248,6 +249,7 @@ def test_adaptive_speculation_stops_drafting_where_it_cannot_pay(plain, tiny, en
     the measured costs; that is right, but it is not what this test is about."""
     spec = adaptive_engine(engines, tiny, "unrelated", drafting="greedy")
     proposer = engine_proposer(spec)
+    assert len(proposer.controller.costs.draft) >= TRUSTED_DRAFT_SAMPLES  # the draft was timed at engine start
     expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), 8)
     assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected  # learns here
     lengths, steps = dict(proposer.controller.stats.lengths), proposer.controller.stats.planned_steps

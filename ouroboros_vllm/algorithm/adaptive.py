@@ -55,9 +55,9 @@ CALIBRATION_DECAY = 0.98
 CALIBRATION_PRIOR_TOKENS = 16.0
 CALIBRATION_PRIOR_SECONDS = 2.0
 CALIBRATION_BOUNDS = (0.5, 1.5)
-# Draft forwards measured before the planner may decline a row's catch-up. The first forwards pay one-time costs
-# (this CPU: 70-74 ms, then 46-53 ms); 16 dilute them to a fit about 10% pessimistic. Every forward before trust
-# catches up whatever rows there are: at 32, the start cost batch 16 8% of a 64-request run (docs/benchmarks.md).
+# Draft forwards measured before the planner may decline a row's catch-up; an engine times as many at start on made-up
+# requests (:meth:`.DraftRuntime.calibrate`, after a round that pays one-time costs: this CPU 70-74 ms a forward, then
+# 46-53 ms). Before that, a server's first wave of users was tried in full (2.4 s at batch 8, docs/benchmarks.md).
 TRUSTED_DRAFT_SAMPLES = 16
 EXPLORE_SHARE = 0.02  # at most this share of the time since the draft last ran goes to re-measuring it
 SHAPE_DECAY = 0.95  # the draft's shape (tokens per forward, width per row) as decaying averages
@@ -148,19 +148,20 @@ class AdaptiveController:
         are multiplied by it (at batch 8 on a CPU they ran 5-7% short in some runs, a plan's whole margin there)."""
         return self._time_calibration.scale()
 
-    def observe_draft(self, forwards: Sequence[tuple[int, int, float]], depth: int) -> None:
+    def observe_draft(self, forwards: Sequence[tuple[int, int, float]], depth: int | None) -> None:
         """The step's draft forwards, each (rows, tokens carried, seconds), which drafted ``depth`` tokens for the
-        deepest row (phrase drafting can emit several tokens a forward)."""
+        deepest row (phrase drafting can emit several tokens a forward); ``depth`` None: forwards of made-up
+        requests timed at engine start (:meth:`.DraftRuntime.calibrate`), which teach the draft's prices only."""
         for i, (rows, tokens, seconds) in enumerate(forwards):
             self.costs.draft.add(tokens, seconds)
-            self._pending_draft_seconds += seconds
-            # The first forward also reads what the rows' caches lack (the prompt, the tokens accepted while a
+            # A step's first forward also reads what the rows' caches lack (the prompt, the tokens accepted while a
             # row did not draft): the width a plan pays per forward is the later forwards'.
-            if i > 0:
+            if depth is not None and i > 0:
                 self._width.add(tokens, rows, SHAPE_DECAY)
             elif tokens > rows * (self.max_tokens + 2):
                 self._catch_up.add(seconds, tokens, SHAPE_DECAY)
-        if forwards:
+        if forwards and depth is not None:
+            self._pending_draft_seconds += sum(seconds for _, _, seconds in forwards)
             self._explore_credit = 0.0
             self._tokens_per_forward.add(depth, len(forwards), SHAPE_DECAY)
 
@@ -256,9 +257,8 @@ class AdaptiveController:
     def catch_up_price(self, slope: float) -> float:
         """Seconds a catch-up token costs the draft: as measured on forwards that were mostly catch-ups, at least
         ``slope`` (the draft fit's, which is all there is before such a forward was measured)."""
-        if self._catch_up.examined == 0:
-            return slope
-        return max(self._catch_up.accepted / self._catch_up.examined, slope)
+        measured = self._catch_up.accepted / self._catch_up.examined if self._catch_up.examined else 0.0
+        return max(measured, slope)
 
     def _prices_at(self, requests: int | None, rows: int, time_scale: float) -> BatchPrices | None:
         """The prices at ``requests`` rows when the engine holds more than the step's rows (target time-scaled)."""

@@ -42,6 +42,10 @@ from ouroboros_vllm.runtime.loading import DraftModelError, load_draft_model
 from ouroboros_vllm.runtime.prefix_sharing import PrefixIndex
 from ouroboros_vllm.runtime.static_forward import MAX_STATIC_WIDTH, StaticForward
 
+# The batch sizes :meth:`DraftRuntime.calibrate` times at engine start: a forward's cost spans 1 to 8 rows' tokens
+# and a catch-up of 8 prompts (a server's first wave), in 16 forwards at depth 4 (what the planner trusts).
+CALIBRATION_BATCH_SIZES = (1, 2, 4, 8)
+
 
 class DraftRuntime:
     """A transformers causal LM used greedily as the drafter, with one persistent KV cache for every request."""
@@ -141,6 +145,25 @@ class DraftRuntime:
                 phrase_tokens = sum(len(plan.phrase_rows()) for plan in plans) / len(plans)
                 (self._phrase_width if carry_phrases else self._tail_width).add(phrase_tokens, 1, 0.9)
             active = [r for r in active if not r.done]
+        return timings
+
+    def calibrate(
+        self, batch_sizes: Sequence[int] = CALIBRATION_BATCH_SIZES, prompt_tokens: int = 32, depth: int = 4
+    ) -> list[tuple[int, int, float]]:
+        """Time the forwards of made-up requests, as the first real ones would run them: at each batch size, one
+        forward that reads every row's prompt of ``prompt_tokens`` random ids, then one token a row a forward up to
+        ``depth`` tokens. Returns each forward's (rows, tokens carried, seconds), as :meth:`draft` does. A round at
+        one row runs first and is not returned: a forward's first calls pay one-time costs (allocations, kernels'
+        first runs). The made-up rows go back to the pool of rows (a real prompt never starts with their ids)."""
+        generator = np.random.default_rng(0)
+        timings = []
+        for i, rows in enumerate([1, *batch_sizes]):
+            prompts = [generator.integers(0, self.info.vocab_size, prompt_tokens) for _ in range(rows)]
+            rounds = [DraftRound(DraftState(), p, depth, frozenset(), self.info.vocab_size) for p in prompts]
+            measured = self.draft(rounds, wide=False)
+            for round_ in rounds:
+                self.release(round_.state)
+            timings += measured if i else []
         return timings
 
     def _may_carry(self, rows: int, width: Rate) -> bool:

@@ -105,13 +105,14 @@ class OuroborosProposer(hooks.StepListener):
         if self.draft_path is None:  # pool_only: no draft model
             return
         device = next(target_model.parameters()).device
-        self.drafter = DraftRuntime.load(
-            self.draft_path,
-            target_tokenizer=self.target_tokenizer,
-            device=device,
-            precision=resolve_precision(self.config.draft_dtype, self.target_dtype, device),
-            static_shapes=self.config.static_draft_forward(device.type),
-        )
+        precision = resolve_precision(self.config.draft_dtype, self.target_dtype, device)
+        static_shapes = self.config.static_draft_forward(device.type)
+        self.drafter = DraftRuntime.load(self.draft_path, target_tokenizer=self.target_tokenizer, device=device,
+                                         precision=precision, static_shapes=static_shapes)  # fmt: skip
+        if self.config.adaptive:  # the planner prices the draft from the first request on, not by trying it on them
+            forwards = self.drafter.calibrate()
+            self.controller.observe_draft(forwards, depth=None)
+            logger.info("ouroboros-vllm: draft timed: %d forwards, %.2f s", len(forwards), sum(f[-1] for f in forwards))
 
     # ---- reports from the runner hooks -------------------------------------------------------------------
 
