@@ -1,12 +1,14 @@
 """A concurrency sweep through the real OpenAI server: plain decoding against our proposer, same prompts.
 
-For each server (plain, then ours with the default settings) the sweep starts ``ouroboros-vllm serve`` on
+For each server (plain, then ours with the default settings, then any of ``SERVERS`` named with ``--servers``)
+the sweep starts ``ouroboros-vllm serve`` on
 127.0.0.1, sends a fixed mix of HumanEval and MT-Bench prompts at each concurrency (streaming, greedy), measures
 output tokens per second and the mean time per output token (TPOT), checks that every output equals plain's,
 and stops the server by its PID. Results: ``serving.json`` (raw per-request numbers), ``report.md``, and
 ``serving.png``.
 
   python -m benchmarks.serve_sweep --out docs/benchmarks/serving      # ~15 min on an idle 2-core CPU
+  python -m benchmarks.serve_sweep --servers ouroboros ouroboros-tree --out DIR   # the chain against the tree
 
 Each client sends its next request the moment one ends. Started together, the clients of a plain server stay in
 lock step (every request of a wave ends together, then the next wave's prompts are read with nothing decoding),
@@ -30,6 +32,13 @@ from benchmarks import datasets as ds
 from benchmarks.environment import describe_machine, load_average
 from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
 from ouroboros_vllm.tools.server_process import ServerProcess, ouroboros_args
+
+# Our servers by name: the settings each adds to ``additional_config["ouroboros"]`` (besides the draft model).
+SERVERS: dict[str, dict[str, Any]] = {
+    "ouroboros": {},  # the default settings
+    "ouroboros-tree": {"verification": "tree"},
+    "ouroboros-fixed": {"adaptive": False},
+}
 
 
 @dataclass
@@ -97,8 +106,9 @@ def run_level(
 
 
 def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], levels: list[int], max_tokens: int,
-          out: Path, stagger_s: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    server = ServerProcess(target, out / f"server-{name}.log", args)
+          out: Path, stagger_s: float = 0.0, repetition: int = 0) -> dict[str, Any]:  # fmt: skip
+    log = out / (f"server-{name}.log" if repetition == 0 else f"server-{name}-{repetition}.log")
+    server = ServerProcess(target, log, args)
     try:
         stream_completion(server.url, server.model, prompts[0], 8, -1)  # warm-up
         runs = []
@@ -114,22 +124,42 @@ def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], lev
     return {"name": name, "args": args, "runs": runs, "metrics": stats}
 
 
+def pooled(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's repeated sweeps as one: per level, every repetition's requests, and the tokens over the summed
+    wall time; each repetition's wall time and tokens are kept (``repetitions``)."""
+    runs = []
+    for level in zip(*(s["runs"] for s in sweeps), strict=True):
+        requests = [request for run in level for request in run["requests"]]
+        tpots = [t for t in (RequestResult(**r).tpot_s for r in requests) if t is not None]
+        wall, tokens = sum(run["wall_s"] for run in level), sum(run["output_tokens"] for run in level)
+        each = [{"wall_s": run["wall_s"], "output_tokens": run["output_tokens"]} for run in level]
+        runs.append({**level[0], "wall_s": wall, "output_tokens": tokens, "tokens_per_second": tokens / wall,
+                     "mean_tpot_s": sum(tpots) / len(tpots) if tpots else None, "requests": requests,
+                     "repetitions": each})  # fmt: skip
+    return {**sweeps[0], "runs": runs, "metrics": [s["metrics"] for s in sweeps]}
+
+
 def report(data: dict[str, Any]) -> str:
     plain = {r["concurrency"]: r for r in data["servers"][0]["runs"]}
-    header = ("concurrency", "plain tok/s", "ours tok/s", "ratio", "plain TPOT ms", "ours TPOT ms", "TPOT ratio",
-              "outputs = plain")  # fmt: skip
+    header = ("server", "concurrency", "plain tok/s", "ours tok/s", "ratio", "each repetition", "plain TPOT ms",
+              "ours TPOT ms", "TPOT ratio", "outputs = plain")  # fmt: skip
     lines = ["# Serving: a concurrency sweep through the OpenAI server", "", *data["description"], "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
-    for run in data["servers"][1]["runs"]:
-        base = plain[run["concurrency"]]
-        same = [a["output_token_ids"] == b["output_token_ids"] for a, b in zip(base["requests"], run["requests"],
-                                                                                 strict=True)]  # fmt: skip
-        tpot = run["mean_tpot_s"] and base["mean_tpot_s"] and base["mean_tpot_s"] / run["mean_tpot_s"]
-        lines.append(
-            f"| {run['concurrency']} | {base['tokens_per_second']:.2f} | {run['tokens_per_second']:.2f} | "
-            f"{run['tokens_per_second'] / base['tokens_per_second']:.2f}x | {1000 * (base['mean_tpot_s'] or 0):.0f} | "
-            f"{1000 * (run['mean_tpot_s'] or 0):.0f} | {tpot or 0:.2f}x | {sum(same)}/{len(same)} |"
-        )
+    for server in data["servers"][1:]:
+        for run in server["runs"]:
+            base = plain[run["concurrency"]]
+            same = [a["output_token_ids"] == b["output_token_ids"]
+                    for a, b in zip(base["requests"], run["requests"], strict=True)]  # fmt: skip
+            tpot = run["mean_tpot_s"] and base["mean_tpot_s"] and base["mean_tpot_s"] / run["mean_tpot_s"]
+            pairs = zip(base.get("repetitions", [base]), run.get("repetitions", [run]), strict=True)
+            each = ", ".join(f"{(b['wall_s'] / b['output_tokens']) / (r['wall_s'] / r['output_tokens']):.2f}x"
+                             for b, r in pairs)  # fmt: skip
+            lines.append(
+                f"| {server['name']} | {run['concurrency']} | {base['tokens_per_second']:.2f} | "
+                f"{run['tokens_per_second']:.2f} | {run['tokens_per_second'] / base['tokens_per_second']:.2f}x | "
+                f"{each} | {1000 * (base['mean_tpot_s'] or 0):.0f} | {1000 * (run['mean_tpot_s'] or 0):.0f} | "
+                f"{tpot or 0:.2f}x | {sum(same)}/{len(same)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -171,8 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="spread the clients' first requests over this many seconds (default 0: all at once)",
     )
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=sorted(SERVERS),
+        default=["ouroboros"],
+        help="our servers to sweep after plain's, in this order (default: ouroboros, the default settings)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sweep every server N times, the servers taking turns (plain, ours, plain, ours, ...); each level's "
+        "figures pool the repetitions: single runs on a small CPU move a few percent (plain's own time too)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     target, _ = resolve_model(args.target)
     draft, _ = resolve_model(args.draft)
@@ -181,16 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     items += ds.select_evenly(ds.DATASETS["mt_bench"].load(data_dir), args.prompts - args.prompts // 2)
     prompts = [render_prompt(_tokenizer(target), item) for item in items]
     common = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * (1 << 30)))]
-    ours = ouroboros_args({"draft_model": draft, "stats_log_interval_s": 0}, args.num_speculative_tokens)
+    ours = {name: ouroboros_args({"draft_model": draft, "stats_log_interval_s": 0, **SERVERS[name]},
+                                 args.num_speculative_tokens) for name in args.servers}  # fmt: skip
     started = time.time()
     load_start = load_average()
-    servers = [sweep(name, target, common + extra, prompts, args.concurrency, args.max_tokens, args.out, args.stagger)
-               for name, extra in (("plain", []), ("ouroboros", ours))]  # fmt: skip
+    sweeps: dict[str, list[dict[str, Any]]] = {name: [] for name in ("plain", *ours)}
+    for repetition in range(args.repeat):
+        for name, extra in (("plain", []), *ours.items()):
+            sweeps[name].append(sweep(name, target, common + extra, prompts, args.concurrency, args.max_tokens,
+                                      args.out, args.stagger, repetition))  # fmt: skip
+    servers = [pooled(runs) for runs in sweeps.values()]
     data = {
         "description": [
             f"- target `{args.target}`, draft `{args.draft}`, K = {args.num_speculative_tokens}, greedy, streaming, "
             f"{args.max_tokens} new tokens; {len(prompts)} prompts (HumanEval and MT-Bench), 2 x concurrency "
             "requests (at least 4) per level; "
+            + (f"every server swept {args.repeat} times, taking turns, each level pooled; " if args.repeat > 1 else "")
             + (
                 f"the clients' first requests spread over {args.stagger:g} s"
                 if args.stagger

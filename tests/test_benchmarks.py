@@ -612,6 +612,51 @@ def test_serving_sweep_spreads_the_clients_first_requests_when_asked(monkeypatch
     assert set(delays.values()) == {0.0}  # the default: every client starts at once
 
 
+def serving_level(concurrency: int, wall_s: float, tpot_s: float, outputs: list[list[int]]) -> dict:
+    """A level as serve_sweep.run_level returns it: every request's first token at 0.1 s, the rest ``tpot_s`` apart."""
+    requests = [{"prompt": i, "output_token_ids": ids, "start_s": 0.0, "first_token_s": 0.1,
+                 "end_s": 0.1 + tpot_s * (len(ids) - 1)} for i, ids in enumerate(outputs)]  # fmt: skip
+    tokens = sum(len(ids) for ids in outputs)
+    return {"concurrency": concurrency, "stagger_s": 0.0, "wall_s": wall_s, "output_tokens": tokens,
+            "tokens_per_second": tokens / wall_s, "mean_tpot_s": tpot_s, "requests": requests}  # fmt: skip
+
+
+def test_serving_report_sets_every_one_of_our_servers_against_plain_at_each_level():
+    from benchmarks import serve_sweep
+
+    level = serving_level
+    runs = {
+        "plain": [level(1, 2.0, 0.5, [[1, 2]]), level(8, 1.0, 0.8, [[1, 2], [3]])],
+        "ouroboros": [level(1, 0.8, 0.2, [[1, 2]]), level(8, 1.0, 1.0, [[1, 2], [4]])],
+        "ouroboros-tree": [level(1, 0.5, 0.25, [[1, 2]]), level(8, 0.5, 0.4, [[1, 2], [3]])],
+    }
+    data = {"description": ["- a made-up run"], "servers": [{"name": n, "runs": r} for n, r in runs.items()]}
+    rows = [line for line in serve_sweep.report(data).splitlines() if line.startswith("| ouroboros")]
+    assert rows == [
+        "| ouroboros | 1 | 1.00 | 2.50 | 2.50x | 2.50x | 500 | 200 | 2.50x | 1/1 |",
+        "| ouroboros | 8 | 3.00 | 3.00 | 1.00x | 1.00x | 800 | 1000 | 0.80x | 1/2 |",
+        "| ouroboros-tree | 1 | 1.00 | 4.00 | 4.00x | 4.00x | 500 | 250 | 2.00x | 1/1 |",
+        "| ouroboros-tree | 8 | 3.00 | 6.00 | 2.00x | 2.00x | 800 | 400 | 2.00x | 2/2 |",
+    ]
+    assert set(serve_sweep.SERVERS) >= {"ouroboros", "ouroboros-tree"} and serve_sweep.SERVERS["ouroboros"] == {}
+
+
+def test_repeated_sweeps_pool_each_level_and_keep_every_repetition():
+    from benchmarks import serve_sweep
+
+    def server(name, *walls):
+        runs = [[serving_level(4, wall, 0.1 * wall, [[1, 2, 3]] * 4)] for wall in walls]
+        return serve_sweep.pooled([{"name": name, "args": [], "runs": r, "metrics": {}} for r in runs])
+
+    plain, ours = server("plain", 6.0, 4.0), server("ouroboros", 4.0, 4.0)
+    (level,) = plain["runs"]
+    assert level["wall_s"] == 10.0 and level["output_tokens"] == 24 and len(level["requests"]) == 8
+    assert level["tokens_per_second"] == pytest.approx(2.4) and level["mean_tpot_s"] == pytest.approx(0.5)
+    row = next(line for line in serve_sweep.report({"description": [], "servers": [plain, ours]}).splitlines()
+               if line.startswith("| ouroboros"))  # fmt: skip
+    assert row.startswith("| ouroboros | 4 | 2.40 | 3.00 | 1.25x | 1.50x, 1.00x |") and row.endswith("| 8/8 |")
+
+
 def test_bench_subcommand_runs_the_harness_of_the_checkout(capfd):
     from ouroboros_vllm.tools.cli import main
 
