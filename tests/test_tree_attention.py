@@ -109,3 +109,22 @@ def test_a_runner_whose_internals_moved_verifies_chains():
     runner = SimpleNamespace(uses_mrope=False)  # no input_batch, no compilation_config
     assert tree_scorer.supports_trees(runner) is False
     assert runner._ouroboros_supports_trees is False  # decided once
+
+
+def test_only_a_single_worker_cpu_engine_without_logits_processors_takes_trees(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    from ouroboros_vllm.vllm_plugin import tree_scorer
+
+    def config(tp=1, pp=1, processors=None):
+        return SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+                               model_config=SimpleNamespace(logits_processors=processors))  # fmt: skip
+
+    assert current_platform.is_cpu() and tree_scorer.engine_takes_trees(config())
+    assert not tree_scorer.engine_takes_trees(config(tp=2))
+    assert not tree_scorer.engine_takes_trees(config(pp=2))
+    assert not tree_scorer.engine_takes_trees(config(processors=["my.Processor"]))
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)  # vLLM's CUDA build, say
+    assert not tree_scorer.engine_takes_trees(config())

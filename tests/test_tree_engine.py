@@ -110,6 +110,31 @@ def mixed_engine(engines: Any, tiny: Any, verification: str) -> Any:
     )
 
 
+def test_an_engine_whose_runner_cannot_verify_trees_proposes_chains_after_the_first_refusal(
+    plain, tiny, engines, monkeypatch
+):
+    """A runner whose attention trees do not fit (vLLM's CUDA build is turned away before, by engine_takes_trees):
+    the first trees are verified as chains (lossless), and the proposer makes chains from then on, since a tree
+    verified as a chain wastes every node off its first path."""
+    from ouroboros_vllm.vllm_plugin import tree_scorer
+
+    monkeypatch.setattr(tree_scorer, "_check_runner", lambda runner: False)
+    settings = {"drafting": "pool_only", "verification": "tree", "adaptive": False, "stats_log_interval_s": 0}
+    spec = engines.get(
+        "tiny-tree-refused",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
+    )
+    proposer = engine_proposer(spec)
+    taken: list[dict] = []
+    take_trees = proposer.take_trees
+    monkeypatch.setattr(proposer, "take_trees", lambda: taken.append(take_trees()) or taken[-1])
+    expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), 8)
+    for _ in range(2):  # the second pass finds the first's phrases in the pool: branches at every trunk's end
+        assert generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), 8) == expected
+    assert proposer.trees is False, "no tree was proposed: the test checked nothing"
+    assert sum(1 for trees in taken if trees) == 1 and proposer.stats.tree_rounds == 0
+
+
 def test_a_batch_of_tree_rows_chain_rows_a_prefill_chunk_a_sampled_and_a_logprobs_request(plain, tiny, engines):
     from vllm import SamplingParams
 

@@ -90,6 +90,10 @@ class StepListener:
         the step that verifies them."""
         return {}
 
+    def on_trees_refused(self) -> None:
+        """This engine's runner cannot verify trees (:func:`.tree_scorer.supports_trees`): the trees just taken
+        are verified as chains, and proposals should be chains from now on."""
+
 
 def installed_vllm_version() -> str:
     import vllm
@@ -235,8 +239,10 @@ def _wrap_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
         listener = _listener(self)
         if listener is not None:
             trees = listener.take_trees()
-            if trees:
+            if trees and tree_scorer.supports_trees(self):
                 tree_scorer.plan_step(self, scheduler_output, num_scheduled_tokens, trees)
+            elif trees:  # verified as chains, as every later proposal will be
+                listener.on_trees_refused()
         return result
 
     return _prepare_inputs

@@ -95,10 +95,8 @@ class OuroborosProposer(hooks.StepListener):
     def summary(self) -> str:
         """The process-wide stats in one line (logged every ``stats_log_interval_s``, printed by the demo)."""
         parts = [self.stats.summary()]
-        if self.config.uses_pool:
-            parts.append(self.pool.summary())
-        if self.config.adaptive:
-            parts.append(self.controller.summary())
+        parts += [self.pool.summary()] if self.config.uses_pool else []
+        parts += [self.controller.summary()] if self.config.adaptive else []
         return "; ".join(parts)
 
     def load_model(self, target_model: torch.nn.Module) -> None:
@@ -144,6 +142,11 @@ class OuroborosProposer(hooks.StepListener):
         trees, self._trees = self._trees, {}
         return trees
 
+    def on_trees_refused(self) -> None:
+        self.trees, self.settings = False, self.config.draft_settings(self.num_speculative_tokens)
+        for state in self.requests.values():
+            state.tree = False
+
     def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]],
                     trees: Set[str] = frozenset()) -> None:  # fmt: skip
         if self._step is not None:
@@ -169,7 +172,8 @@ class OuroborosProposer(hooks.StepListener):
     ) -> list[list[int]]:
         start = time.perf_counter()
         req_ids = self._take_batch_req_ids(len(sampled_token_ids))
-        states = [self.requests.get(req_id) or self._adopt(req_id) for req_id in req_ids]
+        # A row whose request the hooks never announced (should not happen) is drafted for with the defaults.
+        states = [self.requests.get(r) or self.requests.setdefault(r, self._new_request(cold=False)) for r in req_ids]
         # (state, history, budget, the draft model if it can serve the row) of every row that may propose.
         rows: list[tuple[RequestState, np.ndarray, int, DraftModelInfo | None]] = []
         planned_accepted = planned_from_pool = 0  # draft tokens accepted of the last plan's rows, and the pool's
@@ -257,10 +261,6 @@ class OuroborosProposer(hooks.StepListener):
         pool = self.config.new_pool() if own_pool else self.pool
         phrases = PhraseJudge(process=self.phrases)
         return RequestState(self.settings, pool, cold=cold, prior=self.controller.acceptance, phrases=phrases)
-
-    def _adopt(self, req_id: str) -> RequestState:
-        """A row whose request the hooks never announced (should not happen): draft for it with the defaults."""
-        return self.requests.setdefault(req_id, self._new_request(cold=False))
 
     def _draft_model_for(self, req_id: str, history: np.ndarray) -> DraftModelInfo | None:
         """The draft model's description for this request, or None when the draft model cannot serve it."""

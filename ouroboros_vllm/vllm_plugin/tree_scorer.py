@@ -74,14 +74,17 @@ def deactivate() -> None:
 
 
 def engine_takes_trees(vllm_config: Any) -> bool:
-    """Trees need one worker (every rank would have to agree on them) and no engine-wide logits processors
-    (they see chain positions); otherwise a warning, and chains."""
+    """Trees need vLLM's CPU build (the only one whose attention :mod:`.tree_attention` overlays), one worker
+    (every rank would have to agree on them) and no engine-wide logits processors (they see chain positions);
+    otherwise one line, and chains (lossless either way)."""
+    from vllm.platforms import current_platform
+
     parallel = vllm_config.parallel_config
     single = parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1
-    if single and not getattr(vllm_config.model_config, "logits_processors", None):
+    if current_platform.is_cpu() and single and not getattr(vllm_config.model_config, "logits_processors", None):
         return True
-    logger.warning("ouroboros-vllm: verification='tree' needs tensor and pipeline parallel size 1 and no custom "
-                   "logits processors; verifying chains")  # fmt: skip
+    logger.info("ouroboros-vllm: verification='tree' needs vLLM's CPU build, tensor and pipeline parallel size 1 "
+                "and no custom logits processors; verifying chains")  # fmt: skip
     return False
 
 
