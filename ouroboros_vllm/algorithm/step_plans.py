@@ -76,12 +76,9 @@ def affordable_rows(
     ratio = plan.expected_tokens / plan.expected_seconds if plain_yield is None else plain_yield
     if later is not None:
         target, ratio = later.target, max(ratio, later.plain_yield)
-    # The rows that would share the draft's forwards: those the plan drafts, and the untried ones (tried together,
-    # :func:`try_new_rows`), whose catch-up pays (or who need none), found by dropping the ones that do not pay and
-    # judging the rest again with fewer to share with. Judged alone, each of 8 new requests behind a low prior (a
-    # poor warm-up) paid a whole forward's fixed cost: no catch-up paid, none was tried, the prior never rose.
-    tried = [row.untried and row.can_draft for row in rows]
-    drafting = {i for i, planned in enumerate(plan.rows) if planned.trunk or tried[i]}
+    # The rows that would share the draft's forwards: those the plan drafts whose catch-up pays (or who need none),
+    # found by dropping the ones that do not pay and judging the rest again with fewer to share with.
+    drafting = {i for i, planned in enumerate(plan.rows) if planned.trunk}
     while True:
         sharers = [len(drafting) + (i not in drafting) for i in range(len(rows))]
         pays = [
@@ -166,14 +163,13 @@ def trial_plan(
     at these prices (on a 2-core CPU the whole trunk at batch 1; at batch 8, where a verified token costs half
     of what a plain step emits a token in, one or two tokens: a full trunk of 8 there cost about 0.5 s for 4
     tokens, once for every new request), beside the rest of the row's own plan. Rows that are no trial keep
-    their plan (it runs every planned step: only the new rows are priced). The new rows are tried together: they
-    share the draft's forwards with each other and with the rows the plan drafts."""
-    tried = {i for i, row in enumerate(rows) if row.untried and row.can_draft}
-    sharers = len(tried | {i for i, planned in enumerate(plan.rows) if planned.trunk})
+    their plan (it runs every planned step: only the new rows are priced)."""
+    sharers = sum(1 for planned in plan.rows if planned.trunk)
     plans = list(plan.rows)
-    for i in sorted(tried):
-        depth = best_trunk(rows[i], ratio, sharers, target, draft, max_depth, shape)[0]
-        plans[i] = RowPlan(depth, max(depth, plan.rows[i].total))
+    for i, (row, planned) in enumerate(zip(rows, plan.rows, strict=True)):
+        if row.untried and row.can_draft:
+            depth = best_trunk(row, ratio, sharers + (planned.trunk == 0), target, draft, max_depth, shape)[0]
+            plans[i] = RowPlan(depth, max(depth, planned.total))
     depth = max((p.trunk for p in plans), default=0)
     return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
 
