@@ -109,10 +109,8 @@ def takes_tree(params: Any) -> bool:
 
 def plan_step(runner: Any, scheduler_output: Any, num_scheduled: Any, trees: dict[str, DraftTree]) -> None:
     """Step 1: choose the tree rows and rewrite their nodes' positions; the plan becomes :func:`active` (the
-    caller has ended the previous step's with :func:`deactivate`)."""
+    caller has ended the previous step's with :func:`deactivate`, and found that the runner :func:`supports_trees`)."""
     global _active
-    if not trees or not supports_trees(runner):
-        return
     batch = runner.input_batch
     scheduled_drafts = scheduler_output.scheduled_spec_decode_tokens
     rows = []
