@@ -94,6 +94,7 @@ def mode_needs_draft_model(mode: str) -> bool:
 
 
 DEFAULT_MODE = OuroborosConfig.model_fields["drafting"].default
+CHAIN = {"verification": "chain"}
 # The drafting mode "ouroboros" is the fixed-K Ouroboros (the default before adaptive speculation).
 _MODE_LABELS = {"ouroboros": "fixed"}
 
@@ -106,12 +107,13 @@ def ouroboros_method_name(mode: str) -> str:
 
 def _ouroboros_methods() -> list[Method]:
     # One method per drafting mode the proposer accepts: the config's Literal is the source of truth. The default
-    # mode runs with the default settings (adaptive); the other modes are the fixed ones (adaptive off).
+    # mode runs with the default settings (adaptive, verification "auto"); the other modes are the fixed ones
+    # (adaptive off, chains: their trees are the "-tree" methods below).
     return [
         Method(
             ouroboros_method_name(mode),
             "ouroboros",
-            {"drafting": mode} if mode == DEFAULT_MODE else {"drafting": mode, "adaptive": False},
+            {"drafting": mode} if mode == DEFAULT_MODE else {"drafting": mode, "adaptive": False, **CHAIN},
             stateful=mode not in STATELESS_DRAFTING_MODES,
             uses_draft_model=mode_needs_draft_model(mode),
         )
@@ -138,8 +140,17 @@ METHODS: tuple[Method, ...] = (
         stateful=True,
         default=False,
     ),
+    # The default settings with chains at every batch size (the default before verification "auto").
+    Method(
+        "ouroboros-chain",
+        "ouroboros",
+        {"drafting": DEFAULT_MODE, **CHAIN},
+        stateful=True,
+        uses_draft_model=True,
+        default=False,
+    ),
     # Tree verification (the pool's runners-up and the draft's second choices as branches, verified in the same
-    # forward), next to the chain; ``ouroboros-greedy-tree`` is the draft model's tree alone (no pool).
+    # forward) at every batch size, next to the chain; ``ouroboros-greedy-tree`` is the draft model's tree alone.
     *(
         Method(
             f"{name}-tree",

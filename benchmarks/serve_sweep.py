@@ -36,6 +36,7 @@ from ouroboros_vllm.tools.server_process import ServerProcess, ouroboros_args
 # Our servers by name: the settings each adds to ``additional_config["ouroboros"]`` (besides the draft model).
 SERVERS: dict[str, dict[str, Any]] = {
     "ouroboros": {},  # the default settings
+    "ouroboros-chain": {"verification": "chain"},
     "ouroboros-tree": {"verification": "tree"},
     "ouroboros-fixed": {"adaptive": False},
 }

@@ -153,8 +153,10 @@ def test_drafting_modes_with_a_shared_pool_get_a_fresh_engine_per_batch_size():
 
     for method in (m for m in METHODS if m.kind == "ouroboros"):
         shares_a_pool = method.settings.get("warm_start", True)
-        # A tree carries the calibration of the draft's probabilities from one request to the next.
-        carries = method.settings["drafting"] not in STATELESS_DRAFTING_MODES or method.settings.get("verification")
+        # A tree (verification "tree", or "auto", the default) carries the calibration of the draft's probabilities
+        # from one request to the next.
+        trees = method.settings.get("verification", "auto") != "chain"
+        carries = method.settings["drafting"] not in STATELESS_DRAFTING_MODES or trees
         assert method.stateful == bool(carries and shares_a_pool)
 
 

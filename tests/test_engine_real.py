@@ -42,8 +42,11 @@ def smollm(engines, tmp_path_factory):
         "plain": engines.get("smollm-plain", build),
         "derived": engines.get("smollm-derived", lambda: build(derived)),  # the defaults: ouroboros, int8 draft
         "tree": engines.get("smollm-derived-tree", lambda: build(derived, verification="tree")),
-        # Always right only as the plain draft-model mode in float32 (pool suffixes and int8 can miss).
-        "self": engines.get("smollm-self", lambda: build(target, drafting="greedy", draft_dtype="float32")),
+        # Always right only as the plain draft-model mode's chain in float32 (pool suffixes, int8 and a tree's
+        # second choices can miss).
+        "self": engines.get(
+            "smollm-self", lambda: build(target, drafting="greedy", draft_dtype="float32", verification="chain")
+        ),
     }
 
 

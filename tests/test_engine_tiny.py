@@ -231,9 +231,12 @@ def test_finished_requests_leave_no_state(plain, tiny, engines):
 
 
 def adaptive_engine(engines, tiny, draft_name: str, drafting: str = "auto"):
-    """Adaptive lengths (the default), float32 drafts; drafting "auto" (the default) unless told."""
+    """Adaptive lengths (the default), float32 drafts; drafting "auto" (the default) unless told. Chains: these
+    engines test the lengths the planner chooses (a tree's second choices beside an always-right draft's tokens
+    are rejected by design; verification "auto" has tests of its own, tests/test_tree_engine.py)."""
     draft = {"self": tiny.target, "unrelated": tiny.draft}[draft_name]
     settings = {"draft_model": str(draft), "draft_dtype": "float32", "drafting": drafting, "stats_log_interval_s": 0}
+    settings["verification"] = "chain"
     return engines.get(
         f"tiny-adaptive-{draft_name}-{drafting}",
         lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=K, kv_cache_gib=0.25),

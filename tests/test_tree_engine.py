@@ -173,3 +173,36 @@ def test_a_seeded_request_whose_prompt_is_chunked_samples_what_it_samples_unchun
     firsts = [list(o.outputs[0].token_ids) for o in chunked]
     assert firsts == [list(o.outputs[0].token_ids) for o in whole]
     assert len({tuple(f) for f in firsts}) > 1  # the seeds do sample different tokens
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_auto_verification_proposes_trees_on_the_steps_where_they_pay_and_chains_on_the_others(
+    plain, tiny, engines, monkeypatch, batch_size
+):
+    """verification "auto" (the default) asks at every step whether trees pay at its batch size; the answer
+    changes between steps while requests run (here it alternates), so a request's proposals switch between trees
+    and chains: lossless either way, and the runner verifies trees only after the steps that proposed them."""
+    from ouroboros_vllm.vllm_plugin import proposer as proposer_module
+
+    settings = {"drafting": "pool_only", "adaptive": False, "stats_log_interval_s": 0}  # verification: the default
+    spec = engines.get(
+        "tiny-auto-verification",
+        lambda: make_llm(str(tiny.target), ouroboros=settings, num_speculative_tokens=6, kv_cache_gib=0.25),
+    )
+    proposer = engine_proposer(spec)
+    answers: list[bool] = []
+    monkeypatch.setattr(
+        proposer_module, "trees_pay", lambda controller, rows: answers.append(len(answers) % 2 == 0) or answers[-1]
+    )
+    taken: list[tuple[bool, dict]] = []  # (the last step's answer, the trees its proposals made)
+    take_trees = proposer.take_trees
+    monkeypatch.setattr(
+        proposer, "take_trees", lambda: taken.append((answers[-1:] == [True], take_trees())) or taken[-1][1]
+    )
+    expected = generate_ids(plain, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
+    for _ in range(2):  # the second pass finds the first's phrases in the pool: branches at every trunk's end
+        actual = generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
+        assert actual == expected, first_difference(expected, actual)
+    assert proposer.trees, "the CPU engine must take trees"
+    assert any(trees for answer, trees in taken if answer), "no step proposed a tree: the test compared chains"
+    assert not any(trees for answer, trees in taken if not answer), "a step proposed trees where they did not pay"

@@ -78,7 +78,8 @@ class RequestState:
     pool_hits: Rate = field(default_factory=Rate)  # lookups for a suffix that found one
     max_tokens: int | None = None  # the most tokens the request may emit (its SamplingParams), None: not known
     emitted: int = 0  # tokens the target has emitted for the request so far
-    tree: bool = False  # may propose a draft tree (tree verification on, and the request's sampling allows it)
+    takes_tree: bool = False  # tree verification is on and the request's sampling lets its drafts be trees
+    tree: bool = False  # this step's proposal may be a tree (it takes trees, and they pay at the step's batch size)
     phrases: PhraseJudge = field(default_factory=PhraseJudge)  # whether its draft forwards carry pool phrases
 
     def count_accepted(self, sampled: Sequence[int]) -> DraftStats:

@@ -80,17 +80,18 @@ class OuroborosConfig(pydantic.BaseModel):
         default=3,
         ge=1,
         le=64,
-        description="K of the paper: candidate suffixes from the pool at the trunk's end. With verification='tree' "
-        "the runners-up are alternative branches (within the same num_speculative_tokens nodes); a chain "
+        description="K of the paper: candidate suffixes from the pool at the trunk's end. In a tree (see "
+        "verification) the runners-up are alternative branches (within the same num_speculative_tokens nodes); a chain "
         "proposes only the first.",
     )
-    verification: Literal["chain", "tree"] = Field(
-        default="chain",
+    verification: Literal["auto", "tree", "chain"] = Field(
+        default="auto",
         description="'tree': the target verifies each proposal's alternative branches in the same forward (the "
-        "draft model's second choices beside its doubtful tokens, the pool's runners-up at the trunk's end; the "
-        "nodes placed by the draft's calibrated probabilities; vLLM's CPU build; other rows, other builds and "
-        "requests whose sampling a tree cannot serve fall back to the chain); 'chain': one chain per request, as "
-        "vLLM verifies any proposer's drafts.",
+        "draft model's second choices beside its doubtful tokens, the pool's runners-up at the trunk's end; vLLM's "
+        "CPU build; other builds and requests whose sampling a tree cannot serve fall back to the chain); 'chain': "
+        "one chain per request, as vLLM verifies any proposer's drafts; 'auto': trees at the batch sizes where a "
+        "verified token costs a smaller share of a row's plain step than a tree's added nodes are accepted "
+        "(measured: batch 1 on a CPU), chains elsewhere.",
     )
     pool_max_keys: int = Field(default=32768, ge=1, description="Key tokens kept in the pool (LRU eviction).")
     pool_memory_mib: float = Field(

@@ -31,6 +31,7 @@ from ouroboros_vllm.algorithm.request import DraftModelInfo, RequestState
 from ouroboros_vllm.algorithm.stats import DraftStats, StatsLogger
 from ouroboros_vllm.algorithm.step_plans import full_plan
 from ouroboros_vllm.algorithm.tree import DraftTree
+from ouroboros_vllm.algorithm.tree_choice import trees_pay
 from ouroboros_vllm.runtime.draft_runtime import DraftRuntime
 from ouroboros_vllm.runtime.loading import resolve_model_path, resolve_precision, tokenizer_vocab
 from ouroboros_vllm.vllm_plugin import hooks, tree_scorer
@@ -58,7 +59,7 @@ class OuroborosProposer(hooks.StepListener):
         self.target_tokenizer = vllm_config.model_config.tokenizer
         self.target_dtype = vllm_config.model_config.dtype
         self.config.check_against(self.num_speculative_tokens)
-        self.trees = self.config.verification == "tree" and tree_scorer.engine_takes_trees(vllm_config)
+        self.trees = self.config.verification != "chain" and tree_scorer.engine_takes_trees(vllm_config)
         self.settings = self.config.draft_settings(self.num_speculative_tokens, trees=self.trees)
         self._trees: dict[str, DraftTree] = {}  # the trees of the proposals just made, for the runner hooks
         # A missing draft folder fails here, at engine start, rather than at load_model.
@@ -94,8 +95,7 @@ class OuroborosProposer(hooks.StepListener):
 
     def summary(self) -> str:
         """The process-wide stats in one line (logged every ``stats_log_interval_s``, printed by the demo)."""
-        parts = [self.stats.summary()]
-        parts += [self.pool.summary()] if self.config.uses_pool else []
+        parts = [self.stats.summary()] + ([self.pool.summary()] if self.config.uses_pool else [])
         parts += [self.controller.summary()] if self.config.adaptive else []
         return "; ".join(parts)
 
@@ -133,7 +133,7 @@ class OuroborosProposer(hooks.StepListener):
             if req_id not in self.requests:
                 state = self.requests[req_id] = self._new_request(cold=wants_own_pool(req_id, params, logger))
                 state.max_tokens = getattr(params, "max_tokens", None)
-                state.tree = self.trees and tree_scorer.takes_tree(params)
+                state.takes_tree = self.trees and tree_scorer.takes_tree(params)
 
     def on_batch(self, req_ids: list[str]) -> None:
         self._batch_req_ids = req_ids
@@ -144,8 +144,6 @@ class OuroborosProposer(hooks.StepListener):
 
     def on_trees_refused(self) -> None:
         self.trees, self.settings = False, self.config.draft_settings(self.num_speculative_tokens)
-        for state in self.requests.values():
-            state.tree = False
 
     def on_verified(self, req_ids: list[str], drafts: list[list[int]], target_argmax: list[list[int]],
                     trees: Set[str] = frozenset()) -> None:  # fmt: skip
@@ -194,6 +192,9 @@ class OuroborosProposer(hooks.StepListener):
                 rows.append((state, history, budget, self._draft_model_for(req_id, history)))
         self.controller.observe_emitted(emitted)
         self.controller.observe_accepted(planned_accepted, planned_from_pool)  # a no-op unless the last plan predicted
+        trees = self.trees and (self.config.verification == "tree" or trees_pay(self.controller, len(rows)))
+        for state, *_ in rows:
+            state.tree = trees and state.takes_tree
         plans = self._plan(rows)
         # Planned rounds carry the pool's phrases where they pay at the draft's measured price of a forward.
         price = self.controller.costs.draft.fit if self.config.judges_phrases else None
@@ -213,8 +214,7 @@ class OuroborosProposer(hooks.StepListener):
             self._record(state, counts)
         if forwards:
             self.controller.observe_draft(forwards, max(len(r.drafted) for _, _, _, r in proposing if r))
-        if proposing:
-            self.stats.steps += 1
+        self.stats.steps += bool(proposing)
         self._stats_logger.maybe_log(self.summary)
         if self._metrics.due():
             self._push_metrics()

@@ -83,7 +83,7 @@ def engine_takes_trees(vllm_config: Any) -> bool:
     single = parallel.tensor_parallel_size == 1 and parallel.pipeline_parallel_size == 1
     if current_platform.is_cpu() and single and not getattr(vllm_config.model_config, "logits_processors", None):
         return True
-    logger.info("ouroboros-vllm: verification='tree' needs vLLM's CPU build, tensor and pipeline parallel size 1 "
+    logger.info("ouroboros-vllm: tree verification needs vLLM's CPU build, tensor and pipeline parallel size 1 "
                 "and no custom logits processors; verifying chains")  # fmt: skip
     return False
 
