@@ -776,15 +776,16 @@ def test_the_step_overhead_benchmark_times_our_parts_of_real_engine_steps(tiny, 
 def test_the_pool_and_tree_table_sums_our_counters_over_runs():
     row = metrics.Summary("ouroboros-tree", 4, "all", 1)
     runs = (
-        {"suffix_tokens": 10, "suffix_accepted_tokens": 4, "tree_rounds": 2, "branch_tokens": 3,
-         "branch_accepted_tokens": 1, "branch_rounds": 1, "accepted_rank": {0: 2, 1: 1}},
-        {"suffix_tokens": 6, "suffix_accepted_tokens": 2, "tree_rounds": 2, "branch_tokens": 5,
-         "branch_accepted_tokens": 2, "branch_rounds": 1, "accepted_rank": {"1": 2}},  # as read back from JSON
+        {"suffix_tokens": 10, "suffix_accepted_tokens": 4, "tree_rounds": 2, "tree_choice_rounds": 5,
+         "branch_tokens": 3, "branch_accepted_tokens": 1, "branch_rounds": 1, "accepted_rank": {0: 2, 1: 1}},
+        # the second as read back from JSON (string keys)
+        {"suffix_tokens": 6, "suffix_accepted_tokens": 2, "tree_rounds": 2, "tree_choice_rounds": 4,
+         "branch_tokens": 5, "branch_accepted_tokens": 2, "branch_rounds": 1, "accepted_rank": {"1": 2}},
     )  # fmt: skip
     for stats in runs:
         row.add_run({"prompts": [], "num_output_tokens": 0, "wall_s": 1.0, "drafter_stats": stats})
     cells = dict(zip(report.POOL_COLUMNS, report.pool_cells(row), strict=True))
-    assert cells["pool accepted"] == "6/16 (38%)" and cells["trees"] == "4"
+    assert cells["pool accepted"] == "6/16 (38%)" and cells["trees / proposals that could be trees"] == "4 / 9"
     assert cells["branch tokens / tree"] == "2.00" and cells["branch tokens accepted"] == "3/8 (38%)"
     assert cells["alternative taken"] == "2/4 (50%)" and cells["accepted candidate by rank"] == "0: 2, 1: 3"
 

@@ -204,5 +204,6 @@ def test_auto_verification_proposes_trees_on_the_steps_where_they_pay_and_chains
         actual = generate_ids(spec, CODE_PROMPTS, greedy(MAX_TOKENS), batch_size)
         assert actual == expected, first_difference(expected, actual)
     assert proposer.trees, "the CPU engine must take trees"
+    assert 0 < proposer.stats.tree_choice_rounds < proposer.stats.rounds
     assert any(trees for answer, trees in taken if answer), "no step proposed a tree: the test compared chains"
     assert not any(trees for answer, trees in taken if not answer), "a step proposed trees where they did not pay"

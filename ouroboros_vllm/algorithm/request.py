@@ -271,6 +271,7 @@ class RequestState:
             rounds=1,
             proposed_tokens=len(proposal.tokens),
             suffix_tokens=len(proposal.tokens) - proposal.trunk_len - len(proposal.runner_ups),
+            tree_choice_rounds=int(self.tree),
             draft_forwards=round_.forwards if round_ is not None else 0,
             phrase_rounds=int(round_ is not None and bool(self.settings.draft_phrases) and round_.carry_phrases),
         )

@@ -34,6 +34,7 @@ class DraftStats:
     # Tree verification: proposals verified as trees (with alternative branches), their alternative-branch
     # tokens, the rounds whose accepted path took an alternative, and the tokens accepted on one.
     tree_rounds: int = 0
+    tree_choice_rounds: int = 0  # proposals that could be trees ("tree", or "auto" at a batch size where they pay)
     branch_tokens: int = 0
     branch_rounds: int = 0
     branch_accepted_tokens: int = 0
@@ -76,10 +77,11 @@ class DraftStats:
         return trunk / self.draft_forwards if self.draft_forwards else 0.0
 
     def _tree_summary(self) -> str:
-        if not self.tree_rounds:
+        if not self.tree_choice_rounds:
             return ""
         return (
-            f"{self.tree_rounds} trees, an alternative branch taken {self.branch_rounds} times "
+            f"{self.tree_rounds} trees of {self.tree_choice_rounds} proposals that could be trees, "
+            f"an alternative branch taken {self.branch_rounds} times "
             f"({self.branch_accepted_tokens}/{self.branch_tokens} branch tokens accepted; accepted candidate by "
             f"rank {dict(sorted(self.accepted_rank.items()))}), "
         )

@@ -43,6 +43,10 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
         "Accepted tokens from pool phrases that matched more context than their key.",
     ),
     "tree_rounds": ("vllm:ouroboros_tree_rounds", "Proposals verified as trees with alternative branches."),
+    "tree_choice_rounds": (
+        "vllm:ouroboros_tree_choice_rounds",
+        "Proposals that could be trees (verification 'tree', or 'auto' at a batch size where trees pay).",
+    ),
     "branch_tokens": ("vllm:ouroboros_branch_tokens", "Tokens on alternative branches of verified trees."),
     "branch_rounds": ("vllm:ouroboros_branch_rounds", "Verified trees whose accepted path took an alternative branch."),
     "branch_accepted_tokens": ("vllm:ouroboros_branch_accepted_tokens", "Accepted tokens on alternative branches."),
