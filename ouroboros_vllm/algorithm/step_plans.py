@@ -77,8 +77,9 @@ def affordable_rows(
     if later is not None:
         target, ratio = later.target, max(ratio, later.plain_yield)
     # The rows that would share the draft's forwards: those the plan drafts whose catch-up pays (or who need none),
-    # found by dropping the ones that do not pay and judging the rest again with fewer to share with.
-    drafting = {i for i, planned in enumerate(plan.rows) if planned.trunk}
+    # found by dropping the ones that do not pay and judging the rest again with fewer to share with; when the plan
+    # drafts for no row, the untried rows, tried together (:func:`together`).
+    drafting = together(rows, plan)
     while True:
         sharers = [len(drafting) + (i not in drafting) for i in range(len(rows))]
         pays = [
@@ -164,14 +165,25 @@ def trial_plan(
     of what a plain step emits a token in, one or two tokens: a full trunk of 8 there cost about 0.5 s for 4
     tokens, once for every new request), beside the rest of the row's own plan. Rows that are no trial keep
     their plan (it runs every planned step: only the new rows are priced)."""
-    sharers = sum(1 for planned in plan.rows if planned.trunk)
+    drafting = together(rows, plan)
     plans = list(plan.rows)
-    for i, (row, planned) in enumerate(zip(rows, plan.rows, strict=True)):
+    for i, row in enumerate(rows):
         if row.untried and row.can_draft:
-            depth = best_trunk(row, ratio, sharers + (planned.trunk == 0), target, draft, max_depth, shape)[0]
-            plans[i] = RowPlan(depth, max(depth, planned.total))
+            depth = best_trunk(row, ratio, len(drafting) + (i not in drafting), target, draft, max_depth, shape)[0]
+            plans[i] = RowPlan(depth, max(depth, plan.rows[i].total))
     depth = max((p.trunk for p in plans), default=0)
     return StepPlan(plans, depth=depth, forwards=depth, expected_tokens=0.0, expected_seconds=0.0)
+
+
+def together(rows: Sequence[RowOutlook], plan: StepPlan) -> set[int]:
+    """The rows whose drafting would share the draft's forwards: those ``plan`` drafts for; when it drafts for none,
+    every untried row the draft can serve. Judged alone behind a low prior (a poor warm-up), new requests at batch
+    8 each paid a whole forward's fixed cost: no catch-up paid, none was tried and the prior never rose (HumanEval
+    at batch 8: nothing drafted, 0.92x, where a run that escaped it drafted and ran 1.02x). Only then: tried
+    together while other rows drafted too, a server's waves of new requests caught up every prompt (0.97x at 8
+    concurrent requests against 1.13x in the sixteenth session's runs; reverted)."""
+    drafting = {i for i, planned in enumerate(plan.rows) if planned.trunk}
+    return drafting or {i for i, row in enumerate(rows) if row.untried and row.can_draft}
 
 
 def try_new_rows(rows: Sequence[RowOutlook], plan: StepPlan, full: StepPlan) -> StepPlan:
