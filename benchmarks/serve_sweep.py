@@ -4,8 +4,8 @@ For each server (plain, then ours with the default settings, then any of ``SERVE
 the sweep starts ``ouroboros-vllm serve`` on
 127.0.0.1, sends a fixed mix of HumanEval and MT-Bench prompts at each concurrency (streaming, greedy), measures
 output tokens per second and the mean time per output token (TPOT), checks that every output equals plain's,
-and stops the server by its PID. Results: ``serving.json`` (raw per-request numbers), ``report.md``, and
-``serving.png``.
+reads our proposer's counters around each level (its tau there, and how many proposals were trees), and stops the
+server by its PID. Results: ``serving.json`` (raw per-request numbers), ``report.md``, and ``serving.png``.
 
   python -m benchmarks.serve_sweep --out docs/benchmarks/serving      # ~15 min on an idle 2-core CPU
   python -m benchmarks.serve_sweep --servers ouroboros ouroboros-tree --out DIR   # the chain against the tree
@@ -31,7 +31,7 @@ from typing import Any
 from benchmarks import datasets as ds
 from benchmarks.environment import describe_machine, load_average
 from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
-from ouroboros_vllm.tools.server_process import ServerProcess, ouroboros_args
+from ouroboros_vllm.tools.server_process import ServerProcess, metric_value, ouroboros_args
 
 # Our servers by name: the settings each adds to ``additional_config["ouroboros"]`` (besides the draft model).
 SERVERS: dict[str, dict[str, Any]] = {
@@ -40,6 +40,9 @@ SERVERS: dict[str, dict[str, Any]] = {
     "ouroboros-tree": {"verification": "tree"},
     "ouroboros-fixed": {"adaptive": False},
 }
+
+# Our proposer's counters (``vllm:ouroboros_<name>_total``), read before and after each level: what it did there.
+PROPOSER_COUNTERS = ("rounds", "verified_rounds", "accepted_tokens", "tree_choice_rounds", "tree_rounds")
 
 
 @dataclass
@@ -106,19 +109,36 @@ def run_level(
     }
 
 
+def proposer_counters(server: ServerProcess) -> dict[str, float] | None:
+    """Our proposer's counters as the server shows them now (None: a server without our proposer).
+
+    The proposer learns of finished requests at the engine's next step and pushes its counters then (or every few
+    seconds), so a level's last steps show only after one more step: a 1-token request runs that step first."""
+    stream_completion(server.url, server.model, [0], 1, -1)
+    exposition = server.metrics()
+    values = {name: metric_value(exposition, f"vllm:ouroboros_{name}_total") for name in PROPOSER_COUNTERS}
+    return None if values["rounds"] is None else {name: value or 0.0 for name, value in values.items()}
+
+
+def difference(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    return None if before is None or after is None else {name: after[name] - before[name] for name in after}
+
+
 def sweep(name: str, target: str, args: list[str], prompts: list[list[int]], levels: list[int], max_tokens: int,
           out: Path, stagger_s: float = 0.0, repetition: int = 0) -> dict[str, Any]:  # fmt: skip
     log = out / (f"server-{name}.log" if repetition == 0 else f"server-{name}-{repetition}.log")
     server = ServerProcess(target, log, args)
     try:
         stream_completion(server.url, server.model, prompts[0], 8, -1)  # warm-up
-        runs = []
+        runs, counters = [], proposer_counters(server)
         for level in levels:
             count = max(2 * level, 4)
             batch = [prompts[i % len(prompts)] for i in range(count)]
             print(f"{name}: concurrency {level}, {count} requests ...", flush=True)
             runs.append(run_level(server, batch, level, max_tokens, stagger_s))
             print(f"{name}: concurrency {level}: {runs[-1]['tokens_per_second']:.2f} tok/s", flush=True)
+            before, counters = counters, proposer_counters(server)
+            runs[-1]["proposer"] = difference(before, counters)
         stats = {m: server.metric(m) for m in ("vllm:ouroboros_mean_acceptance_length",)}
     finally:
         server.stop()
@@ -134,9 +154,11 @@ def pooled(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
         tpots = [t for t in (RequestResult(**r).tpot_s for r in requests) if t is not None]
         wall, tokens = sum(run["wall_s"] for run in level), sum(run["output_tokens"] for run in level)
         each = [{"wall_s": run["wall_s"], "output_tokens": run["output_tokens"]} for run in level]
+        counted = [run.get("proposer") for run in level]
+        proposer = None if None in counted else {name: sum(c[name] for c in counted) for name in counted[0]}
         runs.append({**level[0], "wall_s": wall, "output_tokens": tokens, "tokens_per_second": tokens / wall,
                      "mean_tpot_s": sum(tpots) / len(tpots) if tpots else None, "requests": requests,
-                     "repetitions": each})  # fmt: skip
+                     "repetitions": each, "proposer": proposer})  # fmt: skip
     return {**sweeps[0], "runs": runs, "metrics": [s["metrics"] for s in sweeps]}
 
 
@@ -161,7 +183,25 @@ def report(data: dict[str, Any]) -> str:
                 f"{each} | {1000 * (base['mean_tpot_s'] or 0):.0f} | {1000 * (run['mean_tpot_s'] or 0):.0f} | "
                 f"{tpot or 0:.2f}x | {sum(same)}/{len(same)} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + proposer_table(data["servers"][1:])) + "\n"
+
+
+def proposer_table(servers: list[dict[str, Any]]) -> list[str]:
+    """What our proposer did at each level (from its counters; empty for a run that did not read them): tau, the
+    proposals, how many could be trees (verification "auto" at a batch size where trees pay, or "tree") and how
+    many the target verified as trees."""
+    rows = [(server["name"], run["concurrency"], run["proposer"]) for server in servers for run in server["runs"]
+            if run.get("proposer")]  # fmt: skip
+    if not rows:
+        return []
+    header = ("server", "concurrency", "tau", "proposals", "could be trees", "verified as trees")
+    lines = ["", "What our proposer did at each level (its counters, read before and after the level):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for name, level, c in rows:
+        tau = 1 + c["accepted_tokens"] / c["verified_rounds"] if c["verified_rounds"] else float("nan")
+        lines.append(f"| {name} | {level} | {tau:.2f} | {c['rounds']:.0f} | {c['tree_choice_rounds']:.0f} | "
+                     f"{c['tree_rounds']:.0f} |")  # fmt: skip
+    return lines
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

