@@ -32,6 +32,7 @@ from benchmarks import datasets as ds
 from benchmarks.environment import describe_machine, load_average
 from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
 from ouroboros_vllm.tools.server_process import ServerProcess, metric_value, ouroboros_args
+from ouroboros_vllm.vllm_plugin.metrics import stats_counter_name
 
 # Our servers by name: the settings each adds to ``additional_config["ouroboros"]`` (besides the draft model).
 SERVERS: dict[str, dict[str, Any]] = {
@@ -41,7 +42,8 @@ SERVERS: dict[str, dict[str, Any]] = {
     "ouroboros-fixed": {"adaptive": False},
 }
 
-# Our proposer's counters (``vllm:ouroboros_<name>_total``), read before and after each level: what it did there.
+# Our proposer's counters (DraftStats fields, as /metrics shows them), read before and after each level: what it did
+# there.
 PROPOSER_COUNTERS = ("rounds", "verified_rounds", "accepted_tokens", "tree_choice_rounds", "tree_rounds")
 
 
@@ -116,7 +118,7 @@ def proposer_counters(server: ServerProcess) -> dict[str, float] | None:
     seconds), so a level's last steps show only after one more step: a 1-token request runs that step first."""
     stream_completion(server.url, server.model, [0], 1, -1)
     exposition = server.metrics()
-    values = {name: metric_value(exposition, f"vllm:ouroboros_{name}_total") for name in PROPOSER_COUNTERS}
+    values = {name: metric_value(exposition, stats_counter_name(name)) for name in PROPOSER_COUNTERS}
     return None if values["rounds"] is None else {name: value or 0.0 for name, value in values.items()}
 
 

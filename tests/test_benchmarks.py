@@ -661,13 +661,15 @@ def test_repeated_sweeps_pool_each_level_and_keep_every_repetition():
 
 def test_serving_sweep_reports_what_our_proposer_did_at_each_level(monkeypatch):
     """The proposer's counters are read after a 1-token request (the step that pushes a level's last counts), their
-    differences kept per level, summed over repetitions and shown as tau and tree counts; plain has none."""
+    differences kept per level, summed over repetitions and shown as tau and tree counts; plain has none. (Read from
+    a real server in test_server.py.)"""
     from benchmarks import serve_sweep
+    from ouroboros_vllm.vllm_plugin.metrics import stats_counter_name
 
     sent = []
     monkeypatch.setattr(serve_sweep, "stream_completion", lambda url, model, prompt, n, i: sent.append(n))
     totals = {"rounds": 10.0, "verified_rounds": 8.0, "accepted_tokens": 20.0, "tree_choice_rounds": 3.0}
-    exposition = "\n".join(f'vllm:ouroboros_{k}_total{{model_name="m"}} {v}' for k, v in totals.items())
+    exposition = "\n".join(f'{stats_counter_name(k)}{{model_name="m"}} {v}' for k, v in totals.items())
     ours = SimpleNamespace(url="u", model="m", metrics=lambda: exposition + "\nvllm:other_total 1.0\n")
     counters = serve_sweep.proposer_counters(ours)
     assert sent == [1] and counters == {**totals, "tree_rounds": 0.0}  # a counter not shown yet reads 0

@@ -57,6 +57,12 @@ def test_the_server_verified_our_drafts_and_shows_our_metrics(server):
     assert server.metric("vllm:ouroboros_mean_acceptance_length") > 1
     assert server.metric("vllm:ouroboros_pool_phrases") > 0
     assert server.metric("vllm:ouroboros_draft_forwards_total") > 0
+    # What the serving benchmark reads of them around each level.
+    from benchmarks import serve_sweep
+
+    counters = serve_sweep.proposer_counters(server)
+    assert counters is not None and counters["rounds"] > 0 and counters["verified_rounds"] > 0, counters
+    assert counters["accepted_tokens"] == server.metric("vllm:ouroboros_accepted_tokens_total")
 
 
 # ---------------------------------------------------------------------------------------------- load test

@@ -54,6 +54,14 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
     "phrase_rounds": ("vllm:ouroboros_phrase_rounds", "Proposals whose draft forwards carried pool phrases."),
     "draft_seconds": ("vllm:ouroboros_draft_seconds", "Seconds spent drafting (draft model and pool)."),
 }
+
+
+def stats_counter_name(field: str) -> str:
+    """The name under which ``/metrics`` shows the counter of :class:`DraftStats` field ``field`` (with the
+    ``_total`` that prometheus_client adds)."""
+    return _STATS_COUNTERS[field][0] + "_total"
+
+
 _POOL_COUNTERS: dict[str, tuple[str, str]] = {
     "lookups": ("vllm:ouroboros_pool_lookups", "Phrase pool lookups."),
     "hits": ("vllm:ouroboros_pool_hits", "Phrase pool lookups that found at least one phrase."),
