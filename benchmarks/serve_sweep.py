@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import datasets as ds
-from benchmarks.environment import describe_machine, load_average
+from benchmarks.environment import describe_machine, load_average, summary_line
 from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
 from ouroboros_vllm.tools.server_process import ServerProcess, metric_value, ouroboros_args
 from ouroboros_vllm.vllm_plugin.metrics import stats_counter_name
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.stagger
                 else "all clients start together"
             ),
-            f"- machine: {describe_machine()['cpu_count']} cores; load average at start {load_start}, at end "
+            f"- machine: {summary_line(describe_machine())}; load average at start {load_start}, at end "
             f"{load_average()}; took {(time.time() - started) / 60:.1f} min",
         ],
         "servers": servers,

@@ -438,6 +438,18 @@ def _fake_results():
     return [plain, ours, suffix]
 
 
+def test_the_machine_description_carries_a_speed_probe_and_the_report_line_shows_it():
+    from benchmarks.environment import describe_machine, summary_line
+
+    machine = describe_machine()
+    speed = machine["speed"]
+    assert 0 < speed["python_loop_s"] < 60 and speed["memory_copy_gb_s"] > 0
+    line = summary_line(machine)
+    assert line.endswith(f"speed probe: Python loop {1000 * speed['python_loop_s']:.0f} ms, "
+                         f"memory copy {speed['memory_copy_gb_s']} GB/s")  # fmt: skip
+    assert "speed probe" not in summary_line({**machine, "speed": None})  # a result from before the probe
+
+
 def test_summaries_compute_speedup_tau_acceptance_and_draft_share():
     rows = {(s.method, s.dataset): s for s in metrics.summarize(_fake_results())}
     a = rows[("ouroboros-greedy", "a")]
