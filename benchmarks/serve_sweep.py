@@ -31,6 +31,7 @@ from typing import Any
 from benchmarks import datasets as ds
 from benchmarks.environment import describe_machine, load_average, summary_line
 from benchmarks.run import DEFAULT_DRAFT, DEFAULT_TARGET, REPO_ROOT, _tokenizer, render_prompt, resolve_model
+from ouroboros_vllm.algorithm.stats import DraftStats
 from ouroboros_vllm.tools.server_process import ServerProcess, metric_value, ouroboros_args
 from ouroboros_vllm.vllm_plugin.metrics import stats_counter_name
 
@@ -200,7 +201,7 @@ def proposer_table(servers: list[dict[str, Any]]) -> list[str]:
     lines = ["", "What our proposer did at each level (its counters, read before and after the level):", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
     for name, level, c in rows:
-        tau = 1 + c["accepted_tokens"] / c["verified_rounds"] if c["verified_rounds"] else float("nan")
+        tau = DraftStats(**c).tau  # the counters are DraftStats fields: tau as the proposer's own line gives it
         lines.append(f"| {name} | {level} | {tau:.2f} | {c['rounds']:.0f} | {c['tree_choice_rounds']:.0f} | "
                      f"{c['tree_rounds']:.0f} |")  # fmt: skip
     return lines
