@@ -130,7 +130,7 @@ def replay(refs: Sequence[Positions], k: int, tree: bool) -> Tally:
             proposal = Proposal(tokens=tokens, trunk_len=drafted)
             if tree:
                 runner_ups = {i: -1 - i for i in range(drafted)}
-                lengthen_tree(None, proposal, [0], k, 1, TreeRates(trunk_rate, 0.0, 0.0, 0.0), runner_ups,
+                lengthen_tree(None, proposal, [0], k, 1, TreeRates(trunk_rate, 0.0, 0.0, 0.0, 0.0), runner_ups,
                               chances[:drafted], seconds)  # fmt: skip
             trunk = proposal.trunk_len
             agreed = next((i for i in range(trunk) if not ref.first_right[emitted + i]), trunk)

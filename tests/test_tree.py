@@ -109,8 +109,11 @@ def test_allocation_goes_where_acceptance_is_likeliest():
     assert _allocate(3, [[0.5], [0.4, 0.3], []]) == [1, 2, 0]
 
 
-def rates(pool: float, branch: float, trunk: float = 1.0, runner_up: float = 0.0) -> TreeRates:
-    return TreeRates(trunk=trunk, pool=pool, branch=branch, runner_up=runner_up)
+def rates(
+    pool: float, branch: float, trunk: float = 1.0, runner_up: float = 0.0, key_only: float | None = None
+) -> TreeRates:
+    key_only = pool if key_only is None else key_only
+    return TreeRates(trunk=trunk, pool=pool, branch=branch, runner_up=runner_up, pool_key_only=key_only)
 
 
 def pool_with(*phrases: tuple[int, tuple[int, ...]]) -> PhrasePool:
@@ -145,6 +148,33 @@ def test_a_sure_first_path_makes_the_same_proposal_as_a_chain():
     lengthen(pool, chain, [1], 6)
     lengthen_tree(pool, tree, [1], 6, 3, rates(0.95, 0.05))
     assert tree.parents is None and tree.tokens == chain.tokens and tree.suffixes == chain.suffixes
+
+
+def test_a_suffix_that_matched_its_key_alone_is_priced_at_its_own_rate():
+    # Trunk [2, 3] (0.9 each) after context [1]. Under key 2, (3, 4, 5) matches the chain's last token past its key;
+    # under key 3, (10, 11, 12) matches the key alone. The suffix's first token is worth 0.81 * rate: 0.243 for the
+    # matched one (rate 0.3), 0.0405 for the key-only one (0.05), against 0.1 and 0.09 for the draft's second
+    # choices at positions 0 and 1. The last node of a budget of 4 goes to the best of them.
+    context_matched, key_only = pool_with((2, (3, 4, 5))), pool_with((3, (10, 11, 12)))
+    cases = ((context_matched, 0.05, [2, 3, 4, 7]), (key_only, 0.05, [2, 3, 8, 7]), (key_only, 0.3, [2, 3, 10, 7]))
+    for pool, key_only_rate, expected in cases:
+        proposal = Proposal(tokens=[2, 3], trunk_len=2)
+        tree_rates = rates(0.3, 0.0, runner_up=0.1, key_only=key_only_rate)
+        lengthen_tree(pool, proposal, [1], 4, 1, tree_rates, {0: 7, 1: 8}, [0.9, 0.9], {0: 0.1, 1: 0.1})
+        assert proposal.tokens == expected
+
+
+def test_a_request_learns_the_rate_of_key_only_suffixes_apart():
+    pool = pool_with((2, (3, 4, 5)), (3, (10, 11, 12)))
+    for context, key_only in (([1, 2, 3], False), ([9, 9, 3], True)):
+        state = RequestState(settings(), pool)
+        state.proposal = Proposal(tokens=[3], trunk_len=1)
+        lengthen(pool, state.proposal, context[:-1], 3)
+        assert state.proposal.key_only_suffix == key_only
+        state.count_accepted([3, state.proposal.tokens[1], 0])  # the trunk and the suffix's first token
+        rates_ = state.acceptance.rates
+        assert (rates_["pool"].accepted, rates_["pool"].examined) == (1, 2)
+        assert (rates_["pool_key_only"].accepted, rates_["pool_key_only"].examined) == ((1, 2) if key_only else (0, 0))
 
 
 def settings(candidates: int = 3) -> DraftSettings:

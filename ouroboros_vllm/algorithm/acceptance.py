@@ -1,7 +1,8 @@
 """How likely the target is to accept a proposed token, learned from verification.
 
-Per source (the draft model's trunk, the pool's suffix on the first path, and in a draft tree an alternative
-branch's first token and the draft model's second choice) the model keeps one number: the chance that the next
+Per source (the draft model's trunk, the pool's suffix on the first path, that suffix again when its phrase matched
+the chain on its key alone, and in a draft tree an alternative branch's first token and the draft model's second
+choice) the model keeps one number: the chance that the next
 proposed token is accepted given that every token before it was, as counts of (accepted, examined) tokens. A
 verified proposal of ``m`` tokens from one source of which ``a`` were accepted examined ``min(a + 1, m)`` of
 them (the target stops at the first rejection). Each request has its own counts, which start from the
@@ -29,7 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SOURCES = ("trunk", "pool", "branch", "runner_up")
+# "pool" counts every first-path suffix (what the planner prices a suffix at before knowing which phrase it will get);
+# "pool_key_only" the ones whose phrase matched nothing but its key, the weak kind (2-11% accepted in every benchmark
+# run, against 20-55% for phrases that matched more context), which a draft tree prices apart.
+SOURCES = ("trunk", "pool", "pool_key_only", "branch", "runner_up")
 PRIOR_TRIALS = 4.0  # a new request's estimate starts as the process-wide rate, worth this many examined tokens
 DECAY = 0.9  # per verified proposal: older evidence counts for less
 PROCESS_HALF_LIFE = 64.0  # examined tokens, of every request: the process-wide rate follows recent requests

@@ -53,6 +53,12 @@ class Proposal:
         return [use.offset for use in self.suffixes[1:]] + [last] * bool(self.suffixes)
 
     @property
+    def key_only_suffix(self) -> bool:
+        """Whether the first path's pool suffix (right after the trunk) matched the chain on its key alone."""
+        first = self.suffixes[0] if self.suffixes else None
+        return first is not None and not first.rank and first.offset == self.trunk_len and not first.matched
+
+    @property
     def alternatives(self) -> int:
         return sum(use.rank > 0 for use in self.suffixes)
 
@@ -76,13 +82,18 @@ def lengthen(pool: PhrasePool, proposal: Proposal, context: Sequence[int], budge
 @dataclass(frozen=True)
 class TreeRates:
     """What a tree's nodes are worth: the chance that the next token is accepted, given the ones before it, for
-    a trunk token, a pool suffix token on the first path, an alternative branch's first token, and the draft
-    model's runner-up at a trunk position."""
+    a trunk token, a pool suffix token (``pool_key_only`` for a phrase that matched the chain on its key alone), an
+    alternative branch's first token, and the draft model's runner-up at a trunk position."""
 
     trunk: float
     pool: float
     branch: float
     runner_up: float
+    pool_key_only: float
+
+    def suffix(self, matched: int) -> float:
+        """The rate of a suffix token whose phrase matched ``matched`` tokens of the chain besides its key."""
+        return self.pool if matched else self.pool_key_only
 
 
 def lengthen_tree(
@@ -99,13 +110,14 @@ def lengthen_tree(
     """:func:`lengthen` as a tree, within the same ``budget`` of nodes, each node where it is likeliest to be
     accepted (:func:`_allocate`), among: the trunk's tokens (token i worth ``reach[i + 1]``, the chance that the
     target accepts tokens 0..i, ``trunk_chances[i]`` each given the ones before, ``rates.trunk`` when None), the
-    first path's pool suffix after the whole trunk (its j-th token worth ``reach[m] * pool^(j+1)``), up to
-    ``candidates - 1`` runners-up of that suffix hung at the trunk's end (``reach[m] * branch * pool^j``: siblings
-    exclude each other), and the draft model's second choice at trunk position i (``runner_ups[i]``, worth
-    ``reach[i] * runner_up_chances[i]``, ``rates.runner_up`` when None), hung beside trunk token i. The trunk's
-    deepest tokens may give way to second choices higher up: a doubtful trunk token's alternative is often worth
-    more than the tokens that would follow it. Laid out depth-first: the first path, the runners-up, then the
-    draft's second choices, deepest first. No ``pool``: the trunk and the draft's second choices only."""
+    first path's pool suffix after the whole trunk (its j-th token worth ``reach[m] * pool^(j+1)``, at the rate of
+    its kind of match: :meth:`TreeRates.suffix`), up to ``candidates - 1`` runners-up of that suffix hung at the
+    trunk's end (``reach[m] * branch * pool^j``: siblings exclude each other), and the draft model's second choice
+    at trunk position i (``runner_ups[i]``, worth ``reach[i] * runner_up_chances[i]``, ``rates.runner_up`` when
+    None), hung beside trunk token i. The trunk's deepest tokens may give way to second choices higher up: a
+    doubtful trunk token's alternative is often worth more than the tokens that would follow it. Laid out
+    depth-first: the first path, the runners-up, then the draft's second choices, deepest first. No ``pool``: the
+    trunk and the draft's second choices only."""
     trunk_len = len(proposal.tokens)
     reach = reach_of(trunk_chances[:trunk_len] if trunk_chances is not None else [rates.trunk] * trunk_len)
     found = []
@@ -120,8 +132,10 @@ def lengthen_tree(
     values = [reach[1:]]
     if found:
         key, phrase, matched = found[0]
-        values.append([reach[-1] * rates.pool ** (j + 1) for j in range(budget)])
-        values += [[reach[-1] * rates.branch * rates.pool**j for j in range(len(p) - m)] for _, p, m in found[1:]]
+        values.append([reach[-1] * rates.suffix(matched) ** (j + 1) for j in range(budget)])
+        values += [
+            [reach[-1] * rates.branch * rates.suffix(m) ** j for j in range(len(p) - m)] for _, p, m in found[1:]
+        ]
     else:
         values.append([])
     values += [[reach[i] * second_chances.get(i, rates.runner_up)] for i, _ in seconds]

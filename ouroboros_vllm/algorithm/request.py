@@ -113,7 +113,9 @@ class RequestState:
                 self.prior.second_choice.record(*_known([(probs[node], node in path) for node in reached]))
             counts.suffix_accepted_tokens -= sum(node in path for node in reached)
         if accepted_trunk == trunk:  # the target reached the suffixes
-            self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
+            suffix_accepted = sum(trunk <= node < first_path for node in path)
+            for source in ("pool", "pool_key_only") if proposal.key_only_suffix else ("pool",):
+                self._record_acceptance(source, first_path - trunk, suffix_accepted)
             if tree is not None:
                 pool_taken = any(node >= first_path and node not in proposal.runner_ups for node in path)
                 self._record_trials("branch", proposal.alternatives, int(pool_taken))
@@ -155,7 +157,8 @@ class RequestState:
     def tree_rates(self) -> TreeRates:
         prior = self.prior or ProcessAcceptance()
         trunk, pool, _ = self.rates()
-        return TreeRates(trunk, pool, self.branch_rate(), self.acceptance.rate("runner_up", prior.prior("runner_up")))
+        runner_up, key_only = (self.acceptance.rate(s, prior.prior(s)) for s in ("runner_up", "pool_key_only"))
+        return TreeRates(trunk, pool, self.branch_rate(), runner_up, key_only)
 
     def rates(self) -> tuple[float, float, float]:
         """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""
