@@ -2,15 +2,15 @@
 
 Per source (the draft model's trunk, the pool's suffix on the first path, that suffix again when its phrase matched
 the chain on its key alone, and in a draft tree an alternative branch's first token and the draft model's second
-choice) the model keeps one number: the chance that the next
-proposed token is accepted given that every token before it was, as counts of (accepted, examined) tokens. A
-verified proposal of ``m`` tokens from one source of which ``a`` were accepted examined ``min(a + 1, m)`` of
-them (the target stops at the first rejection). Each request has its own counts, which start from the
-process-wide rate (a prior worth :data:`PRIOR_TRIALS` examined tokens) and are kept over a decaying window, so a
-request whose text gets easier or harder moves its estimate within a few steps. The process-wide rate itself
-follows the recent requests (a half-life of :data:`PROCESS_HALF_LIFE` examined tokens): requests that arrive
-together are often alike (one client's batch, one application's prompts), and a new request judged by the text
-of an hour ago is tried where it will not pay (translation after code: expected 18 accepted tokens, got 3).
+choice) the model keeps one number: the chance that the next proposed token is accepted given that every token
+before it was, as counts of (accepted, examined) tokens. A verified proposal of ``m`` tokens from one source of
+which ``a`` were accepted examined ``min(a + 1, m)`` of them (the target stops at the first rejection). Each request
+has its own counts, which start from the process-wide rate (a prior worth :data:`PRIOR_TRIALS` examined tokens) and
+are kept over a decaying window, so a request whose text gets easier or harder moves its estimate within a few
+steps. The process-wide rate itself follows the recent requests (a half-life of :data:`PROCESS_HALF_LIFE` examined
+tokens): requests that arrive together are often alike (one client's batch, one application's prompts), and a new
+request judged by the text of an hour ago is tried where it will not pay (translation after code: expected 18
+accepted tokens, got 3).
 
 One number per source says nothing of where in a proposal a token sits, and that matters: a round's tokens are
 alike (an easy passage is easy for all of them), so a trunk token that follows three accepted ones is likelier to
