@@ -113,7 +113,7 @@ def rates(
     pool: float, branch: float, trunk: float = 1.0, runner_up: float = 0.0, key_only: float | None = None
 ) -> TreeRates:
     key_only = pool if key_only is None else key_only
-    return TreeRates(trunk=trunk, pool_matched=pool, pool_key_only=key_only, branch=branch, runner_up=runner_up)
+    return TreeRates(trunk=trunk, pool=pool, branch=branch, runner_up=runner_up, pool_key_only=key_only)
 
 
 def pool_with(*phrases: tuple[int, tuple[int, ...]]) -> PhrasePool:
@@ -143,11 +143,10 @@ def test_a_tree_proposal_puts_the_runners_up_under_the_trunk_end():
 
 
 def test_a_sure_first_path_makes_the_same_proposal_as_a_chain():
-    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (22, (23, 24, 25)))
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (12, (13, 14, 15)))
     chain, tree = Proposal(tokens=[3], trunk_len=1), Proposal(tokens=[3], trunk_len=1)
     lengthen(pool, chain, [1], 6)
     lengthen_tree(pool, tree, [1], 6, 3, rates(0.95, 0.05))
-    assert chain.tokens == [3, 20, 21, 22, 23, 24]
     assert tree.parents is None and tree.tokens == chain.tokens and tree.suffixes == chain.suffixes
 
 
@@ -165,43 +164,17 @@ def test_a_suffix_that_matched_its_key_alone_is_priced_at_its_own_rate():
         assert proposal.tokens == expected
 
 
-def test_a_first_path_is_priced_phrase_by_phrase_as_far_as_the_pool_continues_it():
-    # Trunk [3] (0.9) after context [1, 2]: (3, 4, 5) under key 2 matches the chain's last token, and after it the
-    # chain [.., 4, 5] meets (20, 21, 22) under key 5 on its key alone. At 0.9 for context-matched tokens and 0.05
-    # for key-only ones, the key-only phrase's first token (0.9 * 0.81 * 0.05) is worth less than the draft's
-    # second choice beside the trunk (0.2): it takes the last node. Without the key-only phrase the pool ends after
-    # 5, and the node it cannot fill goes to the second choice too.
-    matched, then_key_only = (2, (3, 4, 5)), (5, (20, 21, 22))
-    for phrases, key_only_rate, expected in (
-        ((matched, then_key_only), 0.05, [3, 4, 5, 7]),
-        ((matched,), 0.05, [3, 4, 5, 7]),
-        ((matched, then_key_only), 0.9, [3, 4, 5, 20]),  # at the matched phrases' rate it would win the node
-    ):
-        proposal = Proposal(tokens=[3], trunk_len=1)
-        tree_rates = rates(0.9, 0.0, key_only=key_only_rate)
-        lengthen_tree(pool_with(*phrases), proposal, [1, 2], 4, 1, tree_rates, {0: 7}, [0.9], {0: 0.2})
-        assert proposal.tokens == expected
-
-
-def test_a_request_learns_each_kind_of_suffix_phrase_apart():
-    # The chain [1, 2, 3] takes (4, 5) of (3, 4, 5) under key 2 (matched past its key), then (20, 21) of (20, 21, 22)
-    # under key 5 (its key alone). The target accepts 3, 4, 5 and rejects 20: each phrase is counted at its kind's
-    # rate, the suffix as a whole at the pool's.
-    pool = pool_with((2, (3, 4, 5)), (5, (20, 21, 22)))
-    state = RequestState(settings(), pool)
-    state.proposal = Proposal(tokens=[3], trunk_len=1)
-    lengthen(pool, state.proposal, [1, 2], 5)
-    assert state.proposal.tokens == [3, 4, 5, 20, 21]
-    assert [use.matched for use in state.proposal.suffixes] == [1, 0]
-    state.count_accepted([3, 4, 5, 99])
-    examined = {s: (rate.accepted, rate.examined) for s, rate in state.acceptance.rates.items()}
-    assert examined["pool"] == (2, 3) and examined["pool_matched"] == (2, 2) and examined["pool_key_only"] == (0, 1)
-    # A rejection in the first phrase: the key-only one after it was never examined.
-    state.proposal = Proposal(tokens=[3], trunk_len=1)
-    lengthen(pool, state.proposal, [1, 2], 5)
-    state.count_accepted([3, 99])
-    rates_ = state.acceptance.rates
-    assert rates_["pool_matched"].examined == pytest.approx(2 * 0.9 + 1) and rates_["pool_key_only"].examined == 1
+def test_a_request_learns_the_rate_of_key_only_suffixes_apart():
+    pool = pool_with((2, (3, 4, 5)), (3, (10, 11, 12)))
+    for context, key_only in (([1, 2, 3], False), ([9, 9, 3], True)):
+        state = RequestState(settings(), pool)
+        state.proposal = Proposal(tokens=[3], trunk_len=1)
+        lengthen(pool, state.proposal, context[:-1], 3)
+        assert state.proposal.key_only_suffix == key_only
+        state.count_accepted([3, state.proposal.tokens[1], 0])  # the trunk and the suffix's first token
+        rates_ = state.acceptance.rates
+        assert (rates_["pool"].accepted, rates_["pool"].examined) == (1, 2)
+        assert (rates_["pool_key_only"].accepted, rates_["pool_key_only"].examined) == ((1, 2) if key_only else (0, 0))
 
 
 def settings(candidates: int = 3) -> DraftSettings:

@@ -1,16 +1,16 @@
 """How likely the target is to accept a proposed token, learned from verification.
 
-Per source (the draft model's trunk, the pool's suffix on the first path, each of that suffix's phrases again by
-whether it matched the chain on its key alone or on more, and in a draft tree an alternative branch's first token
-and the draft model's second choice) the model keeps one number: the chance that the next proposed token is accepted
-given that every token before it was, as counts of (accepted, examined) tokens. A verified proposal of ``m`` tokens
-from one source of which ``a`` were accepted examined ``min(a + 1, m)`` of them (the target stops at the first
-rejection). Each request has its own counts, which start from the process-wide rate (a prior worth
-:data:`PRIOR_TRIALS` examined tokens) and are kept over a decaying window, so a request whose text gets easier or
-harder moves its estimate within a few steps. The process-wide rate itself follows the recent requests (a half-life
-of :data:`PROCESS_HALF_LIFE` examined tokens): requests that arrive together are often alike (one client's batch,
-one application's prompts), and a new request judged by the text of an hour ago is tried where it will not pay
-(translation after code: expected 18 accepted tokens, got 3).
+Per source (the draft model's trunk, the pool's suffix on the first path, that suffix again when its phrase matched
+the chain on its key alone, and in a draft tree an alternative branch's first token and the draft model's second
+choice) the model keeps one number: the chance that the next proposed token is accepted given that every token
+before it was, as counts of (accepted, examined) tokens. A verified proposal of ``m`` tokens from one source of
+which ``a`` were accepted examined ``min(a + 1, m)`` of them (the target stops at the first rejection). Each request
+has its own counts, which start from the process-wide rate (a prior worth :data:`PRIOR_TRIALS` examined tokens) and
+are kept over a decaying window, so a request whose text gets easier or harder moves its estimate within a few
+steps. The process-wide rate itself follows the recent requests (a half-life of :data:`PROCESS_HALF_LIFE` examined
+tokens): requests that arrive together are often alike (one client's batch, one application's prompts), and a new
+request judged by the text of an hour ago is tried where it will not pay (translation after code: expected 18
+accepted tokens, got 3).
 
 One number per source says nothing of where in a proposal a token sits, and that matters: a round's tokens are
 alike (an easy passage is easy for all of them), so a trunk token that follows three accepted ones is likelier to
@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# "pool" counts every first-path suffix as one stretch (what the planner prices a suffix at before knowing which
-# phrases it will get); "pool_key_only" and "pool_matched" each first-path phrase by its kind of match with the chain:
-# on its key alone, the weak kind (2-11% accepted in every benchmark run), or on more context (20-55%). A draft tree
-# prices each phrase at its kind's rate.
-SOURCES = ("trunk", "pool", "pool_key_only", "pool_matched", "branch", "runner_up")
-SUFFIX_SOURCES = ("pool_key_only", "pool_matched")  # indexed by whether the phrase matched more than its key
+# "pool" counts every first-path suffix (what the planner prices a suffix at before knowing which phrase it will get);
+# "pool_key_only" the ones whose phrase matched nothing but its key, the weak kind (2-11% accepted in every benchmark
+# run, against 20-55% for phrases that matched more context), which a draft tree prices apart.
+SOURCES = ("trunk", "pool", "pool_key_only", "branch", "runner_up")
 PRIOR_TRIALS = 4.0  # a new request's estimate starts as the process-wide rate, worth this many examined tokens
 DECAY = 0.9  # per verified proposal: older evidence counts for less
 PROCESS_HALF_LIFE = 64.0  # examined tokens, of every request: the process-wide rate follows recent requests
@@ -171,11 +169,6 @@ class ProbabilityCalibration:
         # make. Plain lists: a few tokens are recorded per request and step, and read once per drafted token.
         self._examined, self._accepted, self._predicted = [0.0] * bins, [0.0] * bins, [0.0] * bins
         self._corrections = [0.0] * bins
-
-    def record_known(self, verdicts: Sequence[tuple[float | None, bool]]) -> None:
-        """:meth:`record` of the (probability, accepted) pairs whose probability the draft gave (not None)."""
-        known = [(p, ok) for p, ok in verdicts if p is not None]
-        self.record([p for p, _ in known], [ok for _, ok in known])
 
     def record(self, probs: Sequence[float], accepted: Sequence[bool]) -> None:
         if not len(probs):

@@ -52,20 +52,11 @@ class Proposal:
         last = self.runner_ups[0] if self.runner_ups else len(self.tokens)
         return [use.offset for use in self.suffixes[1:]] + [last] * bool(self.suffixes)
 
-    def reached_suffixes(self, first_path: int, accepted_nodes: Sequence[int]) -> list[tuple[bool, int, int]]:
-        """(matched, proposed, accepted) of each first-path suffix the target examined, in order, once it accepted
-        the whole trunk (``accepted_nodes``: the nodes it accepted; ``first_path``: the first path's length).
-        ``matched``: the phrase matched the chain on more than its key. The target stops at the first rejection."""
-        accepted, reached = set(accepted_nodes), []
-        for use, end in zip(self.suffixes, self.suffix_ends(), strict=True):
-            if use.rank:  # the alternatives come after the first path's suffixes
-                break
-            end = min(end, first_path)
-            taken = len(accepted.intersection(range(use.offset, end)))
-            reached.append((bool(use.matched), end - use.offset, taken))
-            if taken < end - use.offset:
-                break
-        return reached
+    @property
+    def key_only_suffix(self) -> bool:
+        """Whether the first path's pool suffix (right after the trunk) matched the chain on its key alone."""
+        first = self.suffixes[0] if self.suffixes else None
+        return first is not None and not first.rank and first.offset == self.trunk_len and not first.matched
 
     @property
     def alternatives(self) -> int:
@@ -91,18 +82,18 @@ def lengthen(pool: PhrasePool, proposal: Proposal, context: Sequence[int], budge
 @dataclass(frozen=True)
 class TreeRates:
     """What a tree's nodes are worth: the chance that the next token is accepted, given the ones before it, for
-    a trunk token, a pool suffix token (by the kind of its phrase's match: :meth:`suffix`), an alternative branch's
-    first token, and the draft model's runner-up at a trunk position."""
+    a trunk token, a pool suffix token (``pool_key_only`` for a phrase that matched the chain on its key alone), an
+    alternative branch's first token, and the draft model's runner-up at a trunk position."""
 
     trunk: float
-    pool_matched: float  # a suffix whose phrase matched the chain on more than its key
-    pool_key_only: float  # on its key alone: the weak kind
+    pool: float
     branch: float
     runner_up: float
+    pool_key_only: float
 
     def suffix(self, matched: int) -> float:
         """The rate of a suffix token whose phrase matched ``matched`` tokens of the chain besides its key."""
-        return self.pool_matched if matched else self.pool_key_only
+        return self.pool if matched else self.pool_key_only
 
 
 def lengthen_tree(
@@ -119,15 +110,14 @@ def lengthen_tree(
     """:func:`lengthen` as a tree, within the same ``budget`` of nodes, each node where it is likeliest to be
     accepted (:func:`_allocate`), among: the trunk's tokens (token i worth ``reach[i + 1]``, the chance that the
     target accepts tokens 0..i, ``trunk_chances[i]`` each given the ones before, ``rates.trunk`` when None), the
-    first path's pool suffixes after the whole trunk (the phrases a chain would take, :func:`lengthen`; suffix token
-    j worth ``reach[m]`` times the rates of suffix tokens 0..j, each at the rate of its phrase's kind of match,
-    :meth:`TreeRates.suffix`: a context-matched phrase may be followed by a key-only one), up to ``candidates - 1``
-    runners-up of the first suffix hung at the trunk's end (``reach[m] * branch * pool^j``: siblings exclude each
-    other), and the draft model's second choice at trunk position i (``runner_ups[i]``, worth ``reach[i] *
-    runner_up_chances[i]``, ``rates.runner_up`` when None), hung beside trunk token i. The trunk's deepest tokens
-    may give way to second choices higher up: a doubtful trunk token's alternative is often worth more than the
-    tokens that would follow it. Laid out depth-first: the first path, the runners-up, then the draft's second
-    choices, deepest first. No ``pool``: the trunk and the draft's second choices only."""
+    first path's pool suffix after the whole trunk (its j-th token worth ``reach[m] * pool^(j+1)``, at the rate of
+    its kind of match: :meth:`TreeRates.suffix`), up to ``candidates - 1`` runners-up of that suffix hung at the
+    trunk's end (``reach[m] * branch * pool^j``: siblings exclude each other), and the draft model's second choice
+    at trunk position i (``runner_ups[i]``, worth ``reach[i] * runner_up_chances[i]``, ``rates.runner_up`` when
+    None), hung beside trunk token i. The trunk's deepest tokens may give way to second choices higher up: a
+    doubtful trunk token's alternative is often worth more than the tokens that would follow it. Laid out
+    depth-first: the first path, the runners-up, then the draft's second choices, deepest first. No ``pool``: the
+    trunk and the draft's second choices only."""
     trunk_len = len(proposal.tokens)
     reach = reach_of(trunk_chances[:trunk_len] if trunk_chances is not None else [rates.trunk] * trunk_len)
     found = []
@@ -140,13 +130,9 @@ def lengthen_tree(
         reverse=True,
     )
     values = [reach[1:]]
-    first_path = Proposal(list(proposal.tokens))  # the pool's continuation of the whole trunk, as a chain takes it
     if found:
         key, phrase, matched = found[0]
-        first_path.tokens.extend(phrase[matched:][:budget])
-        first_path.suffixes.append(SuffixUse(key, phrase, trunk_len, matched))
-        lengthen(pool, first_path, context, trunk_len + budget)  # type: ignore[arg-type]
-        values.append(_suffix_values(first_path, reach[-1], rates))
+        values.append([reach[-1] * rates.suffix(matched) ** (j + 1) for j in range(budget)])
         values += [
             [reach[-1] * rates.branch * rates.suffix(m) ** j for j in range(len(p) - m)] for _, p, m in found[1:]
         ]
@@ -160,9 +146,11 @@ def lengthen_tree(
         proposal.trunk_len = min(proposal.trunk_len, trunk)
         shares[1 : 1 + len(found)] = [0] * len(found)
     if found and shares[1]:
-        end = trunk + shares[1]
-        proposal.tokens.extend(first_path.tokens[trunk:end])
-        proposal.suffixes += [use for use in first_path.suffixes if use.offset < end]
+        continuation = phrase[matched:]
+        proposal.tokens.extend(continuation[: shares[1]])
+        proposal.suffixes.append(SuffixUse(key, phrase, trunk, matched))
+        if shares[1] > len(continuation):  # the first path goes on past its phrase, as a chain would
+            lengthen(pool, proposal, context, trunk + shares[1])  # type: ignore[arg-type]
     parents = proposal.parents = list(range(-1, len(proposal.tokens) - 1))
     for rank, ((key, phrase, matched), share) in enumerate(zip(found[1:], shares[2 : 1 + len(found)], strict=True), 1):
         if share:
@@ -192,16 +180,6 @@ def trunk_may_grow(
     depth = len(trunk_chances)
     better += sum(1 for i, chance in runner_up_chances.items() if i < depth and reach[i] * chance > next_value)
     return better < budget
-
-
-def _suffix_values(proposal: Proposal, reach: float, rates: TreeRates) -> list[float]:
-    """What each of ``proposal``'s suffix tokens is worth when the target reaches the first with chance ``reach``."""
-    values = []
-    for use, end in zip(proposal.suffixes, proposal.suffix_ends(), strict=True):
-        for _ in range(use.offset, end):
-            reach *= rates.suffix(use.matched)
-            values.append(reach)
-    return values
 
 
 def reach_of(chances: Sequence[float]) -> list[float]:

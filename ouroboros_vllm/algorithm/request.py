@@ -20,14 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ouroboros_vllm.algorithm.acceptance import (
-    DECAY,
-    INITIAL_RATE,
-    SUFFIX_SOURCES,
-    AcceptanceModel,
-    ProcessAcceptance,
-    Rate,
-)
+from ouroboros_vllm.algorithm.acceptance import DECAY, INITIAL_RATE, AcceptanceModel, ProcessAcceptance, Rate
 from ouroboros_vllm.algorithm.cost_model import LinearCost
 from ouroboros_vllm.algorithm.drafting import DraftRound, DraftState
 from ouroboros_vllm.algorithm.lengths import OutputLengths
@@ -106,7 +99,7 @@ class RequestState:
         self._record_acceptance("trunk", trunk, accepted_trunk)
         if self.prior is not None:  # the trunk tokens the target examined: the accepted ones and the first rejected
             examined = [(p, i < accepted_trunk) for i, p in enumerate(proposal.trunk_probs[: accepted_trunk + 1])]
-            self.prior.first_choice.record_known(examined)
+            self.prior.first_choice.record(*_known(examined))
         counts = DraftStats(accepted_tokens=len(path), suffix_accepted_tokens=len(path) - accepted_trunk)
         if tree is not None:
             taken = [node for node in path if node >= first_path]
@@ -117,12 +110,12 @@ class RequestState:
             self._record_trials("runner_up", len(reached), sum(node in path for node in reached))
             if self.prior is not None and proposal.runner_up_probs:
                 probs = dict(zip(proposal.runner_ups, proposal.runner_up_probs, strict=True))
-                self.prior.second_choice.record_known([(probs[node], node in path) for node in reached])
+                self.prior.second_choice.record(*_known([(probs[node], node in path) for node in reached]))
             counts.suffix_accepted_tokens -= sum(node in path for node in reached)
         if accepted_trunk == trunk:  # the target reached the suffixes
-            self._record_acceptance("pool", first_path - trunk, sum(trunk <= node < first_path for node in path))
-            for matched, proposed, accepted in proposal.reached_suffixes(first_path, path):
-                self._record_acceptance(SUFFIX_SOURCES[matched], proposed, accepted)
+            suffix_accepted = sum(trunk <= node < first_path for node in path)
+            for source in ("pool", "pool_key_only") if proposal.key_only_suffix else ("pool",):
+                self._record_acceptance(source, first_path - trunk, suffix_accepted)
             if tree is not None:
                 pool_taken = any(node >= first_path and node not in proposal.runner_ups for node in path)
                 self._record_trials("branch", proposal.alternatives, int(pool_taken))
@@ -163,8 +156,9 @@ class RequestState:
 
     def tree_rates(self) -> TreeRates:
         prior = self.prior or ProcessAcceptance()
-        key_only, matched, runner_up = (self.acceptance.rate(s, prior.prior(s)) for s in (*SUFFIX_SOURCES, "runner_up"))
-        return TreeRates(self.rates()[0], matched, key_only, self.branch_rate(), runner_up)
+        trunk, pool, _ = self.rates()
+        runner_up, key_only = (self.acceptance.rate(s, prior.prior(s)) for s in ("runner_up", "pool_key_only"))
+        return TreeRates(trunk, pool, self.branch_rate(), runner_up, key_only)
 
     def rates(self) -> tuple[float, float, float]:
         """(trunk acceptance, pool acceptance, pool hit rate): this request's, leaning on the process's."""
@@ -298,3 +292,9 @@ class RequestState:
         if self.settings.uses_pool:
             apply_feedback(self.pool, self.proposal, verified, target_argmax)
         return DraftStats(verified_rounds=1, verified_tokens=len(verified))
+
+
+def _known(verdicts: Sequence[tuple[float | None, bool]]) -> tuple[list[float], list[bool]]:
+    """The (probability, accepted) pairs whose probability the draft gave, as two lists."""
+    known = [(p, ok) for p, ok in verdicts if p is not None]
+    return [p for p, _ in known], [ok for _, ok in known]
