@@ -71,6 +71,7 @@ POOL_COLUMNS = (
     "pool tokens",
     "pool accepted",
     "context-matched accepted",
+    "key-only accepted: first path / alternatives",
     "trees / proposals that could be trees",
     "branch tokens / tree",
     "branch tokens accepted",
@@ -81,6 +82,17 @@ POOL_COLUMNS = (
 
 def _share(part: float, whole: float) -> str:
     return f"{part:.0f}/{whole:.0f} ({100 * part / whole:.0f}%)" if whole else "—"
+
+
+def key_only_cell(d: dict[str, Any]) -> str:
+    """Accepted of proposed pool tokens from key-only phrases, on the first path and on alternative branches (the
+    key-only ones that are not on the first path); "—" for a run that predates the first-path counter."""
+    if "first_path_key_only_tokens" not in d:
+        return "—"
+    first, first_taken = d["first_path_key_only_tokens"], d.get("first_path_key_only_accepted_tokens", 0)
+    key_only = d.get("suffix_tokens", 0) - d.get("matched_suffix_tokens", 0)
+    key_only_taken = d.get("suffix_accepted_tokens", 0) - d.get("matched_suffix_accepted_tokens", 0)
+    return f"{_share(first_taken, first)} / {_share(key_only_taken - first_taken, key_only - first)}"
 
 
 def pool_cells(row: Summary) -> list[str]:
@@ -95,6 +107,7 @@ def pool_cells(row: Summary) -> list[str]:
         str(d.get("suffix_tokens", 0)),
         _share(d.get("suffix_accepted_tokens", 0), d.get("suffix_tokens", 0)),
         _share(d.get("matched_suffix_accepted_tokens", 0), d.get("matched_suffix_tokens", 0)),
+        key_only_cell(d),
         f"{trees} / {d.get('tree_choice_rounds', 0)}",
         _num(d.get("branch_tokens", 0) / trees if trees else None, ".2f"),
         _share(d.get("branch_accepted_tokens", 0), d.get("branch_tokens", 0)),
@@ -175,7 +188,8 @@ def render(
             "## Pool suffixes and draft trees (all datasets pooled)",
             "",
             "Pool tokens: proposed from the phrase pool (a tree's alternative branches included); context-matched: "
-            "from phrases that matched more of the chain's end than their key; rank 0 is the first path's suffix.",
+            "from phrases that matched more of the chain's end than their key (key-only: the rest, on the first path "
+            "or on an alternative branch); rank 0 is the first path's suffix.",
             "",
             markdown_table(POOL_COLUMNS, [pool_cells(r) for r in ours]),
             "",

@@ -821,10 +821,13 @@ def test_the_pool_and_tree_table_sums_our_counters_over_runs():
     row = metrics.Summary("ouroboros-tree", 4, "all", 1)
     runs = (
         {"suffix_tokens": 10, "suffix_accepted_tokens": 4, "tree_rounds": 2, "tree_choice_rounds": 5,
-         "branch_tokens": 3, "branch_accepted_tokens": 1, "branch_rounds": 1, "accepted_rank": {0: 2, 1: 1}},
+         "branch_tokens": 3, "branch_accepted_tokens": 1, "branch_rounds": 1, "accepted_rank": {0: 2, 1: 1},
+         "matched_suffix_tokens": 4, "matched_suffix_accepted_tokens": 2, "first_path_key_only_tokens": 3,
+         "first_path_key_only_accepted_tokens": 1},
         # the second as read back from JSON (string keys)
         {"suffix_tokens": 6, "suffix_accepted_tokens": 2, "tree_rounds": 2, "tree_choice_rounds": 4,
-         "branch_tokens": 5, "branch_accepted_tokens": 2, "branch_rounds": 1, "accepted_rank": {"1": 2}},
+         "branch_tokens": 5, "branch_accepted_tokens": 2, "branch_rounds": 1, "accepted_rank": {"1": 2},
+         "matched_suffix_tokens": 2, "matched_suffix_accepted_tokens": 1, "first_path_key_only_tokens": 2},
     )  # fmt: skip
     for stats in runs:
         row.add_run({"prompts": [], "num_output_tokens": 0, "wall_s": 1.0, "drafter_stats": stats})
@@ -832,6 +835,8 @@ def test_the_pool_and_tree_table_sums_our_counters_over_runs():
     assert cells["pool accepted"] == "6/16 (38%)" and cells["trees / proposals that could be trees"] == "4 / 9"
     assert cells["branch tokens / tree"] == "2.00" and cells["branch tokens accepted"] == "3/8 (38%)"
     assert cells["alternative taken"] == "2/4 (50%)" and cells["accepted candidate by rank"] == "0: 2, 1: 3"
+    # Key-only: 16 - 6 pool tokens (6 - 3 accepted), of which 5 (1) on the first path.
+    assert cells["key-only accepted: first path / alternatives"] == "1/5 (20%) / 2/5 (40%)"
 
 
 def test_the_drafting_table_shows_each_forward_s_price_and_yield():

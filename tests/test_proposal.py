@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ouroboros_vllm.algorithm.pool import PhrasePool
-from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen, suffix_acceptance
+from ouroboros_vllm.algorithm.proposal import Proposal, apply_feedback, context_ngrams, lengthen, suffix_counts
 
 
 def pool_of(*items, phrase_len=2):
@@ -103,7 +103,9 @@ def test_feedback_refines_a_context_matched_suffix_after_its_matched_tokens():
     # The target accepts 3, then says 6 where the phrase said 4: "1 2 3 6" replaces "1 2 3 4".
     apply_feedback(pool, proposal, verified=[3, 4], target_argmax=[3, 6, 0])
     assert pool.phrases(1) == [(2, 3, 6)]
-    assert suffix_acceptance(proposal, accepted_nodes=[0]) == (2, 1)
+    counts = suffix_counts(proposal, accepted_nodes=[0])
+    assert (counts.matched_suffix_tokens, counts.matched_suffix_accepted_tokens) == (2, 1)
+    assert counts.first_path_key_only_tokens == 0
 
 
 @given(st.lists(st.integers(0, 5), max_size=20), st.integers(0, 20), st.integers(1, 4))

@@ -14,6 +14,7 @@ from ouroboros_vllm.algorithm.proposal import (
     apply_feedback,
     lengthen,
     lengthen_tree,
+    suffix_counts,
     trunk_may_grow,
 )
 from ouroboros_vllm.algorithm.request import DraftSettings, RequestState
@@ -140,6 +141,16 @@ def test_a_tree_proposal_puts_the_runners_up_under_the_trunk_end():
     assert tree.tokens[:2] == [2, 3] and len(tree) == 6
     assert sorted(tree.tokens[i] for i in tree.children(1)) == [10, 20, 30]  # the newest phrase on the first path
     assert tree.tokens[2] == 30 and [use.rank for use in proposal.suffixes] == [0, 1, 2]
+
+
+def test_key_only_suffix_tokens_are_counted_apart_on_the_first_path_and_on_alternatives():
+    pool = pool_with((3, (10, 11, 12)), (3, (20, 21, 22)), (3, (30, 31, 32)))
+    proposal = Proposal(tokens=[2, 3], trunk_len=2)
+    lengthen_tree(pool, proposal, [1], 6, 3, rates(0.3, 0.25))
+    assert proposal.tokens == [2, 3, 30, 31, 20, 10]  # every phrase matched its key alone
+    counts = suffix_counts(proposal, [0, 1, 4])  # the target took the trunk, then the first alternative's 20
+    assert (counts.first_path_key_only_tokens, counts.first_path_key_only_accepted_tokens) == (2, 0)
+    assert counts.matched_suffix_tokens == 0
 
 
 def test_a_sure_first_path_makes_the_same_proposal_as_a_chain():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ouroboros_vllm.algorithm import feedback
 from ouroboros_vllm.algorithm.pool import Phrase, PhrasePool
+from ouroboros_vllm.algorithm.stats import DraftStats
 from ouroboros_vllm.algorithm.tree import DraftTree, predictions_along
 
 
@@ -204,16 +205,20 @@ def _allocate(room: int, values: Sequence[Sequence[float]]) -> list[int]:
     return shares
 
 
-def suffix_acceptance(proposal: Proposal, accepted_nodes: Sequence[int]) -> tuple[int, int]:
-    """(proposed, accepted) tokens of the suffixes that matched the chain on at least one token besides the key,
-    when the target accepted ``accepted_nodes``."""
-    proposed = taken = 0
-    accepted = set(accepted_nodes)
+def suffix_counts(proposal: Proposal, accepted_nodes: Sequence[int]) -> DraftStats:
+    """The proposed and accepted tokens of the suffixes whose phrase matched the chain on more than its key, and of
+    the first path's suffixes whose phrase matched it on its key alone (the other key-only ones are alternative
+    branches), when the target accepted ``accepted_nodes``."""
+    counts, accepted = DraftStats(), set(accepted_nodes)
     for use, end in zip(proposal.suffixes, proposal.suffix_ends(), strict=True):
+        taken = len(accepted.intersection(range(use.offset, end)))
         if use.matched:
-            proposed += end - use.offset
-            taken += len(accepted.intersection(range(use.offset, end)))
-    return proposed, taken
+            counts.matched_suffix_tokens += end - use.offset
+            counts.matched_suffix_accepted_tokens += taken
+        elif not use.rank:
+            counts.first_path_key_only_tokens += end - use.offset
+            counts.first_path_key_only_accepted_tokens += taken
+    return counts
 
 
 def apply_feedback(pool: PhrasePool, proposal: Proposal, verified: Sequence[int], target_argmax: Sequence[int]) -> None:

@@ -34,7 +34,7 @@ from ouroboros_vllm.algorithm.proposal import (
     context_ngrams,
     lengthen,
     lengthen_tree,
-    suffix_acceptance,
+    suffix_counts,
     trunk_may_grow,
 )
 from ouroboros_vllm.algorithm.stats import DraftStats
@@ -122,7 +122,7 @@ class RequestState:
             if len(path) > trunk:
                 rank = next((use.rank for use in reversed(proposal.suffixes) if use.offset <= path[trunk]), 0)
                 counts.accepted_rank[rank] = 1
-        counts.matched_suffix_tokens, counts.matched_suffix_accepted_tokens = suffix_acceptance(proposal, path)
+        counts.add(suffix_counts(proposal, path))
         return counts
 
     def _record_trials(self, source: str, trials: int, successes: int) -> None:

@@ -31,6 +31,10 @@ class DraftStats:
     # fallback.
     matched_suffix_tokens: int = 0
     matched_suffix_accepted_tokens: int = 0
+    # Pool suffix tokens on the first path from phrases that matched the chain on their key alone (proposed, counted
+    # when the target has answered, and accepted); the other key-only ones are on a tree's alternative branches.
+    first_path_key_only_tokens: int = 0
+    first_path_key_only_accepted_tokens: int = 0
     # Tree verification: proposals verified as trees (with alternative branches), their alternative-branch
     # tokens, the rounds whose accepted path took an alternative, and the tokens accepted on one.
     tree_rounds: int = 0

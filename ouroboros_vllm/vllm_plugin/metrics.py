@@ -42,6 +42,14 @@ _STATS_COUNTERS: dict[str, tuple[str, str]] = {
         "vllm:ouroboros_matched_suffix_accepted_tokens",
         "Accepted tokens from pool phrases that matched more context than their key.",
     ),
+    "first_path_key_only_tokens": (
+        "vllm:ouroboros_first_path_key_only_tokens",
+        "Proposed tokens on the first path from pool phrases that matched only their key.",
+    ),
+    "first_path_key_only_accepted_tokens": (
+        "vllm:ouroboros_first_path_key_only_accepted_tokens",
+        "Accepted tokens on the first path from pool phrases that matched only their key.",
+    ),
     "tree_rounds": ("vllm:ouroboros_tree_rounds", "Proposals verified as trees with alternative branches."),
     "tree_choice_rounds": (
         "vllm:ouroboros_tree_choice_rounds",
